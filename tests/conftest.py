@@ -1,0 +1,37 @@
+"""Tests run on CPU with 8 fake devices, so every sharding path runs without accelerators."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+import zoo  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+TINY = ("tiny-encoder", "tiny-decoder", "tiny-encdec")
+
+
+@pytest.fixture(params=TINY)
+def tiny_name(request) -> str:
+    return request.param
+
+
+def tiny(name: str, **overrides) -> zoo.Config:
+    """A tiny preset with overrides: the one place tests get model shapes from."""
+    return zoo.preset(name, **overrides)
+
+
+def tokens(key: jax.Array, batch: int, length: int, vocab: int = 128, low: int = 3) -> jax.Array:
+    return jax.random.randint(key, (batch, length), low, vocab, dtype=jnp.int32)
+
+
+def run(params, cfg: zoo.Config, toks: jax.Array, mask=None, **kw) -> zoo.Output:
+    """Forward of any family; encdec uses toks as source and its first half as target."""
+    if cfg.family == "encdec":
+        return zoo.encdec.forward(params, cfg, toks, toks[:, : toks.shape[1] // 2], src_mask=mask, **kw)
+    return zoo.forward(params, cfg, toks, mask=mask, **kw)

@@ -1,0 +1,10 @@
+"""zoo: encoder, decoder and encoder-decoder transformers as pure functions of pytrees."""
+
+from zoo import decoder, encdec, encoder, heads, nn, presets, sharding
+from zoo.config import Config, ConfigError
+from zoo.model import axes, forward, init, param_count, spec
+from zoo.nn.output import Output
+from zoo.presets import preset
+
+__all__ = ["Config", "ConfigError", "Output", "axes", "decoder", "encdec", "encoder", "forward",
+           "heads", "init", "nn", "param_count", "preset", "presets", "sharding", "spec"]

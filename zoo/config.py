@@ -1,0 +1,206 @@
+"""`Config`: one frozen, hashable description of a model, for all three families.
+
+A `Config` is data: it is a valid static argument to `jax.jit`, it round-trips through JSON,
+and every invalid combination fails at construction with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+FAMILIES = ("encoder", "decoder", "encdec")
+# name -> (elementwise function name, gated). Gated MLPs compute act(x W0) * (x W1).
+ACTIVATIONS = {
+    "relu": ("relu", False),
+    "gelu": ("gelu", False),
+    "gelu_tanh": ("gelu_tanh", False),
+    "silu": ("silu", False),
+    "swiglu": ("silu", True),
+    "geglu": ("gelu", True),
+    "geglu_tanh": ("gelu_tanh", True),
+    "reglu": ("relu", True),
+}
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
+ROPE_SCALINGS = (None, "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """An invalid `Config` field or combination of fields."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Architecture of one model. Field names follow the tensor they shape.
+
+    `num_layers` is the encoder depth for `encoder`/`encdec` and the decoder depth for
+    `decoder`; `num_decoder_layers` is the decoder depth of `encdec` (defaults to
+    `num_layers`). `num_kv_heads` < `num_heads` gives GQA (1: MQA). `head_dim` defaults to
+    `d_model // num_heads`.
+    """
+
+    family: str
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    num_decoder_layers: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    activation: str = "gelu"
+    # Norms.
+    norm: str = "layernorm"
+    norm_bias: bool = True
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    final_norm: bool = True  # a norm after the last layer (pre-norm models)
+    # Biases.
+    attn_bias: bool = True
+    mlp_bias: bool = True
+    # Positions.
+    positions: str = "learned"
+    max_len: int = 512
+    position_offset: int = 0  # learned tables have max_len + offset rows (BART, RoBERTa: 2)
+    rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # share of head_dim that is rotated
+    rope_scaling: str | None = None
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    sliding_window: int | None = None
+    type_vocab_size: int = 0  # BERT token types; 0: none
+    # Attention.
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    # Embeddings and heads.
+    tie_embeddings: bool = True
+    embed_scale: float = 1.0  # multiplies token embeddings (BART scale_embedding: sqrt(d))
+    logit_scale: float = 1.0  # multiplies final hidden before a tied head (T5: d**-0.5)
+    logits_bias: bool = False  # a learned bias on the vocabulary logits (BART, BERT MLM)
+    mlm_transform: bool = False  # BERT-style dense+act+norm before the MLM projection
+    pooler: bool = False  # BERT pooler: tanh(dense(hidden[:, 0]))
+    # Mixture of experts (0: dense MLP).
+    num_experts: int = 0
+    experts_per_token: int = 2
+    # Regularisation and numerics.
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute
+    param_dtype: str = "float32"
+    # Special tokens (used by objectives and generation).
+    pad_id: int = 0
+    bos_id: int | None = None
+    eos_id: int | None = 1
+    decoder_start_id: int | None = None  # encdec: first decoder input (T5: pad, BART: eos)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # Derived sizes -------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    @property
+    def gated(self) -> bool:
+        return ACTIVATIONS[self.activation][1]
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"Config: unknown field(s) {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"Config.{field}: {message}")
+
+
+def _validate(c: Config) -> None:
+    _require(c.family in FAMILIES, "family", f"expected one of {FAMILIES}, got {c.family!r}")
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+        value = getattr(c, name)
+        _require(isinstance(value, int) and value > 0, name, f"expected a positive int, got {value!r}")
+    for name in ("num_decoder_layers", "num_kv_heads", "head_dim", "sliding_window"):
+        value = getattr(c, name)
+        _require(value is None or (isinstance(value, int) and value > 0), name,
+                 f"expected None or a positive int, got {value!r}")
+    _require(c.num_decoder_layers is None or c.family == "encdec", "num_decoder_layers",
+             f"only the encdec family has a separate decoder depth (family={c.family!r})")
+    _require(c.num_heads % c.kv_heads == 0, "num_kv_heads",
+             f"num_heads={c.num_heads} must be a multiple of num_kv_heads={c.kv_heads}")
+    _require(c.head_dim is not None or c.d_model % c.num_heads == 0, "head_dim",
+             f"d_model={c.d_model} is not divisible by num_heads={c.num_heads}; set head_dim")
+    _require(c.activation in ACTIVATIONS, "activation",
+             f"expected one of {tuple(ACTIVATIONS)}, got {c.activation!r}")
+    _require(c.norm in NORMS, "norm", f"expected one of {NORMS}, got {c.norm!r}")
+    _require(not (c.norm == "rmsnorm" and c.norm_bias), "norm_bias", "rmsnorm has no bias")
+    _require(c.norm_eps > 0, "norm_eps", f"expected > 0, got {c.norm_eps}")
+    _require(c.norm_position in NORM_POSITIONS, "norm_position",
+             f"expected one of {NORM_POSITIONS}, got {c.norm_position!r}")
+    _require(c.positions in POSITIONS, "positions",
+             f"expected one of {POSITIONS}, got {c.positions!r}")
+    _require(c.rope_scaling in ROPE_SCALINGS, "rope_scaling",
+             f"expected one of {ROPE_SCALINGS}, got {c.rope_scaling!r}")
+    _require(c.rope_scaling is None or c.positions == "rope", "rope_scaling",
+             f"needs positions='rope', got positions={c.positions!r}")
+    _require(c.rope_scaling_factor >= 1.0, "rope_scaling_factor", f"expected >= 1, got {c.rope_scaling_factor}")
+    _require(0.0 < c.rope_fraction <= 1.0, "rope_fraction", f"expected in (0, 1], got {c.rope_fraction}")
+    _require(c.positions != "rope" or int(c.head_size * c.rope_fraction) % 2 == 0, "head_dim",
+             f"rope needs an even number of rotated dims, got {c.head_size}*{c.rope_fraction}")
+    _require(c.rope_theta > 0, "rope_theta", f"expected > 0, got {c.rope_theta}")
+    _require(c.relative_buckets >= 2 and c.relative_max_distance >= 1, "relative_buckets",
+             "expected relative_buckets >= 2 and relative_max_distance >= 1")
+    _require(c.sliding_window is None or c.family == "decoder", "sliding_window",
+             f"only decoder models use a sliding window (family={c.family!r})")
+    _require(c.position_offset >= 0, "position_offset", f"expected >= 0, got {c.position_offset}")
+    _require(c.type_vocab_size >= 0, "type_vocab_size", f"expected >= 0, got {c.type_vocab_size}")
+    _require(not c.mlm_transform or c.family == "encoder", "mlm_transform", "only the encoder has an MLM head")
+    _require(not c.pooler or c.family == "encoder", "pooler", "only the encoder has a pooler")
+    _require(c.num_experts >= 0, "num_experts", f"expected >= 0, got {c.num_experts}")
+    _require(c.num_experts == 0 or 1 <= c.experts_per_token <= c.num_experts, "experts_per_token",
+             f"expected 1..num_experts={c.num_experts}, got {c.experts_per_token}")
+    _require(0.0 <= c.dropout < 1.0, "dropout", f"expected in [0, 1), got {c.dropout}")
+    _require(c.dtype in DTYPES, "dtype", f"expected one of {DTYPES}, got {c.dtype!r}")
+    _require(c.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}, got {c.param_dtype!r}")
+    for name in ("pad_id", "bos_id", "eos_id", "decoder_start_id"):
+        value = getattr(c, name)
+        _require(value is None or 0 <= value < c.vocab_size, name,
+                 f"expected None or a token id in [0, {c.vocab_size}), got {value!r}")

@@ -1,0 +1,68 @@
+"""Encoder-only family (BERT, RoBERTa): bidirectional attention, MLM head, pooler.
+
+embed (+ types, positions, norm) -> scan(bidirectional layer) -> MLM head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zoo.config import Config
+from zoo.nn.checks import check_mask, check_same_shape, check_tokens
+from zoo.nn.embeddings import embed_spec, embed_tokens, head_spec, vocab_logits
+from zoo.nn.mlp import activation, dense, dense_spec
+from zoo.nn.norms import apply_norm, norm_spec
+from zoo.nn.output import Output
+from zoo.nn.param import Spec
+from zoo.nn.transformer import default_positions, embed_for_stack, run_stack, self_context, stack_spec
+
+
+def spec(cfg: Config) -> Spec:
+    out = {"embed": embed_spec(cfg), "encoder": stack_spec(cfg, cfg.num_layers)}
+    if cfg.mlm_transform:
+        out["mlm"] = {"dense": dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp")),
+                      "norm": norm_spec(cfg)}
+    head = head_spec(cfg)
+    if head:
+        out["head"] = head
+    if cfg.pooler:
+        out["pooler"] = dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"))
+    return out
+
+
+def mlm_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
+    """hidden [B, T, D] -> MLM logits [B, T, V] (BERT: dense, act, norm, tied projection)."""
+    if "mlm" in params:
+        h = activation(cfg.activation)(dense(hidden, params["mlm"]["dense"]))
+        hidden = apply_norm(params["mlm"]["norm"], h, cfg)
+    return vocab_logits(params, hidden, cfg)
+
+
+def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | None = None,
+            token_types: jax.Array | None = None, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, key: jax.Array | None = None,
+            remat: bool = False) -> Output:
+    """Bidirectional encoder forward.
+
+    tokens: int [B, T]; mask: bool [B, T], True on real tokens; token_types: int [B, T]
+    (BERT segment A/B); segment_ids: int [B, T] for packed rows; key: dropout RNG.
+    Returns Output(logits [B, T, V] MLM, hidden [B, T, D], pooled [B, D] with a pooler).
+    """
+    if cfg.family != "encoder":
+        raise ValueError(f"zoo.encoder.forward: cfg.family must be 'encoder', got {cfg.family!r}")
+    check_tokens("tokens", tokens, cfg)
+    check_mask("mask", mask, "tokens", tokens)
+    check_same_shape("token_types", token_types, "tokens", tokens)
+    check_same_shape("positions", positions, "tokens", tokens)
+    check_same_shape("segment_ids", segment_ids, "tokens", tokens)
+    if positions is None:
+        positions = default_positions(tokens, None)
+    keys = jax.random.split(key) if key is not None else (None, None)
+    stack = params["encoder"]
+    x = embed_tokens(params["embed"], tokens, cfg, token_types)
+    x = embed_for_stack(stack, x, positions, cfg, keys[0])
+    ctx = self_context(stack, cfg, positions, causal=False, valid=mask, segments=segment_ids)
+    hidden, aux = run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
+    pooled = jnp.tanh(dense(hidden[:, 0], params["pooler"])) if "pooler" in params else None
+    return Output(logits=mlm_logits(params, hidden, cfg), hidden=hidden, aux_loss=aux, pooled=pooled)

@@ -1,0 +1,130 @@
+"""One attention for every family: self or cross, bidirectional, causal, prefix, padded,
+packed (segment ids) and sliding-window, with RoPE, ALiBi or T5 relative biases.
+
+GQA groups query heads over their shared key/value head (`[B, T, K, G, H]`); keys and
+values are never repeated. Scores and softmax run in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.config import Config
+from zoo.nn.param import Spec, param
+from zoo.nn.positions import apply_rope
+from zoo.sharding import constrain
+
+_MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
+
+
+class Context(NamedTuple):
+    """What every layer of a stack needs besides its params; built once per forward.
+
+    mask: [B, Tq, Tk] bool, True where query may attend to key.
+    bias: [B|1, N, Tq, Tk] fp32 additive bias (ALiBi / relative), or None.
+    positions: [B, Tq] int positions for RoPE, or None when the model has no RoPE.
+    """
+
+    mask: jax.Array
+    bias: jax.Array | None
+    positions: jax.Array | None
+
+
+def attention_spec(cfg: Config, cross: bool = False) -> Spec:
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    spec = {
+        "q": param((d, n, h), ("embed", "heads", "head_dim")),
+        "k": param((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "v": param((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "o": param((n, h, d), ("heads", "head_dim", "embed")),
+    }
+    if cfg.attn_bias:
+        spec["q_bias"] = param((n, h), ("heads", "head_dim"), "zeros")
+        spec["k_bias"] = param((k, h), ("kv_heads", "head_dim"), "zeros")
+        spec["v_bias"] = param((k, h), ("kv_heads", "head_dim"), "zeros")
+        spec["o_bias"] = param((d,), ("embed",), "zeros")
+    return spec
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool,
+                   k_valid: jax.Array | None = None, window: int | None = None,
+                   q_segments: jax.Array | None = None, k_segments: jax.Array | None = None,
+                   prefix: jax.Array | None = None) -> jax.Array:
+    """[B, Tq, Tk] bool from positions [B, Tq] / [B, Tk].
+
+    causal: a key is visible when its position is <= the query's; `prefix` ([B, T] bool,
+    self-attention only) additionally lets prefix queries see every prefix key.
+    window: keys more than window-1 positions back are hidden.
+    k_valid: [B, Tk] False for padding. Segments: only equal ids attend (packing).
+    """
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    allowed = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
+    if causal:
+        visible = k <= q
+        if prefix is not None:
+            visible = visible | (prefix[:, :, None] & prefix[:, None, :])
+        allowed = allowed & visible
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    if k_valid is not None:
+        allowed = allowed & k_valid[:, None, :]
+    if q_segments is not None and k_segments is not None:
+        allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
+    return allowed
+
+
+def project_kv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [B, S, D] -> keys, values [B, S, K, H]."""
+    dt = x.dtype
+    k = jnp.einsum("bsd,dkh->bskh", x, p["k"].astype(dt))
+    v = jnp.einsum("bsd,dkh->bskh", x, p["v"].astype(dt))
+    if "k_bias" in p:
+        k = k + p["k_bias"].astype(dt)
+        v = v + p["v_bias"].astype(dt)
+    return k, v
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           bias: jax.Array | None, scale: float) -> jax.Array:
+    """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H]."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.reshape(bias.shape[0], kv, n // kv, *bias.shape[2:])
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def apply_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config,
+                    rope_freq: np.ndarray | None = None,
+                    kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """x: [B, T, D] -> [B, T, D]. Self-attention, or cross-attention over precomputed
+    `kv` ([B, S, K, H] each; no RoPE on cross keys)."""
+    dt = x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"].astype(dt))
+    if "q_bias" in p:
+        q = q + p["q_bias"].astype(dt)
+    if kv is None:
+        k, v = project_kv(p, x)
+        if rope_freq is not None:
+            q = apply_rope(q, ctx.positions, rope_freq)
+            k = apply_rope(k, ctx.positions, rope_freq)
+    else:
+        k, v = kv
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
+    out = attend(q, k, v, ctx.mask, ctx.bias, scale)
+    y = jnp.einsum("btnh,nhd->btd", out, p["o"].astype(dt))
+    if "o_bias" in p:
+        y = y + p["o_bias"].astype(dt)
+    return y

@@ -1,0 +1,73 @@
+"""Token, type and absolute position embeddings, and the output projections onto the
+vocabulary (tied or untied, with optional bias)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zoo.config import Config
+from zoo.nn.param import Spec, param
+from zoo.nn.positions import sinusoidal_table
+
+
+def embed_spec(cfg: Config) -> Spec:
+    spec = {"tokens": param((cfg.vocab_size, cfg.d_model), ("vocab", "embed"))}
+    if cfg.type_vocab_size:
+        spec["types"] = param((cfg.type_vocab_size, cfg.d_model), ("types", "embed"))
+    return spec
+
+
+def head_spec(cfg: Config) -> Spec:
+    """Output projection [D, V] when untied, and the logits bias [V] when configured."""
+    spec = {}
+    if not cfg.tie_embeddings:
+        spec["kernel"] = param((cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+    if cfg.logits_bias:
+        spec["bias"] = param((cfg.vocab_size,), ("vocab",), "zeros")
+    return spec
+
+
+def embed_tokens(p: dict, tokens: jax.Array, cfg: Config,
+                 token_types: jax.Array | None = None) -> jax.Array:
+    """tokens [B, T] int -> [B, T, D] in the compute dtype."""
+    dt = jnp.dtype(cfg.dtype)
+    x = jnp.take(p["tokens"], tokens, axis=0).astype(dt)
+    if cfg.embed_scale != 1.0:
+        x = x * jnp.asarray(cfg.embed_scale, dt)
+    if "types" in p:
+        types = jnp.zeros_like(tokens) if token_types is None else token_types
+        x = x + jnp.take(p["types"], types, axis=0).astype(dt)
+    return x
+
+
+def position_spec(cfg: Config) -> Spec:
+    if cfg.positions == "learned":
+        rows = cfg.max_len + cfg.position_offset
+        return {"positions": param((rows, cfg.d_model), ("length", "embed"))}
+    return {}
+
+
+def add_positions(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config) -> jax.Array:
+    """Adds learned or sinusoidal absolute position embeddings; x: [B, T, D]."""
+    if cfg.positions == "learned":
+        table = p_stack["positions"]
+        return x + jnp.take(table, positions + cfg.position_offset, axis=0).astype(x.dtype)
+    if cfg.positions == "sinusoidal":
+        table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
+        return x + jnp.take(table, positions, axis=0).astype(x.dtype)
+    return x
+
+
+def vocab_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
+    """hidden [B, T, D] -> logits [B, T, V] in fp32-accumulated compute dtype."""
+    head = params.get("head", {})
+    if cfg.tie_embeddings:
+        if cfg.logit_scale != 1.0:
+            hidden = hidden * jnp.asarray(cfg.logit_scale, hidden.dtype)
+        logits = jnp.einsum("btd,vd->btv", hidden, params["embed"]["tokens"].astype(hidden.dtype))
+    else:
+        logits = jnp.einsum("btd,dv->btv", hidden, head["kernel"].astype(hidden.dtype))
+    if "bias" in head:
+        logits = logits + head["bias"].astype(logits.dtype)
+    return logits

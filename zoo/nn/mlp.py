@@ -1,0 +1,70 @@
+"""Dense and gated feed-forward blocks."""
+
+from __future__ import annotations
+
+import jax
+
+from zoo.config import ACTIVATIONS, Config
+from zoo.nn.param import Spec, param
+from zoo.sharding import constrain
+
+_FUNCTIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str):
+    """The elementwise function behind an activation name (gated names give their gate's)."""
+    return _FUNCTIONS[ACTIVATIONS[name][0]] if name in ACTIVATIONS else _FUNCTIONS[name]
+
+
+def mlp_spec(cfg: Config) -> Spec:
+    d, f = cfg.d_model, cfg.d_ff
+    spec = {"wi": param((d, f), ("embed", "mlp")), "wo": param((f, d), ("mlp", "embed"))}
+    if cfg.gated:
+        spec["wg"] = param((d, f), ("embed", "mlp"))
+    if cfg.mlp_bias:
+        spec["bi"] = param((f,), ("mlp",), "zeros")
+        spec["bo"] = param((d,), ("embed",), "zeros")
+        if cfg.gated:
+            spec["bg"] = param((f,), ("mlp",), "zeros")
+    return spec
+
+
+def apply_mlp(p: dict, x: jax.Array, cfg: Config) -> jax.Array:
+    """x: [B, T, D] -> [B, T, D]. Gated: act(x Wg) * (x Wi), as in SwiGLU/GeGLU."""
+    act = activation(cfg.activation)
+    dt = x.dtype
+    h = x @ p["wi"].astype(dt)
+    if "bi" in p:
+        h = h + p["bi"].astype(dt)
+    if cfg.gated:
+        g = x @ p["wg"].astype(dt)
+        if "bg" in p:
+            g = g + p["bg"].astype(dt)
+        h = act(g) * h
+    else:
+        h = act(h)
+    h = constrain(h, ("batch", "length", "mlp"))
+    y = h @ p["wo"].astype(dt)
+    if "bo" in p:
+        y = y + p["bo"].astype(dt)
+    return y
+
+
+def dense(x: jax.Array, p: dict) -> jax.Array:
+    """x @ kernel (+ bias) in x's dtype; p = {"kernel": [.., Din, Dout], "bias"?: [Dout]}."""
+    y = x @ p["kernel"].astype(x.dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+def dense_spec(din: int, dout: int, axes: tuple[str, str], bias: bool = True) -> Spec:
+    spec = {"kernel": param((din, dout), axes)}
+    if bias:
+        spec["bias"] = param((dout,), (axes[1],), "zeros")
+    return spec

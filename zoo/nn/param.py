@@ -1,0 +1,73 @@
+"""Parameter declarations: shape, logical axes and initializer, next to each other.
+
+Every block in `zoo.nn` declares its parameters as a nested dict of `Param`s. The same
+declaration gives the initialized arrays (`materialize`), the logical axis names
+(`logical_axes`) and the parameter count, so shapes and shardings cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Spec = dict[str, Any]  # nested dict whose leaves are Param
+
+
+class Param(NamedTuple):
+    """One tensor: its shape, one logical axis name per dim, and how to initialize it."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str = "normal"  # normal | zeros | ones
+    std: float = 0.02
+
+
+def param(shape: tuple[int, ...], axes: tuple[str, ...], init: str = "normal", std: float = 0.02) -> Param:
+    if len(shape) != len(axes):
+        raise ValueError(f"param: shape {shape} and axes {axes} differ in rank")
+    return Param(tuple(int(s) for s in shape), tuple(axes), init, std)
+
+
+def _is_param(x: Any) -> bool:
+    return isinstance(x, Param)
+
+
+def stacked(spec: Spec, n: int) -> Spec:
+    """Prepends a `layers` axis of size n to every parameter (for `lax.scan`)."""
+    return jax.tree.map(lambda p: p._replace(shape=(n, *p.shape), axes=("layers", *p.axes)),
+                        spec, is_leaf=_is_param)
+
+
+def materialize(spec: Spec, key: jax.Array, dtype: Any) -> dict[str, Any]:
+    """Initializes every Param. Each tensor's key is derived from its path, so adding a
+    parameter elsewhere never changes the values of the others."""
+
+    def init_one(path: tuple, p: Param) -> jax.Array:
+        name = jax.tree_util.keystr(path)
+        k = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+        if p.init == "zeros":
+            return jnp.zeros(p.shape, dtype)
+        if p.init == "ones":
+            return jnp.ones(p.shape, dtype)
+        return (p.std * jax.random.normal(k, p.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(init_one, spec, is_leaf=_is_param)
+
+
+def logical_axes(spec: Spec) -> dict[str, Any]:
+    """The same tree with each leaf replaced by its tuple of logical axis names."""
+    return jax.tree.map(lambda p: p.axes, spec, is_leaf=_is_param)
+
+
+def count(spec: Spec) -> int:
+    """Total number of scalars declared."""
+    total = 0
+    for p in jax.tree.leaves(spec, is_leaf=_is_param):
+        n = 1
+        for s in p.shape:
+            n *= s
+        total += n
+    return total

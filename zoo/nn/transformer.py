@@ -1,0 +1,152 @@
+"""The layer every family is built from, and the scanned stack of them.
+
+A layer is self-attention, optional cross-attention, then an MLP or MoE, each wrapped in a
+pre- or post-norm residual. A stack owns what is per-stack in published models: learned
+positions, the embedding norm, the T5 relative-bias table, the layers (stacked on a leading
+`layers` axis and run with `lax.scan`) and the final norm.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from zoo.config import Config
+from zoo.nn.attention import Context, apply_attention, attention_mask, attention_spec, project_kv
+from zoo.nn.embeddings import add_positions, position_spec
+from zoo.nn.mlp import apply_mlp, mlp_spec
+from zoo.nn.moe import apply_moe, moe_spec
+from zoo.nn.norms import apply_norm, norm_spec
+from zoo.nn.param import Spec, param, stacked
+from zoo.nn.positions import alibi_bias, relative_bias, rope_inv_freq
+from zoo.sharding import constrain
+
+
+def layer_spec(cfg: Config, cross: bool) -> Spec:
+    spec = {"attn_norm": norm_spec(cfg), "attn": attention_spec(cfg), "mlp_norm": norm_spec(cfg)}
+    if cross:
+        spec["cross_norm"] = norm_spec(cfg)
+        spec["cross"] = attention_spec(cfg, cross=True)
+    spec["moe" if cfg.moe else "mlp"] = moe_spec(cfg) if cfg.moe else mlp_spec(cfg)
+    return spec
+
+
+def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
+    spec = {**position_spec(cfg), "layers": stacked(layer_spec(cfg, cross), num_layers)}
+    if cfg.embed_norm:
+        spec["embed_norm"] = norm_spec(cfg)
+    if cfg.positions == "relative":
+        spec["rel_bias"] = param((cfg.relative_buckets, cfg.num_heads), ("buckets", "heads"))
+    if cfg.final_norm:
+        spec["final_norm"] = norm_spec(cfg)
+    return spec
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _residual(x: jax.Array, norm_p: dict, sublayer: Callable[[jax.Array], jax.Array],
+              cfg: Config, key: jax.Array | None) -> jax.Array:
+    if cfg.norm_position == "pre":
+        return x + dropout(sublayer(apply_norm(norm_p, x, cfg)), cfg.dropout, key)
+    return apply_norm(norm_p, x + dropout(sublayer(x), cfg.dropout, key), cfg)
+
+
+def self_context(p_stack: dict, cfg: Config, positions: jax.Array, *, causal: bool,
+                 valid: jax.Array | None, segments: jax.Array | None = None,
+                 prefix: jax.Array | None = None) -> Context:
+    """Mask, position bias and RoPE positions for self-attention over [B, T] positions."""
+    mask = attention_mask(positions, positions, causal=causal, k_valid=valid,
+                          window=cfg.sliding_window, q_segments=segments, k_segments=segments,
+                          prefix=prefix)
+    return Context(mask, position_bias(p_stack, cfg, positions, positions, bidirectional=not causal),
+                   positions if cfg.positions == "rope" else None)
+
+
+def cross_context(q_len_positions: jax.Array, memory_valid: jax.Array | None,
+                  memory_len: int) -> Context:
+    """Cross-attention: every decoder position sees every valid encoder position."""
+    b = q_len_positions.shape[0]
+    k_pos = jnp.broadcast_to(jnp.arange(memory_len), (b, memory_len))
+    mask = attention_mask(q_len_positions, k_pos, causal=False, k_valid=memory_valid)
+    return Context(mask, None, None)
+
+
+def position_bias(p_stack: dict, cfg: Config, q_pos: jax.Array, k_pos: jax.Array,
+                  bidirectional: bool) -> jax.Array | None:
+    if cfg.positions == "alibi":
+        return alibi_bias(q_pos, k_pos, cfg.num_heads)
+    if cfg.positions == "relative":
+        return relative_bias(p_stack["rel_bias"], q_pos, k_pos, bidirectional, cfg)
+    return None
+
+
+def embed_for_stack(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config,
+                    key: jax.Array | None = None) -> jax.Array:
+    """Token embeddings [B, T, D] -> stack input: absolute positions, embedding norm, dropout."""
+    x = add_positions(p_stack, x, positions, cfg)
+    if "embed_norm" in p_stack:
+        x = apply_norm(p_stack["embed_norm"], x, cfg)
+    return dropout(x, cfg.dropout, key)
+
+
+def apply_layer(p: dict, x: jax.Array, ctx: Context, cfg: Config,
+                memory: jax.Array | None = None, cross_ctx: Context | None = None,
+                key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One layer. x: [B, T, D]; memory: encoder output [B, S, D] for cross-attention.
+    Returns (x, MoE balance loss or 0)."""
+    keys = list(jax.random.split(key, 3)) if key is not None else [None] * 3
+    rope = rope_inv_freq(cfg) if cfg.positions == "rope" else None
+    x = _residual(x, p["attn_norm"], lambda h: apply_attention(p["attn"], h, ctx, cfg, rope), cfg, keys[0])
+    if memory is not None:
+        kv = project_kv(p["cross"], memory)
+        x = _residual(x, p["cross_norm"],
+                      lambda h: apply_attention(p["cross"], h, cross_ctx, cfg, kv=kv), cfg, keys[1])
+    aux = jnp.zeros((), jnp.float32)
+    if cfg.moe:
+        moe_out = {}
+
+        def run_moe(h: jax.Array) -> jax.Array:
+            y, moe_out["aux"] = apply_moe(p["moe"], h, cfg)
+            return y
+
+        x = _residual(x, p["mlp_norm"], run_moe, cfg, keys[2])
+        aux = moe_out["aux"]
+    else:
+        x = _residual(x, p["mlp_norm"], lambda h: apply_mlp(p["mlp"], h, cfg), cfg, keys[2])
+    return constrain(x, ("batch", "length", "embed")), aux
+
+
+def run_stack(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
+              memory: jax.Array | None = None, cross_ctx: Context | None = None,
+              key: jax.Array | None = None, remat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Scans the stacked layers over x: [B, T, D]; applies the final norm.
+    Returns (hidden [B, T, D], mean MoE balance loss over layers)."""
+    num_layers = jax.tree.leaves(p_stack["layers"])[0].shape[0]
+    keys = jax.random.split(key, num_layers) if key is not None else None
+
+    def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, jax.Array]:
+        layer_p, layer_key = xs
+        return apply_layer(layer_p, h, ctx, cfg, memory, cross_ctx, layer_key)
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, aux = jax.lax.scan(body, x, (p_stack["layers"], keys))
+    if "final_norm" in p_stack:
+        x = apply_norm(p_stack["final_norm"], x, cfg)
+    return x, jnp.mean(aux)
+
+
+def default_positions(tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """[B, T] positions: 0.. over real tokens (so left padding starts real text at 0)."""
+    if mask is None:
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+

@@ -1,0 +1,79 @@
+"""Named shapes of published models, and tiny ones for tests.
+
+Parameter counts equal those of the published checkpoints (tests/test_presets.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zoo.config import Config
+
+_BERT = dict(family="encoder", vocab_size=30522, activation="gelu", norm="layernorm",
+             norm_eps=1e-12, norm_position="post", embed_norm=True, final_norm=False,
+             positions="learned", max_len=512, type_vocab_size=2, tie_embeddings=True,
+             logits_bias=True, mlm_transform=True, pooler=True, pad_id=0, eos_id=None)
+_GPT2 = dict(family="decoder", vocab_size=50257, activation="gelu_tanh", norm="layernorm",
+             positions="learned", max_len=1024, tie_embeddings=True,
+             pad_id=50256, bos_id=50256, eos_id=50256)
+_LLAMA = dict(family="decoder", activation="swiglu", norm="rmsnorm", norm_bias=False,
+              attn_bias=False, mlp_bias=False, positions="rope")
+_LLAMA3 = dict(_LLAMA, vocab_size=128256, rope_theta=500000.0, rope_scaling="llama3",
+               rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+               max_len=131072, num_heads=32, num_kv_heads=8, head_dim=64 * 2,
+               pad_id=128004, bos_id=128000, eos_id=128001)
+_MISTRAL = dict(_LLAMA, vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
+                num_kv_heads=8, d_ff=14336, max_len=32768, tie_embeddings=False,
+                pad_id=0, bos_id=1, eos_id=2)
+_T5 = dict(family="encdec", vocab_size=32128, activation="relu", norm="rmsnorm", norm_bias=False,
+           norm_eps=1e-6, attn_bias=False, mlp_bias=False, positions="relative", max_len=512,
+           relative_buckets=32, relative_max_distance=128, attn_scale=1.0, tie_embeddings=True,
+           pad_id=0, eos_id=1, decoder_start_id=0)
+_BART = dict(family="encdec", vocab_size=50265, activation="gelu", norm="layernorm",
+             norm_position="post", embed_norm=True, final_norm=False, positions="learned",
+             max_len=1024, position_offset=2, tie_embeddings=True, logits_bias=True,
+             pad_id=1, bos_id=0, eos_id=2, decoder_start_id=2)
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "bert-base-uncased": dict(_BERT, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
+    "bert-large-uncased": dict(_BERT, d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
+    "roberta-base": dict(_BERT, vocab_size=50265, norm_eps=1e-5, type_vocab_size=1,
+                         position_offset=2, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
+                         pad_id=1, bos_id=0, eos_id=2),
+    "gpt2": dict(_GPT2, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
+    "gpt2-medium": dict(_GPT2, d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
+    "llama-3.2-1b": dict(_LLAMA3, d_model=2048, num_layers=16, head_dim=64, d_ff=8192,
+                         rope_scaling_factor=32.0, tie_embeddings=True),
+    "llama-3.1-8b": dict(_LLAMA3, d_model=4096, num_layers=32, head_dim=128, d_ff=14336,
+                         rope_scaling_factor=8.0, tie_embeddings=False),
+    "mistral-7b": dict(_MISTRAL, rope_theta=10000.0, sliding_window=4096),
+    "mixtral-8x7b": dict(_MISTRAL, rope_theta=1e6, num_experts=8, experts_per_token=2),
+    "t5-small": dict(_T5, d_model=512, num_layers=6, num_heads=8, d_ff=2048, logit_scale=512 ** -0.5),
+    "t5-base": dict(_T5, d_model=768, num_layers=12, num_heads=12, d_ff=3072, logit_scale=768 ** -0.5),
+    "flan-t5-base": dict(_T5, d_model=768, num_layers=12, num_heads=12, head_dim=64, d_ff=2048,
+                         activation="geglu_tanh", tie_embeddings=False),
+    "bart-base": dict(_BART, d_model=768, num_layers=6, num_heads=12, d_ff=3072),
+    # Tiny shapes for tests and demos: same code paths, seconds on a CPU.
+    "tiny-encoder": dict(_BERT, vocab_size=128, d_model=32, num_layers=2, num_heads=4, d_ff=64,
+                         max_len=64, norm_eps=1e-5),
+    "tiny-decoder": dict(_LLAMA, vocab_size=128, d_model=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, d_ff=64, max_len=128, tie_embeddings=False,
+                         pad_id=0, bos_id=2, eos_id=1),
+    "tiny-encdec": dict(_T5, vocab_size=128, d_model=32, num_layers=2, num_heads=4, d_ff=64,
+                        max_len=128, relative_buckets=8, relative_max_distance=16,
+                        activation="geglu_tanh", tie_embeddings=False),
+    "tiny-moe": dict(_LLAMA, vocab_size=128, d_model=32, num_layers=2, num_heads=4,
+                     num_kv_heads=2, d_ff=64, max_len=128, tie_embeddings=False,
+                     num_experts=4, experts_per_token=2, pad_id=0, bos_id=2, eos_id=1),
+}
+
+
+def names() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def preset(name: str, **overrides: Any) -> Config:
+    """The Config of a named model (`zoo.presets.names()` lists them); overrides replace
+    fields, e.g. `preset("gpt2", dtype="bfloat16")`."""
+    if name not in _PRESETS:
+        raise ValueError(f"preset: unknown name {name!r}; expected one of {names()}")
+    return Config(**{**_PRESETS[name], **overrides})
