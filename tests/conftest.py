@@ -11,7 +11,6 @@ import pytest  # noqa: E402
 
 import zoo  # noqa: E402
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 TINY = ("tiny-encoder", "tiny-decoder", "tiny-encdec")
 

@@ -52,7 +52,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
     Uses the half-split layout (rotate_half) of the Hugging Face Llama weights."""
     rot = 2 * inv_freq.shape[0]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, rot/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     xr = x[..., :rot].astype(jnp.float32)

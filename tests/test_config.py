@@ -1,0 +1,71 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import zoo
+from zoo.config import Config, ConfigError
+
+
+def test_json_round_trip_and_hashable():
+    for name in zoo.presets.names():
+        cfg = zoo.preset(name)
+        again = Config.from_json(cfg.to_json())
+        assert again == cfg and hash(again) == hash(cfg)
+
+
+def test_config_is_a_static_jit_argument():
+    cfg = zoo.preset("tiny-decoder")
+
+    f = jax.jit(lambda x, c: x * c.d_model, static_argnums=1)
+    assert int(f(jnp.ones(()), cfg)) == cfg.d_model
+
+
+def test_replace_validates():
+    cfg = zoo.preset("tiny-decoder")
+    assert cfg.replace(num_layers=3).num_layers == 3
+    with pytest.raises(ConfigError, match="num_layers"):
+        cfg.replace(num_layers=0)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(family="rnn"), "family"),
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+    (dict(d_model=30, num_heads=4), "head_dim"),
+    (dict(activation="tanh"), "activation"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(norm="rmsnorm", norm_bias=True), "norm_bias"),
+    (dict(positions="rotary"), "positions"),
+    (dict(positions="learned", rope_scaling="linear"), "rope_scaling"),
+    (dict(rope_scaling="yarn"), "rope_scaling"),
+    (dict(num_experts=2, experts_per_token=3), "experts_per_token"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(eos_id=1000), "eos_id"),
+    (dict(norm_position="sandwich"), "norm_position"),
+])
+def test_invalid_fields_name_the_field(changes, field):
+    base = dict(family="decoder", vocab_size=100, d_model=32, num_layers=1, num_heads=4, d_ff=64,
+                positions="rope", norm="rmsnorm", norm_bias=False)
+    with pytest.raises(ConfigError, match=rf"Config\.{field}"):
+        Config(**{**base, **changes})
+
+
+def test_family_specific_fields():
+    with pytest.raises(ConfigError, match="sliding_window"):
+        zoo.preset("tiny-encoder", sliding_window=8)
+    with pytest.raises(ConfigError, match="num_decoder_layers"):
+        zoo.preset("tiny-decoder", num_decoder_layers=2)
+
+
+def test_from_dict_rejects_unknown_fields():
+    d = json.loads(zoo.preset("tiny-decoder").to_json())
+    d["n_layer"] = 3
+    with pytest.raises(ConfigError, match="n_layer"):
+        Config.from_dict(d)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown name 'gpt5'"):
+        zoo.preset("gpt5")

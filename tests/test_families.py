@@ -1,0 +1,238 @@
+"""The three families: causality, bidirectionality, padding, packing, scan == loop, and
+every transformation (jit, grad, vmap, pmap) in fp32 and bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zoo
+from zoo.nn.transformer import apply_layer, self_context
+from conftest import run, tiny, tokens
+
+KEY = jax.random.key(0)
+
+
+def _decoder_logits(params, cfg, toks):
+    """Logits of whatever side is causal: the decoder, or encdec's decoder side."""
+    if cfg.family == "encdec":
+        src = tokens(jax.random.key(9), toks.shape[0], 7)
+        return zoo.encdec.forward(params, cfg, src, toks).logits
+    return zoo.decoder.forward(params, cfg, toks).logits
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encdec", "tiny-moe"])
+def test_causal(name):
+    cfg = tiny(name)
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 2, 12)
+    t = 5
+    changed = toks.at[:, t + 1:].set((toks[:, t + 1:] + 7) % cfg.vocab_size)
+    a, b = _decoder_logits(params, cfg, toks), _decoder_logits(params, cfg, changed)
+    np.testing.assert_array_equal(a[:, : t + 1], b[:, : t + 1])
+    assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_causal_by_gradient():
+    """d logits[t] / d embedding[s] is zero for every s > t."""
+    cfg = tiny("tiny-decoder")
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 1, 8)
+
+    def logit_at(t):
+        def f(embed):
+            p = {**params, "embed": {**params["embed"], "tokens": embed}}
+            return zoo.decoder.forward(p, cfg, toks).logits[0, t].sum()
+        return f
+
+    for t in (0, 3, 6):
+        g = jax.grad(logit_at(t))(params["embed"]["tokens"])
+        future = set(np.asarray(toks[0, t + 1:]).tolist()) - set(np.asarray(toks[0, : t + 1]).tolist())
+        for token in future:
+            assert float(jnp.abs(g[token]).max()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["tiny-encoder", "tiny-encdec"])
+def test_bidirectional(name):
+    cfg = tiny(name)
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 2, 10)
+    changed = toks.at[:, -1].set((toks[:, -1] + 1) % cfg.vocab_size)
+    if name == "tiny-encoder":
+        a = zoo.encoder.forward(params, cfg, toks).hidden
+        b = zoo.encoder.forward(params, cfg, changed).hidden
+    else:
+        a = zoo.encdec.encode(params, cfg, toks)[0]
+        b = zoo.encdec.encode(params, cfg, changed)[0]
+    assert not np.allclose(a[:, 0], b[:, 0])
+
+
+def test_padding_changes_nothing_for_real_tokens(tiny_name):
+    cfg = tiny(tiny_name)
+    params = zoo.init(cfg, KEY)
+    real = tokens(jax.random.key(1), 2, 7)
+    padded = jnp.concatenate([real, tokens(jax.random.key(2), 2, 5)], axis=1)
+    mask = jnp.arange(12)[None] < 7
+    mask = jnp.broadcast_to(mask, (2, 12))
+    if cfg.family == "encdec":
+        tgt = tokens(jax.random.key(3), 2, 4)
+        a = zoo.encdec.forward(params, cfg, real, tgt).logits
+        b = zoo.encdec.forward(params, cfg, padded, tgt, src_mask=mask).logits
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        return
+    a = run(params, cfg, real).logits
+    b = run(params, cfg, padded, mask=mask).logits[:, :7]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_left_padding_matches_unpadded_decoder():
+    cfg = tiny("tiny-decoder")
+    params = zoo.init(cfg, KEY)
+    real = tokens(jax.random.key(1), 1, 6)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), real], axis=1)
+    mask = jnp.arange(9)[None] >= 3
+    a = zoo.decoder.forward(params, cfg, real).logits
+    b = zoo.decoder.forward(params, cfg, padded, mask=mask).logits[:, 3:]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encoder"])
+def test_packed_segments_equal_separate_rows(name):
+    cfg = tiny(name)
+    params = zoo.init(cfg, KEY)
+    a, b = tokens(jax.random.key(1), 1, 5), tokens(jax.random.key(2), 1, 7)
+    packed = jnp.concatenate([a, b], axis=1)
+    segments = jnp.array([[1] * 5 + [2] * 7])
+    pos = jnp.array([list(range(5)) + list(range(7))])
+    out = zoo.forward(params, cfg, packed, segment_ids=segments, positions=pos).logits
+    np.testing.assert_allclose(out[:, :5], zoo.forward(params, cfg, a).logits, atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], zoo.forward(params, cfg, b).logits, atol=1e-5)
+
+
+def test_sliding_window_limits_what_a_layer_sees():
+    cfg = tiny("tiny-decoder", num_layers=1, sliding_window=3)
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 1, 10)
+    changed = toks.at[:, 0].set((toks[:, 0] + 1) % cfg.vocab_size)
+    a = zoo.decoder.forward(params, cfg, toks).logits
+    b = zoo.decoder.forward(params, cfg, changed).logits
+    assert not np.allclose(a[:, 2], b[:, 2])  # token 0 is inside position 2's window
+    np.testing.assert_array_equal(a[:, 3:], b[:, 3:])  # and outside every later one
+
+
+def test_prefix_mask_makes_the_prefix_bidirectional():
+    cfg = tiny("tiny-decoder")
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 1, 8)
+    prefix = jnp.arange(8)[None] < 4
+    changed = toks.at[:, 3].set((toks[:, 3] + 1) % cfg.vocab_size)
+    a = zoo.decoder.forward(params, cfg, toks, prefix_mask=prefix).logits
+    b = zoo.decoder.forward(params, cfg, changed, prefix_mask=prefix).logits
+    assert not np.allclose(a[:, 0], b[:, 0])  # position 0 sees the prefix's end
+    changed = toks.at[:, 5].set((toks[:, 5] + 1) % cfg.vocab_size)
+    b = zoo.decoder.forward(params, cfg, changed, prefix_mask=prefix).logits
+    np.testing.assert_array_equal(a[:, :5], b[:, :5])  # the rest stays causal
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope", "alibi", "relative", "none"])
+def test_every_position_scheme_encodes_order(positions):
+    """Swapping two earlier tokens changes the last position's output iff positions count."""
+    cfg = tiny("tiny-decoder", positions=positions, num_layers=1)
+    params = zoo.init(cfg, KEY)
+    # Sharpen attention so position effects stand far above float noise.
+    stack = params["decoder"]
+    stack["layers"]["attn"] = {k: v * 30 for k, v in stack["layers"]["attn"].items()}
+    if "rel_bias" in stack:
+        stack["rel_bias"] = stack["rel_bias"] * 100
+    toks = tokens(jax.random.key(1), 1, 6)
+    swapped = toks.at[:, 0].set(toks[:, 1]).at[:, 1].set(toks[:, 0])
+    a = zoo.decoder.forward(params, cfg, toks).logits[0, -1]
+    b = zoo.decoder.forward(params, cfg, swapped).logits[0, -1]
+    assert bool(jnp.isfinite(a).all())
+    if positions == "none":
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    else:
+        assert float(jnp.abs(a - b).max()) > 1e-3  # 'none' differs by ~1e-7
+
+
+def test_scan_equals_python_loop(tiny_name):
+    cfg = tiny(tiny_name, num_layers=3)
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 2, 9)
+    stack_name = "decoder" if cfg.family == "decoder" else "encoder"
+    stack = params[stack_name]
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    ctx = self_context(stack, cfg, pos, causal=cfg.family == "decoder", valid=None)
+    x = jax.random.normal(jax.random.key(2), (2, 9, cfg.d_model))
+    from zoo.nn.transformer import run_stack
+    scanned, _ = run_stack({"layers": stack["layers"]}, x, ctx, cfg)
+    looped = x
+    for i in range(3):
+        looped, _ = apply_layer(jax.tree.map(lambda a: a[i], stack["layers"]), looped, ctx, cfg)
+    np.testing.assert_allclose(scanned, looped, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder", "tiny-encdec", "tiny-moe"])
+def test_transformations(name, dtype):
+    cfg = tiny(name, dtype=dtype)
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 8, 8)
+
+    def loss(p, t):
+        out = run(p, cfg, t)
+        return jnp.mean(out.logits.astype(jnp.float32) ** 2) + out.aux_loss
+
+    jitted = jax.jit(lambda p, t: run(p, cfg, t).logits)(params, toks)
+    assert jitted.dtype == jnp.dtype(dtype) and bool(jnp.isfinite(jitted.astype(jnp.float32)).all())
+    grads = jax.grad(loss)(params, toks)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    vmapped = jax.vmap(lambda t: run(params, cfg, t[None]).logits[0])(toks)
+    np.testing.assert_allclose(vmapped.astype(jnp.float32), jitted.astype(jnp.float32),
+                               atol=1e-4 if dtype == "float32" else 0.1)
+    pmapped = jax.pmap(lambda t: run(params, cfg, t).logits)(toks.reshape(8, 1, 8))
+    np.testing.assert_allclose(pmapped.reshape(jitted.shape).astype(jnp.float32),
+                               jitted.astype(jnp.float32), atol=1e-4 if dtype == "float32" else 0.1)
+
+
+def test_pure_and_deterministic(tiny_name):
+    cfg = tiny(tiny_name)
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 2, 6)
+    np.testing.assert_array_equal(run(params, cfg, toks).logits, run(params, cfg, toks).logits)
+
+
+def test_dropout_needs_a_key(tiny_name):
+    cfg = tiny(tiny_name, dropout=0.5)
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 2, 6)
+    plain = run(params, cfg, toks).logits
+    np.testing.assert_array_equal(plain, run(params, cfg, toks).logits)
+    a = run(params, cfg, toks, key=jax.random.key(3)).logits
+    assert not np.allclose(a, plain)
+    np.testing.assert_array_equal(a, run(params, cfg, toks, key=jax.random.key(3)).logits)
+
+
+def test_encoder_pooler_and_heads():
+    cfg = tiny("tiny-encoder")
+    params = zoo.init(cfg, KEY)
+    out = zoo.encoder.forward(params, cfg, tokens(jax.random.key(1), 3, 6))
+    assert out.pooled.shape == (3, cfg.d_model)
+    seq = zoo.heads.init(cfg, jax.random.key(2), num_labels=5)
+    assert zoo.heads.apply(seq, cfg, out).shape == (3, 5)
+    tok = zoo.heads.init(cfg, jax.random.key(2), num_labels=4, kind="token")
+    assert zoo.heads.apply(tok, cfg, out, kind="token").shape == (3, 6, 4)
+    nopool = tiny("tiny-encoder", pooler=False)
+    head = zoo.heads.init(nopool, jax.random.key(2), num_labels=2)
+    assert "dense" in head
+    out = zoo.encoder.forward(zoo.init(nopool, KEY), nopool, tokens(jax.random.key(1), 3, 6))
+    assert zoo.heads.apply(head, nopool, out).shape == (3, 2)
+
+
+def test_bf16_compute_keeps_fp32_params():
+    cfg = tiny("tiny-decoder", dtype="bfloat16", param_dtype="float32")
+    params = zoo.init(cfg, KEY)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    out = zoo.decoder.forward(params, cfg, tokens(jax.random.key(1), 2, 5))
+    assert out.logits.dtype == jnp.bfloat16 and out.hidden.dtype == jnp.bfloat16

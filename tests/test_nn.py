@@ -1,0 +1,188 @@
+"""Shared blocks: positions, attention (GQA, masks), MoE routing, norms."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zoo
+from zoo.nn import attention, moe, norms, positions
+from conftest import tiny
+
+
+# --- positions --------------------------------------------------------------------------
+@pytest.mark.parametrize("scaling", [None, "linear", "llama3"])
+def test_rope_scores_depend_only_on_relative_offset(scaling):
+    extra = {} if scaling is None else dict(rope_scaling=scaling, rope_scaling_factor=4.0,
+                                            rope_original_max_len=64)
+    cfg = tiny("tiny-decoder", **extra)
+    freq = positions.rope_inv_freq(cfg)
+    kq, kk = jax.random.split(jax.random.key(0))
+    q = jax.random.normal(kq, (1, 1, 1, cfg.head_size))
+    k = jax.random.normal(kk, (1, 1, 1, cfg.head_size))
+
+    def score(m, n):
+        qm = positions.apply_rope(q, jnp.array([[m]]), freq)
+        kn = positions.apply_rope(k, jnp.array([[n]]), freq)
+        return float(jnp.sum(qm * kn))
+
+    for offset in (0, 3, 17):
+        ref = score(offset, 0)
+        for base in (5, 40, 100):
+            assert score(base + offset, base) == pytest.approx(ref, abs=1e-4)
+    assert score(7, 0) != pytest.approx(score(3, 0), abs=1e-3)
+
+
+def test_rope_scaling_changes_frequencies_as_specified():
+    base = positions.rope_inv_freq(tiny("tiny-decoder"))
+    linear = positions.rope_inv_freq(tiny("tiny-decoder", rope_scaling="linear", rope_scaling_factor=4.0))
+    np.testing.assert_allclose(linear, base / 4.0, rtol=1e-6)
+    cfg = tiny("tiny-decoder", rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=64,
+               rope_theta=10000.0)
+    scaled = positions.rope_inv_freq(cfg)
+    wavelen = 2 * math.pi / base
+    high = wavelen < 64 / cfg.rope_high_freq_factor
+    low = wavelen > 64 / cfg.rope_low_freq_factor
+    np.testing.assert_allclose(scaled[high], base[high], rtol=1e-6)
+    np.testing.assert_allclose(scaled[low], base[low] / 8.0, rtol=1e-6)
+    mid = ~high & ~low
+    assert np.all(scaled[mid] <= base[mid]) and np.all(scaled[mid] >= base[mid] / 8.0)
+
+
+def test_partial_rope_leaves_the_rest_unrotated():
+    cfg = tiny("tiny-decoder", rope_fraction=0.5)
+    x = jax.random.normal(jax.random.key(1), (1, 3, 2, cfg.head_size))
+    y = positions.apply_rope(x, jnp.array([[0, 4, 9]]), positions.rope_inv_freq(cfg))
+    np.testing.assert_array_equal(y[..., cfg.head_size // 2:], x[..., cfg.head_size // 2:])
+    np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-6)  # position 0 is the identity
+
+
+def test_alibi_slopes():
+    np.testing.assert_allclose(positions.alibi_slopes(8), [2.0 ** -(i + 1) for i in range(8)], rtol=1e-6)
+    twelve = positions.alibi_slopes(12)
+    np.testing.assert_allclose(twelve[:8], positions.alibi_slopes(8))
+    np.testing.assert_allclose(twelve[8:], positions.alibi_slopes(16)[0::2][:4])
+    bias = positions.alibi_bias(jnp.arange(4)[None], jnp.arange(4)[None], 8)
+    assert bias.shape == (1, 8, 4, 4)
+    np.testing.assert_allclose(bias[0, 0], -0.5 * np.abs(np.arange(4)[:, None] - np.arange(4)[None]))
+
+
+def _bucket_reference(rel: int, bidirectional: bool, buckets: int, max_distance: int) -> int:
+    out = 0
+    if bidirectional:
+        buckets //= 2
+        out += buckets if rel > 0 else 0
+        n = abs(rel)
+    else:
+        n = max(-rel, 0)
+    exact = buckets // 2
+    if n < exact:
+        return out + n
+    large = exact + int(math.log(n / exact) / math.log(max_distance / exact) * (buckets - exact))
+    return out + min(large, buckets - 1)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_t5_buckets_match_the_definition(bidirectional):
+    rel = jnp.arange(-300, 301)
+    got = positions.relative_bucket(rel, bidirectional, 32, 128)
+    want = [_bucket_reference(int(r), bidirectional, 32, 128) for r in rel]
+    np.testing.assert_array_equal(np.asarray(got), want)
+    if bidirectional:
+        assert int(positions.relative_bucket(jnp.array(1), True, 32, 128)) == 17
+        assert int(got.max()) == 31 and int(got[0]) == 15
+    else:
+        assert set(np.asarray(got[300:]).tolist()) == {0}  # the future is one bucket
+
+
+# --- attention --------------------------------------------------------------------------
+def _reference_attention(q, k, v, mask, scale):
+    """Plain multi-head attention with keys/values repeated to every query head."""
+    groups = q.shape[2] // k.shape[2]
+    k = jnp.repeat(k, groups, axis=2)
+    v = jnp.repeat(v, groups, axis=2)
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    s = jnp.where(mask[:, None], s, -1e30)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
+def test_grouped_attention_equals_repeated_keys(kv_heads):
+    ks = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(ks[0], (2, 5, 8, 16))
+    k = jax.random.normal(ks[1], (2, 7, kv_heads, 16))
+    v = jax.random.normal(ks[2], (2, 7, kv_heads, 16))
+    mask = jax.random.bernoulli(ks[0], 0.7, (2, 5, 7)).at[..., 0].set(True)
+    np.testing.assert_allclose(attention.attend(q, k, v, mask, None, 0.25),
+                               _reference_attention(q, k, v, mask, 0.25), atol=1e-5)
+
+
+def test_gqa_with_all_kv_heads_is_mha():
+    mha = tiny("tiny-decoder", num_kv_heads=None)
+    gqa = tiny("tiny-decoder", num_kv_heads=4)
+    params = zoo.init(mha, jax.random.key(0))
+    toks = jax.random.randint(jax.random.key(1), (2, 9), 0, 128)
+    np.testing.assert_array_equal(zoo.forward(params, mha, toks).logits,
+                                  zoo.forward(params, gqa, toks).logits)
+
+
+def test_masks():
+    pos = jnp.arange(6)[None]
+    causal = attention.attention_mask(pos, pos, causal=True)[0]
+    np.testing.assert_array_equal(causal, np.tril(np.ones((6, 6), bool)))
+    window = attention.attention_mask(pos, pos, causal=True, window=2)[0]
+    np.testing.assert_array_equal(window, np.tril(np.ones((6, 6), bool)) & ~np.tril(np.ones((6, 6), bool), -2))
+    prefix = jnp.array([[True, True, True, False, False, False]])
+    pm = attention.attention_mask(pos, pos, causal=True, prefix=prefix)[0]
+    assert bool(pm[0, 2]) and not bool(pm[3, 4]) and bool(pm[4, 1])
+    seg = jnp.array([[1, 1, 2, 2, 2, 0]])
+    sm = attention.attention_mask(pos, pos, causal=False, q_segments=seg, k_segments=seg)[0]
+    assert not bool(sm[0, 2]) and bool(sm[2, 4]) and not bool(sm[5, 4])
+    valid = jnp.array([[True] * 4 + [False] * 2])
+    vm = attention.attention_mask(pos, pos, causal=False, k_valid=valid)[0]
+    assert not bool(vm[:, 4:].any()) and bool(vm[:, :4].all())
+
+
+# --- norms and MoE ----------------------------------------------------------------------
+def test_norms():
+    x = jax.random.normal(jax.random.key(3), (2, 3, 32)) * 5 + 2
+    ln = norms.apply_norm({"scale": jnp.ones(32), "bias": jnp.zeros(32)}, x, tiny("tiny-encoder"))
+    np.testing.assert_allclose(ln.mean(-1), 0, atol=1e-5)
+    np.testing.assert_allclose(ln.std(-1), 1, atol=1e-3)
+    rms = norms.apply_norm({"scale": jnp.ones(32)}, x, tiny("tiny-decoder"))
+    np.testing.assert_allclose(jnp.sqrt(jnp.mean(rms ** 2, -1)), 1, atol=1e-3)
+
+
+def test_moe_routes_each_token_to_k_experts():
+    logits = jax.random.normal(jax.random.key(4), (3, 11, 8))
+    gates, chosen, probs = moe.route(logits, 2)
+    assert chosen.shape == (3, 11, 2)
+    np.testing.assert_array_equal((gates > 0).sum(-1), 2)
+    np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(jnp.argmax(gates, -1), jnp.argmax(probs, -1))
+
+
+def test_moe_balance_loss():
+    uniform = jnp.full((4, 8, 4), 0.25)
+    chosen = jnp.stack([jnp.arange(32).reshape(4, 8) % 4, (jnp.arange(32).reshape(4, 8) + 1) % 4], -1)
+    assert float(moe.balance_loss(uniform, chosen, 4)) == pytest.approx(1.0)
+    skewed = jnp.zeros((4, 8, 4)).at[..., 0].set(1.0)
+    assert float(moe.balance_loss(skewed, jnp.zeros((4, 8, 2), jnp.int32), 4)) == pytest.approx(4.0)
+
+
+def test_moe_layer_matches_explicit_per_token_mixture():
+    cfg = tiny("tiny-moe")
+    p = jax.tree.map(lambda a: a[0], zoo.init(cfg, jax.random.key(5))["decoder"]["layers"]["moe"])
+    x = jax.random.normal(jax.random.key(6), (2, 3, cfg.d_model))
+    y, aux = moe.apply_moe(p, x, cfg)
+    probs = jax.nn.softmax(x @ p["router"], -1)
+    for b in range(2):
+        for t in range(3):
+            top = np.argsort(-np.asarray(probs[b, t]))[:2]
+            w = probs[b, t, top] / probs[b, t, top].sum()
+            want = sum(w[i] * ((jax.nn.silu(x[b, t] @ p["wg"][e]) * (x[b, t] @ p["wi"][e])) @ p["wo"][e])
+                       for i, e in enumerate(top))
+            np.testing.assert_allclose(y[b, t], want, atol=1e-5)
+    assert np.isfinite(float(aux))
