@@ -29,8 +29,14 @@ def tokens(key: jax.Array, batch: int, length: int, vocab: int = 128, low: int =
     return jax.random.randint(key, (batch, length), low, vocab, dtype=jnp.int32)
 
 
+# Jitted forwards: tests call them many times with the same shapes, and one compiled
+# program is much faster than op-by-op dispatch. Input checks still run at trace time.
+forward = jax.jit(zoo.forward, static_argnums=(1,))
+encode = jax.jit(zoo.encdec.encode, static_argnums=(1,))
+
+
 def run(params, cfg: zoo.Config, toks: jax.Array, mask=None, **kw) -> zoo.Output:
     """Forward of any family; encdec uses toks as source and its first half as target."""
     if cfg.family == "encdec":
-        return zoo.encdec.forward(params, cfg, toks, toks[:, : toks.shape[1] // 2], src_mask=mask, **kw)
-    return zoo.forward(params, cfg, toks, mask=mask, **kw)
+        return forward(params, cfg, toks, toks[:, : toks.shape[1] // 2], src_mask=mask, **kw)
+    return forward(params, cfg, toks, mask=mask, **kw)

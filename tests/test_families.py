@@ -8,7 +8,7 @@ import pytest
 
 import zoo
 from zoo.nn.transformer import apply_layer, self_context
-from conftest import run, tiny, tokens
+from conftest import encode, forward, run, tiny, tokens
 
 KEY = jax.random.key(0)
 
@@ -17,8 +17,8 @@ def _decoder_logits(params, cfg, toks):
     """Logits of whatever side is causal: the decoder, or encdec's decoder side."""
     if cfg.family == "encdec":
         src = tokens(jax.random.key(9), toks.shape[0], 7)
-        return zoo.encdec.forward(params, cfg, src, toks).logits
-    return zoo.decoder.forward(params, cfg, toks).logits
+        return forward(params, cfg, src, toks).logits
+    return forward(params, cfg, toks).logits
 
 
 @pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encdec", "tiny-moe"])
@@ -42,7 +42,7 @@ def test_causal_by_gradient():
     def logit_at(t):
         def f(embed):
             p = {**params, "embed": {**params["embed"], "tokens": embed}}
-            return zoo.decoder.forward(p, cfg, toks).logits[0, t].sum()
+            return forward(p, cfg, toks).logits[0, t].sum()
         return f
 
     for t in (0, 3, 6):
@@ -59,11 +59,11 @@ def test_bidirectional(name):
     toks = tokens(jax.random.key(1), 2, 10)
     changed = toks.at[:, -1].set((toks[:, -1] + 1) % cfg.vocab_size)
     if name == "tiny-encoder":
-        a = zoo.encoder.forward(params, cfg, toks).hidden
-        b = zoo.encoder.forward(params, cfg, changed).hidden
+        a = forward(params, cfg, toks).hidden
+        b = forward(params, cfg, changed).hidden
     else:
-        a = zoo.encdec.encode(params, cfg, toks)[0]
-        b = zoo.encdec.encode(params, cfg, changed)[0]
+        a = encode(params, cfg, toks)[0]
+        b = encode(params, cfg, changed)[0]
     assert not np.allclose(a[:, 0], b[:, 0])
 
 
@@ -76,8 +76,8 @@ def test_padding_changes_nothing_for_real_tokens(tiny_name):
     mask = jnp.broadcast_to(mask, (2, 12))
     if cfg.family == "encdec":
         tgt = tokens(jax.random.key(3), 2, 4)
-        a = zoo.encdec.forward(params, cfg, real, tgt).logits
-        b = zoo.encdec.forward(params, cfg, padded, tgt, src_mask=mask).logits
+        a = forward(params, cfg, real, tgt).logits
+        b = forward(params, cfg, padded, tgt, src_mask=mask).logits
         np.testing.assert_allclose(a, b, atol=1e-5)
         return
     a = run(params, cfg, real).logits
@@ -91,8 +91,8 @@ def test_left_padding_matches_unpadded_decoder():
     real = tokens(jax.random.key(1), 1, 6)
     padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), real], axis=1)
     mask = jnp.arange(9)[None] >= 3
-    a = zoo.decoder.forward(params, cfg, real).logits
-    b = zoo.decoder.forward(params, cfg, padded, mask=mask).logits[:, 3:]
+    a = forward(params, cfg, real).logits
+    b = forward(params, cfg, padded, mask=mask).logits[:, 3:]
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -104,9 +104,9 @@ def test_packed_segments_equal_separate_rows(name):
     packed = jnp.concatenate([a, b], axis=1)
     segments = jnp.array([[1] * 5 + [2] * 7])
     pos = jnp.array([list(range(5)) + list(range(7))])
-    out = zoo.forward(params, cfg, packed, segment_ids=segments, positions=pos).logits
-    np.testing.assert_allclose(out[:, :5], zoo.forward(params, cfg, a).logits, atol=1e-5)
-    np.testing.assert_allclose(out[:, 5:], zoo.forward(params, cfg, b).logits, atol=1e-5)
+    out = forward(params, cfg, packed, segment_ids=segments, positions=pos).logits
+    np.testing.assert_allclose(out[:, :5], forward(params, cfg, a).logits, atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], forward(params, cfg, b).logits, atol=1e-5)
 
 
 def test_sliding_window_limits_what_a_layer_sees():
@@ -114,8 +114,8 @@ def test_sliding_window_limits_what_a_layer_sees():
     params = zoo.init(cfg, KEY)
     toks = tokens(jax.random.key(1), 1, 10)
     changed = toks.at[:, 0].set((toks[:, 0] + 1) % cfg.vocab_size)
-    a = zoo.decoder.forward(params, cfg, toks).logits
-    b = zoo.decoder.forward(params, cfg, changed).logits
+    a = forward(params, cfg, toks).logits
+    b = forward(params, cfg, changed).logits
     assert not np.allclose(a[:, 2], b[:, 2])  # token 0 is inside position 2's window
     np.testing.assert_array_equal(a[:, 3:], b[:, 3:])  # and outside every later one
 
@@ -126,11 +126,11 @@ def test_prefix_mask_makes_the_prefix_bidirectional():
     toks = tokens(jax.random.key(1), 1, 8)
     prefix = jnp.arange(8)[None] < 4
     changed = toks.at[:, 3].set((toks[:, 3] + 1) % cfg.vocab_size)
-    a = zoo.decoder.forward(params, cfg, toks, prefix_mask=prefix).logits
-    b = zoo.decoder.forward(params, cfg, changed, prefix_mask=prefix).logits
+    a = forward(params, cfg, toks, prefix_mask=prefix).logits
+    b = forward(params, cfg, changed, prefix_mask=prefix).logits
     assert not np.allclose(a[:, 0], b[:, 0])  # position 0 sees the prefix's end
     changed = toks.at[:, 5].set((toks[:, 5] + 1) % cfg.vocab_size)
-    b = zoo.decoder.forward(params, cfg, changed, prefix_mask=prefix).logits
+    b = forward(params, cfg, changed, prefix_mask=prefix).logits
     np.testing.assert_array_equal(a[:, :5], b[:, :5])  # the rest stays causal
 
 
@@ -146,8 +146,8 @@ def test_every_position_scheme_encodes_order(positions):
         stack["rel_bias"] = stack["rel_bias"] * 100
     toks = tokens(jax.random.key(1), 1, 6)
     swapped = toks.at[:, 0].set(toks[:, 1]).at[:, 1].set(toks[:, 0])
-    a = zoo.decoder.forward(params, cfg, toks).logits[0, -1]
-    b = zoo.decoder.forward(params, cfg, swapped).logits[0, -1]
+    a = forward(params, cfg, toks).logits[0, -1]
+    b = forward(params, cfg, swapped).logits[0, -1]
     assert bool(jnp.isfinite(a).all())
     if positions == "none":
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -185,10 +185,10 @@ def test_transformations(name, dtype):
 
     jitted = jax.jit(lambda p, t: run(p, cfg, t).logits)(params, toks)
     assert jitted.dtype == jnp.dtype(dtype) and bool(jnp.isfinite(jitted.astype(jnp.float32)).all())
-    grads = jax.grad(loss)(params, toks)
+    grads = jax.jit(jax.grad(loss))(params, toks)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
-    vmapped = jax.vmap(lambda t: run(params, cfg, t[None]).logits[0])(toks)
+    vmapped = jax.jit(jax.vmap(lambda t: run(params, cfg, t[None]).logits[0]))(toks)
     np.testing.assert_allclose(vmapped.astype(jnp.float32), jitted.astype(jnp.float32),
                                atol=1e-4 if dtype == "float32" else 0.1)
     pmapped = jax.pmap(lambda t: run(params, cfg, t).logits)(toks.reshape(8, 1, 8))
@@ -217,7 +217,7 @@ def test_dropout_needs_a_key(tiny_name):
 def test_encoder_pooler_and_heads():
     cfg = tiny("tiny-encoder")
     params = zoo.init(cfg, KEY)
-    out = zoo.encoder.forward(params, cfg, tokens(jax.random.key(1), 3, 6))
+    out = forward(params, cfg, tokens(jax.random.key(1), 3, 6))
     assert out.pooled.shape == (3, cfg.d_model)
     seq = zoo.heads.init(cfg, jax.random.key(2), num_labels=5)
     assert zoo.heads.apply(seq, cfg, out).shape == (3, 5)
@@ -226,7 +226,7 @@ def test_encoder_pooler_and_heads():
     nopool = tiny("tiny-encoder", pooler=False)
     head = zoo.heads.init(nopool, jax.random.key(2), num_labels=2)
     assert "dense" in head
-    out = zoo.encoder.forward(zoo.init(nopool, KEY), nopool, tokens(jax.random.key(1), 3, 6))
+    out = forward(zoo.init(nopool, KEY), nopool, tokens(jax.random.key(1), 3, 6))
     assert zoo.heads.apply(head, nopool, out).shape == (3, 2)
 
 
@@ -234,5 +234,5 @@ def test_bf16_compute_keeps_fp32_params():
     cfg = tiny("tiny-decoder", dtype="bfloat16", param_dtype="float32")
     params = zoo.init(cfg, KEY)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-    out = zoo.decoder.forward(params, cfg, tokens(jax.random.key(1), 2, 5))
+    out = forward(params, cfg, tokens(jax.random.key(1), 2, 5))
     assert out.logits.dtype == jnp.bfloat16 and out.hidden.dtype == jnp.bfloat16

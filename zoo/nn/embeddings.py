@@ -32,12 +32,12 @@ def embed_tokens(p: dict, tokens: jax.Array, cfg: Config,
                  token_types: jax.Array | None = None) -> jax.Array:
     """tokens [B, T] int -> [B, T, D] in the compute dtype."""
     dt = jnp.dtype(cfg.dtype)
-    x = jnp.take(p["tokens"], tokens, axis=0).astype(dt)
+    x = jnp.take(p["tokens"], tokens, axis=0, mode="clip").astype(dt)
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, dt)
     if "types" in p:
         types = jnp.zeros_like(tokens) if token_types is None else token_types
-        x = x + jnp.take(p["types"], types, axis=0).astype(dt)
+        x = x + jnp.take(p["types"], types, axis=0, mode="clip").astype(dt)
     return x
 
 
@@ -52,10 +52,10 @@ def add_positions(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config
     """Adds learned or sinusoidal absolute position embeddings; x: [B, T, D]."""
     if cfg.positions == "learned":
         table = p_stack["positions"]
-        return x + jnp.take(table, positions + cfg.position_offset, axis=0).astype(x.dtype)
+        return x + jnp.take(table, positions + cfg.position_offset, axis=0, mode="clip").astype(x.dtype)
     if cfg.positions == "sinusoidal":
         table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
-        return x + jnp.take(table, positions, axis=0).astype(x.dtype)
+        return x + jnp.take(table, positions, axis=0, mode="clip").astype(x.dtype)
     return x
 
 
