@@ -1,10 +1,12 @@
 """zoo: encoder, decoder and encoder-decoder transformers as pure functions of pytrees."""
 
-from zoo import decoder, encdec, encoder, heads, nn, presets, sharding
+from zoo import decoder, encdec, encoder, heads, nn, presets, sharding, tokenizer
 from zoo.config import Config, ConfigError
+from zoo.hf import load_hf, save_hf
 from zoo.model import axes, forward, init, param_count, spec
 from zoo.nn.output import Output
 from zoo.presets import preset
 
 __all__ = ["Config", "ConfigError", "Output", "axes", "decoder", "encdec", "encoder", "forward",
-           "heads", "init", "nn", "param_count", "preset", "presets", "sharding", "spec"]
+           "heads", "init", "load_hf", "nn", "param_count", "preset", "presets", "save_hf",
+           "sharding", "spec", "tokenizer"]

@@ -1,0 +1,136 @@
+"""Llama, Mistral and Mixtral: pre-RMSNorm decoders with RoPE and a SwiGLU MLP.
+
+Mistral adds a sliding window; Mixtral replaces the MLP by top-k routed experts (stored per
+expert as w1 = gate, w3 = up, w2 = down). RoPE scaling: none, linear or llama3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zoo.config import Config
+from zoo.hf.common import (ModelType, activation, dropout_of, expect, head_is_tied, hf_activation,
+                           positive, require, special_ids, write_special_ids)
+from zoo.hf.keymap import Rule, rule
+
+_L = "model.layers.{i}."
+_LAYER = "decoder/layers/"
+
+
+def _rules(moe: bool) -> list[Rule]:
+    out = [
+        rule("model.embed_tokens.weight", "embed/tokens"),
+        rule(_L + "input_layernorm.weight", _LAYER + "attn_norm/scale"),
+        rule(_L + "post_attention_layernorm.weight", _LAYER + "mlp_norm/scale"),
+        rule(_L + "self_attn.o_proj.weight", _LAYER + "attn/o", "linear_out"),
+        rule(_L + "self_attn.o_proj.bias", _LAYER + "attn/o_bias"),
+        rule("model.norm.weight", "decoder/final_norm/scale"),
+        rule("lm_head.weight", "head/kernel", "linear"),
+    ]
+    for x in "qkv":
+        out += [rule(f"{_L}self_attn.{x}_proj.weight", f"{_LAYER}attn/{x}", "linear"),
+                rule(f"{_L}self_attn.{x}_proj.bias", f"{_LAYER}attn/{x}_bias", "flat")]
+    if moe:
+        expert = _L + "block_sparse_moe.experts.{e}."
+        out += [rule(_L + "block_sparse_moe.gate.weight", _LAYER + "moe/router", "linear"),
+                rule(expert + "w1.weight", _LAYER + "moe/wg", "linear"),
+                rule(expert + "w3.weight", _LAYER + "moe/wi", "linear"),
+                rule(expert + "w2.weight", _LAYER + "moe/wo", "linear_out")]
+    else:
+        for hf, w, b in (("gate_proj", "wg", "bg"), ("up_proj", "wi", "bi"), ("down_proj", "wo", "bo")):
+            kind = "linear_out" if w == "wo" else "linear"
+            out += [rule(f"{_L}mlp.{hf}.weight", f"{_LAYER}mlp/{w}", kind),
+                    rule(f"{_L}mlp.{hf}.bias", f"{_LAYER}mlp/{b}")]
+    return out
+
+
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope(d: dict, name: str) -> dict[str, Any]:
+    """RoPE fields from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    require(rope_type in _ROPE_TYPES, name, "rope_parameters.rope_type",
+            f"{rope_type!r} is not supported by zoo (supported: {list(_ROPE_TYPES)})")
+    fraction = rope.get("partial_rotary_factor", d.get("partial_rotary_factor")) or 1.0
+    require(fraction == 1.0, name, "partial_rotary_factor", f"{name} rotates whole heads, got {fraction}")
+    out: dict[str, Any] = dict(rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))))
+    if rope_type != "default":
+        out.update(rope_scaling=rope_type, rope_scaling_factor=float(rope["factor"]))
+    if rope_type == "llama3":
+        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_len=int(rope.get("original_max_position_embeddings",
+                                                      d["max_position_embeddings"])))
+    return out
+
+
+def _write_rope(cfg: Config) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope["factor"] = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_len)
+    # rope_parameters is what transformers 5 reads; rope_theta/rope_scaling what 4.x reads.
+    return {"rope_parameters": rope, "rope_theta": cfg.rope_theta,
+            "rope_scaling": dict(rope) if cfg.rope_scaling else None}
+
+
+def _read(d: dict, weights: Any, name: str) -> Config:
+    expect(d, name, "pretraining_tp", (1, None), 1)
+    layer_types = d.get("layer_types")
+    require(not layer_types or len(set(layer_types)) == 1, name, "layer_types",
+            "zoo runs one attention kind in every layer")
+    vocab = positive(d, name, "vocab_size")
+    width, heads = positive(d, name, "hidden_size"), positive(d, name, "num_attention_heads")
+    head_dim = d.get("head_dim") or width // heads
+    extra: dict[str, Any] = {}
+    if name == "llama":
+        extra.update(attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)))
+    else:
+        extra.update(attn_bias=False, mlp_bias=False, sliding_window=d.get("sliding_window"))
+    if name == "mixtral":
+        extra.update(num_experts=positive(d, name, "num_local_experts"),
+                     experts_per_token=positive(d, name, "num_experts_per_tok"))
+    return Config(
+        family="decoder", vocab_size=vocab, d_model=width, num_layers=positive(d, name, "num_hidden_layers"),
+        num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=None if head_dim * heads == width else head_dim,
+        d_ff=positive(d, name, "intermediate_size"),
+        activation=activation(d.get("hidden_act", "silu"), name, "hidden_act", gated=True),
+        norm="rmsnorm", norm_bias=False, norm_eps=float(d.get("rms_norm_eps", 1e-6)), positions="rope",
+        max_len=positive(d, name, "max_position_embeddings"), **_rope(d, name),
+        tie_embeddings=head_is_tied(d, weights, name, "lm_head.weight", "model.embed_tokens.weight", False),
+        dropout=dropout_of(d, "attention_dropout"), **special_ids(d, vocab), **extra)
+
+
+def _write(cfg: Config, name: str) -> dict:
+    out = {
+        "architectures": [f"{name.capitalize()}ForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size, "intermediate_size": cfg.d_ff, "hidden_act": hf_activation(cfg),
+        "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_len, **_write_rope(cfg),
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,
+        **write_special_ids(cfg),
+    }
+    if name == "llama":
+        out.update(attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+    else:
+        out["sliding_window"] = cfg.sliding_window
+    if name == "mixtral":
+        out.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+                   router_jitter_noise=0.0)
+    return out
+
+
+def _model_type(name: str, moe: bool = False) -> ModelType:
+    return ModelType(name, "decoder", lambda d, w: _read(d, w, name), lambda cfg: _write(cfg, name),
+                     _rules(moe), prefix="model.", ignore=(r"rotary_emb\.inv_freq$",))
+
+
+LLAMA = _model_type("llama")
+MISTRAL = _model_type("mistral")
+MIXTRAL = _model_type("mixtral", moe=True)
