@@ -2,11 +2,14 @@
 
 from zoo import decoder, encdec, encoder, heads, nn, presets, sharding, tokenizer
 from zoo.config import Config, ConfigError
+from zoo.encoder import encode
+from zoo.generate import generate
 from zoo.hf import load_hf, save_hf
 from zoo.model import axes, forward, init, param_count, spec
+from zoo.nn.cache import Cache, init as init_cache
 from zoo.nn.output import Output
 from zoo.presets import preset
 
-__all__ = ["Config", "ConfigError", "Output", "axes", "decoder", "encdec", "encoder", "forward",
-           "heads", "init", "load_hf", "nn", "param_count", "preset", "presets", "save_hf",
-           "sharding", "spec", "tokenizer"]
+__all__ = ["Cache", "Config", "ConfigError", "Output", "axes", "decoder", "encdec", "encode",
+           "encoder", "forward", "generate", "heads", "init", "init_cache", "load_hf", "nn",
+           "param_count", "preset", "presets", "save_hf", "sharding", "spec", "tokenizer"]

@@ -27,6 +27,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
 ROPE_SCALINGS = (None, "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,7 @@ class Config:
     type_vocab_size: int = 0  # BERT token types; 0: none
     # Attention.
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    attention: str = "xla"  # xla (einsum, any device) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16)
     # Embeddings and heads.
     tie_embeddings: bool = True
     embed_scale: float = 1.0  # multiplies token embeddings (BART scale_embedding: sqrt(d))
@@ -198,6 +200,10 @@ def _validate(c: Config) -> None:
     _require(c.num_experts == 0 or 1 <= c.experts_per_token <= c.num_experts, "experts_per_token",
              f"expected 1..num_experts={c.num_experts}, got {c.experts_per_token}")
     _require(0.0 <= c.dropout < 1.0, "dropout", f"expected in [0, 1), got {c.dropout}")
+    _require(c.attention in ATTENTION_IMPLEMENTATIONS, "attention",
+             f"expected one of {ATTENTION_IMPLEMENTATIONS}, got {c.attention!r}")
+    _require(c.attention != "cudnn" or c.dtype != "float32", "attention",
+             "the cudnn kernel needs dtype bfloat16 or float16")
     _require(c.dtype in DTYPES, "dtype", f"expected one of {DTYPES}, got {c.dtype!r}")
     _require(c.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}, got {c.param_dtype!r}")
     for name in ("pad_id", "bos_id", "eos_id", "decoder_start_id"):

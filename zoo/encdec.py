@@ -10,11 +10,14 @@ from __future__ import annotations
 import jax
 
 from zoo.config import Config
+from zoo.nn.attention import project_kv
+from zoo.nn.cache import Cache, LayerKV, advance, with_cross
 from zoo.nn.checks import check_mask, check_tokens
 from zoo.nn.embeddings import embed_spec, embed_tokens, head_spec, vocab_logits
 from zoo.nn.output import Output
 from zoo.nn.param import Spec
-from zoo.nn.transformer import (cross_context, default_positions, embed_for_stack, run_stack,
+from zoo.nn.transformer import (cached_positions, cached_self_context, cross_context,
+                                default_positions, embed_for_stack, run_stack, run_stack_cached,
                                 self_context, stack_spec)
 
 
@@ -40,12 +43,36 @@ def encode(params: dict, cfg: Config, src: jax.Array, src_mask: jax.Array | None
     return run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
 
 
-def decode(params: dict, cfg: Config, memory: jax.Array, tgt: jax.Array,
+def cross_cache(params: dict, cfg: Config, memory: jax.Array) -> LayerKV:
+    """Cross-attention keys/values of every decoder layer over memory [B, S, D], computed
+    once: LayerKV of [L, B, S, K, H]."""
+    k, v = jax.vmap(lambda p: project_kv(p, memory))(params["decoder"]["layers"]["cross"])
+    return LayerKV(k, v)
+
+
+def prime_cache(params: dict, cfg: Config, cache: Cache, src: jax.Array,
+                src_mask: jax.Array | None = None) -> tuple[Cache, jax.Array]:
+    """Runs the encoder once over src [B, S] and stores the cross-attention keys/values in
+    the cache. Returns (cache, memory [B, S, D])."""
+    memory, _ = encode(params, cfg, src, src_mask)
+    return with_cross(cache, cross_cache(params, cfg, memory), src_mask), memory
+
+
+def decode(params: dict, cfg: Config, memory: jax.Array | None, tgt: jax.Array,
            src_mask: jax.Array | None = None, tgt_mask: jax.Array | None = None,
-           key: jax.Array | None = None, remat: bool = False) -> Output:
-    """Decoder over tgt int [B, T] attending to memory [B, S, D] -> Output(logits [B, T, V])."""
+           key: jax.Array | None = None, remat: bool = False, cache: Cache | None = None) -> Output:
+    """Decoder over tgt int [B, T] attending to memory [B, S, D] -> Output(logits [B, T, V]).
+
+    With a primed cache (`prime_cache`), memory and src_mask are not needed: tgt continues
+    the cached rows and Output.cache is the updated cache."""
     check_tokens("tgt", tgt, cfg)
     check_mask("tgt_mask", tgt_mask, "tgt", tgt)
+    if cache is not None:
+        if cache.cross is None:
+            raise ValueError("zoo.encdec.decode: the cache has no encoder keys/values; "
+                             "fill it with zoo.encdec.prime_cache first")
+        hidden, aux, cache = cached_hidden(params, cfg, tgt, cache, tgt_mask=tgt_mask, key=key)
+        return Output(logits=vocab_logits(params, hidden, cfg), hidden=hidden, aux_loss=aux, cache=cache)
     keys = jax.random.split(key) if key is not None else (None, None)
     positions = default_positions(tgt, None)
     stack = params["decoder"]
@@ -56,17 +83,46 @@ def decode(params: dict, cfg: Config, memory: jax.Array, tgt: jax.Array,
     return Output(logits=vocab_logits(params, hidden, cfg), hidden=hidden, aux_loss=aux)
 
 
-def forward(params: dict, cfg: Config, src: jax.Array, tgt: jax.Array, *,
+def cached_hidden(params: dict, cfg: Config, tgt: jax.Array, cache: Cache, *,
+                  tgt_mask: jax.Array | None = None, key: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, Cache]:
+    """A decoder chunk tgt [B, T] over a primed cache -> (hidden [B, T, D], MoE loss, cache)."""
+    if cache.batch != tgt.shape[0]:
+        raise ValueError(f"cache: batch {cache.batch} differs from tgt batch {tgt.shape[0]}")
+    keys = jax.random.split(key) if key is not None else (None, None)
+    positions = cached_positions(cache, tgt_mask, tgt.shape[1])
+    stack = params["decoder"]
+    x = embed_for_stack(stack, embed_tokens(params["embed"], tgt, cfg), positions, cfg, keys[0])
+    ctx, plan, slot_pos = cached_self_context(stack, cfg, positions, tgt_mask, cache)
+    cross = cross_context(positions, cache.cross_valid, cache.cross.k.shape[2])
+    hidden, aux, kv = run_stack_cached(stack, x, ctx, cfg, cross_ctx=cross, kv=cache.kv, plan=plan,
+                                       cross_kv=cache.cross, key=keys[1])
+    return hidden, aux, advance(cache, kv, slot_pos, tgt.shape[1], tgt_mask)
+
+
+def forward(params: dict, cfg: Config, src: jax.Array | None, tgt: jax.Array, *,
             src_mask: jax.Array | None = None, tgt_mask: jax.Array | None = None,
-            key: jax.Array | None = None, remat: bool = False) -> Output:
+            key: jax.Array | None = None, remat: bool = False, cache: Cache | None = None) -> Output:
     """Sequence-to-sequence forward.
 
     src: int [B, S] encoder tokens, src_mask: bool [B, S]; tgt: int [B, T] decoder inputs
     (already shifted right), tgt_mask: bool [B, T]; key: dropout RNG.
-    Returns Output(logits [B, T, V], hidden [B, T, D], encoder_hidden [B, S, D], aux_loss).
+    cache: a decoder cache (`zoo.init_cache`). An empty one is primed with the encoder's
+    keys/values from src (the encoder runs once); a primed one skips the encoder (src may
+    be None) and tgt continues the cached rows.
+    Returns Output(logits [B, T, V], hidden [B, T, D], encoder_hidden [B, S, D], aux_loss,
+    cache).
     """
     if cfg.family != "encdec":
         raise ValueError(f"zoo.encdec.forward: cfg.family must be 'encdec', got {cfg.family!r}")
+    if cache is not None:
+        memory = None
+        if cache.cross is None:
+            if src is None:
+                raise ValueError("zoo.encdec.forward: src is needed to prime an empty cache")
+            cache, memory = prime_cache(params, cfg, cache, src, src_mask)
+        out = decode(params, cfg, None, tgt, tgt_mask=tgt_mask, key=key, cache=cache)
+        return out._replace(encoder_hidden=memory)
     if getattr(src, "ndim", 2) == 2 and getattr(tgt, "ndim", 2) == 2 and src.shape[0] != tgt.shape[0]:
         raise ValueError(f"tgt: batch {tgt.shape[0]} differs from src batch {src.shape[0]}")
     keys = jax.random.split(key) if key is not None else (None, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zoo import encdec
 from zoo.config import Config
 from zoo.nn.checks import check_mask, check_same_shape, check_tokens
 from zoo.nn.embeddings import embed_spec, embed_tokens, head_spec, vocab_logits
@@ -66,3 +67,42 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | N
     hidden, aux = run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
     pooled = jnp.tanh(dense(hidden[:, 0], params["pooler"])) if "pooler" in params else None
     return Output(logits=mlm_logits(params, hidden, cfg), hidden=hidden, aux_loss=aux, pooled=pooled)
+
+
+POOLINGS = ("mean", "cls")
+
+
+def pool(hidden: jax.Array, mask: jax.Array | None, pooling: str = "mean") -> jax.Array:
+    """hidden [B, T, D] -> [B, D] fp32: the mean over real tokens (mask True) or the first
+    token ("cls")."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
+    hidden = hidden.astype(jnp.float32)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return jnp.mean(hidden, axis=1)
+    weights = mask.astype(jnp.float32)[:, :, None]
+    return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+def encode(params: dict, cfg: Config, tokens: jax.Array, mask: jax.Array | None = None, *,
+           pooling: str = "mean", normalize: bool = False,
+           token_types: jax.Array | None = None) -> jax.Array:
+    """Sentence embeddings [B, D] fp32 from tokens int [B, T] and mask bool [B, T].
+
+    pooling: "mean" over real tokens (sentence-transformers) or "cls" (the first token's
+    last hidden state); normalize: scale each embedding to unit L2 norm. Works for the
+    encoder family and for the encoder of an encdec model (sentence-T5 style)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
+    if cfg.family == "encoder":
+        hidden = forward(params, cfg, tokens, mask=mask, token_types=token_types).hidden
+    elif cfg.family == "encdec":
+        hidden, _ = encdec.encode(params, cfg, tokens, mask)
+    else:
+        raise ValueError(f"zoo.encode: cfg.family must be 'encoder' or 'encdec', got {cfg.family!r}")
+    out = pool(hidden, mask, pooling)
+    if normalize:
+        out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return out

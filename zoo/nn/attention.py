@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.config import Config
+from zoo.nn.cache import LayerKV, Plan, update as update_cache
 from zoo.nn.param import Spec, param
 from zoo.nn.positions import apply_rope
 from zoo.sharding import constrain
@@ -32,6 +33,7 @@ class Context(NamedTuple):
     mask: jax.Array
     bias: jax.Array | None
     positions: jax.Array | None
+    causal: bool = False  # static: mask is at most the causal mask (lets kernels skip blocks)
 
 
 def attention_spec(cfg: Config, cross: bool = False) -> Spec:
@@ -90,8 +92,17 @@ def project_kv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           bias: jax.Array | None, scale: float) -> jax.Array:
-    """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H]."""
+           bias: jax.Array | None, scale: float, implementation: str = "xla",
+           causal: bool = False) -> jax.Array:
+    """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
+
+    implementation "cudnn" runs NVIDIA's fused kernel through `jax.nn.dot_product_attention`
+    (`causal` lets it skip masked blocks); "xla" is the einsum below, on any device."""
+    if implementation == "cudnn":
+        full_bias = None if bias is None else bias.astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=mask[:, None],
+                                            scale=scale, is_causal=causal,
+                                            implementation="cudnn")
     b, t, n, h = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
@@ -104,11 +115,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(b, t, n, h)
 
 
-def apply_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config,
-                    rope_freq: np.ndarray | None = None,
-                    kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """x: [B, T, D] -> [B, T, D]. Self-attention, or cross-attention over precomputed
-    `kv` ([B, S, K, H] each; no RoPE on cross keys)."""
+def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
+         kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries [B, T, N, H] and keys, values [B, S, K, H] (projected from x unless given)."""
     dt = x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, p["q"].astype(dt))
     if "q_bias" in p:
@@ -120,11 +129,36 @@ def apply_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config,
             k = apply_rope(k, ctx.positions, rope_freq)
     else:
         k, v = kv
+    return q, k, v
+
+
+def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
+                cfg: Config) -> jax.Array:
+    """Attention of q over k, v under ctx, projected back to [B, T, D]."""
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
-    out = attend(q, k, v, ctx.mask, ctx.bias, scale)
-    y = jnp.einsum("btnh,nhd->btd", out, p["o"].astype(dt))
+    out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal)
+    y = jnp.einsum("btnh,nhd->btd", out, p["o"].astype(q.dtype))
     if "o_bias" in p:
-        y = y + p["o_bias"].astype(dt)
+        y = y + p["o_bias"].astype(q.dtype)
     return y
+
+
+def apply_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config,
+                    rope_freq: np.ndarray | None = None,
+                    kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """x: [B, T, D] -> [B, T, D]. Self-attention, or cross-attention over precomputed
+    `kv` ([B, S, K, H] each; no RoPE on cross keys)."""
+    q, k, v = _qkv(p, x, ctx, rope_freq, kv)
+    return _attend_out(p, q, k, v, ctx, cfg)
+
+
+def apply_cached_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config, layer: LayerKV,
+                           plan: Plan, rope_freq: np.ndarray | None = None) -> tuple[jax.Array, LayerKV]:
+    """Self-attention of a chunk x: [B, T, D] over a layer's cache ([B, R, K, H]) plus its
+    own keys; ctx.mask is [B, T, R] (or [B, T, R + T] for a concat plan).
+    Returns (y [B, T, D], the layer cache with the chunk's keys and values stored)."""
+    q, k, v = _qkv(p, x, ctx, rope_freq, None)
+    k, v, layer = update_cache(layer, k, v, plan)
+    return _attend_out(p, q, k, v, ctx, cfg), layer

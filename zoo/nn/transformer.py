@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import Config
-from zoo.nn.attention import Context, apply_attention, attention_mask, attention_spec, project_kv
+from zoo.nn.attention import (Context, apply_attention, apply_cached_attention, attention_mask,
+                              attention_spec, project_kv)
+from zoo.nn.cache import Cache, LayerKV, Plan, key_positions, plan as cache_plan
 from zoo.nn.embeddings import add_positions, position_spec
 from zoo.nn.mlp import apply_mlp, mlp_spec
 from zoo.nn.moe import apply_moe, moe_spec
@@ -66,7 +68,7 @@ def self_context(p_stack: dict, cfg: Config, positions: jax.Array, *, causal: bo
                           window=cfg.sliding_window, q_segments=segments, k_segments=segments,
                           prefix=prefix)
     return Context(mask, position_bias(p_stack, cfg, positions, positions, bidirectional=not causal),
-                   positions if cfg.positions == "rope" else None)
+                   positions if cfg.positions == "rope" else None, causal=causal and prefix is None)
 
 
 def cross_context(q_len_positions: jax.Array, memory_valid: jax.Array | None,
@@ -101,13 +103,31 @@ def apply_layer(p: dict, x: jax.Array, ctx: Context, cfg: Config,
                 key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """One layer. x: [B, T, D]; memory: encoder output [B, S, D] for cross-attention.
     Returns (x, MoE balance loss or 0)."""
+    x, aux, _ = _layer(p, x, ctx, cfg, memory, cross_ctx, key)
+    return x, aux
+
+
+def _layer(p: dict, x: jax.Array, ctx: Context, cfg: Config, memory: jax.Array | None,
+           cross_ctx: Context | None, key: jax.Array | None, kv: LayerKV | None = None,
+           plan: Plan | None = None, cross_kv: LayerKV | None = None
+           ) -> tuple[jax.Array, jax.Array, LayerKV | None]:
+    """apply_layer, optionally over a layer cache `kv` (written by `plan`) and with cached
+    cross-attention keys/values `cross_kv`. Returns (x, aux, updated kv or None)."""
     keys = list(jax.random.split(key, 3)) if key is not None else [None] * 3
     rope = rope_inv_freq(cfg) if cfg.positions == "rope" else None
-    x = _residual(x, p["attn_norm"], lambda h: apply_attention(p["attn"], h, ctx, cfg, rope), cfg, keys[0])
-    if memory is not None:
-        kv = project_kv(p["cross"], memory)
+    stored = {}
+
+    def self_attention(h: jax.Array) -> jax.Array:
+        if kv is None:
+            return apply_attention(p["attn"], h, ctx, cfg, rope)
+        y, stored["kv"] = apply_cached_attention(p["attn"], h, ctx, cfg, kv, plan, rope)
+        return y
+
+    x = _residual(x, p["attn_norm"], self_attention, cfg, keys[0])
+    if memory is not None or cross_kv is not None:
+        ckv = project_kv(p["cross"], memory) if cross_kv is None else (cross_kv.k, cross_kv.v)
         x = _residual(x, p["cross_norm"],
-                      lambda h: apply_attention(p["cross"], h, cross_ctx, cfg, kv=kv), cfg, keys[1])
+                      lambda h: apply_attention(p["cross"], h, cross_ctx, cfg, kv=ckv), cfg, keys[1])
     aux = jnp.zeros((), jnp.float32)
     if cfg.moe:
         moe_out = {}
@@ -120,7 +140,7 @@ def apply_layer(p: dict, x: jax.Array, ctx: Context, cfg: Config,
         aux = moe_out["aux"]
     else:
         x = _residual(x, p["mlp_norm"], lambda h: apply_mlp(p["mlp"], h, cfg), cfg, keys[2])
-    return constrain(x, ("batch", "length", "embed")), aux
+    return constrain(x, ("batch", "length", "embed")), aux, stored.get("kv")
 
 
 def run_stack(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
@@ -128,19 +148,58 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
               key: jax.Array | None = None, remat: bool = False) -> tuple[jax.Array, jax.Array]:
     """Scans the stacked layers over x: [B, T, D]; applies the final norm.
     Returns (hidden [B, T, D], mean MoE balance loss over layers)."""
+    x, aux, _ = run_stack_cached(p_stack, x, ctx, cfg, memory, cross_ctx, key=key, remat=remat)
+    return x, aux
+
+
+def run_stack_cached(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
+                     memory: jax.Array | None = None, cross_ctx: Context | None = None,
+                     kv: LayerKV | None = None, plan: Plan | None = None,
+                     cross_kv: LayerKV | None = None, key: jax.Array | None = None,
+                     remat: bool = False) -> tuple[jax.Array, jax.Array, LayerKV | None]:
+    """run_stack over stacked layer caches: kv [L, B, R, K, H] (each layer's slice is scan
+    xs, its update scan ys) and cross_kv [L, B, S, K, H].
+    Returns (hidden [B, T, D], mean MoE loss, updated kv [L, ...] or None)."""
     num_layers = jax.tree.leaves(p_stack["layers"])[0].shape[0]
     keys = jax.random.split(key, num_layers) if key is not None else None
 
-    def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, jax.Array]:
-        layer_p, layer_key = xs
-        return apply_layer(layer_p, h, ctx, cfg, memory, cross_ctx, layer_key)
+    def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+        layer_p, layer_key, layer_kv, layer_cross = xs
+        h, aux, new_kv = _layer(layer_p, h, ctx, cfg, memory, cross_ctx, layer_key,
+                                layer_kv, plan, layer_cross)
+        return h, (aux, new_kv)
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    x, aux = jax.lax.scan(body, x, (p_stack["layers"], keys))
+    x, (aux, new_kv) = jax.lax.scan(body, x, (p_stack["layers"], keys, kv, cross_kv))
     if "final_norm" in p_stack:
         x = apply_norm(p_stack["final_norm"], x, cfg)
-    return x, jnp.mean(aux)
+    return x, jnp.mean(aux), new_kv
+
+
+def cached_self_context(p_stack: dict, cfg: Config, positions: jax.Array,
+                        valid: jax.Array | None, cache: Cache) -> tuple[Context, Plan, jax.Array]:
+    """Causal context of a chunk at positions [B, T] over a cache plus the chunk itself.
+
+    Returns (Context with mask [B, T, R or R+T], the write plan, the cache's new slot
+    positions [B, R]). Padding (valid False) is stored at position -1: never attended."""
+    plan = cache_plan(cache, positions.shape[1], cfg.sliding_window)
+    new_pos = positions if valid is None else jnp.where(valid, positions, -1)
+    k_pos, slot_pos = key_positions(cache, plan, new_pos)
+    mask = attention_mask(positions, k_pos, causal=True, k_valid=k_pos >= 0, window=cfg.sliding_window)
+    bias = position_bias(p_stack, cfg, positions, k_pos, bidirectional=False)
+    # Context.causal stays False: cache slots are not aligned with query indices (left
+    # padding, rings, rewinds), so only the position mask may decide what is visible.
+    return Context(mask, bias, positions if cfg.positions == "rope" else None), plan, slot_pos
+
+
+def cached_positions(cache: Cache, valid: jax.Array | None, length: int) -> jax.Array:
+    """[B, T] positions of a chunk that continues each row of the cache (real tokens
+    count up from the row's length; padding repeats the previous position)."""
+    if valid is None:
+        return cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    steps = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
+    return cache.lengths[:, None] + jnp.maximum(steps, 0)
 
 
 def default_positions(tokens: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -1,0 +1,99 @@
+"""One interface over the decoder and encdec families for the decoding loops in
+`zoo.generate`, `zoo.beam_search` and `zoo.speculative`:
+
+    cache = new_cache(cfg, batch, reach, options)
+    logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)   # [B, V]: first new token
+    logits, cache = step(params, cfg, tokens, cache)                  # tokens [B, T] -> [B, T, V]
+
+For a decoder the prompt is the start of the sequence (left-aligned here, so every row's last
+prompt token is in the last column); for encdec the prompt is the source: the encoder runs once,
+its keys/values are cached, and decoding starts from `cfg.decoder_start_id`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from zoo import decoder, encdec
+from zoo.config import Config
+from zoo.nn import cache as kv_cache
+from zoo.nn.embeddings import vocab_logits
+from zoo.sampling import Sampler
+
+
+class Options(NamedTuple):
+    """Static settings of one generate call (hashable: a jit static argument)."""
+
+    max_new_tokens: int
+    sampler: Sampler = Sampler()
+    stop_tokens: tuple[int, ...] = ()
+    pad_id: int = 0
+    cache_len: int | None = None  # slots to reach; None: just what the call needs
+    quantize: bool = False  # int8 cache
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    num_speculative: int = 0  # draft tokens per round; 0: no draft model
+
+
+def reach(cfg: Config, prompt_len: int, opts: Options) -> int:
+    """Tokens the cache must hold: the prompt (decoder) or the start token (encdec), every
+    new token but the last, and the draft tokens a speculative round may add."""
+    fed = (prompt_len if cfg.family == "decoder" else 1) + opts.max_new_tokens - 1
+    return fed + opts.num_speculative
+
+
+def new_cache(cfg: Config, batch: int, length: int, opts: Options) -> kv_cache.Cache:
+    chunk = opts.num_speculative + 1
+    return kv_cache.init(cfg, batch, length, quantize=opts.quantize, chunk=chunk)
+
+
+def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Moves each row's real tokens (mask True, order kept) to the right end: [B, T] each."""
+    order = jnp.argsort(mask, axis=1, stable=True)  # False (padding) first
+    return jnp.take_along_axis(tokens, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
+
+
+def _hidden(params: dict, cfg: Config, tokens: jax.Array, cache: kv_cache.Cache,
+            mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, kv_cache.Cache]:
+    """(hidden [B, T, D], MoE loss, cache) of a chunk over the cache, for either family."""
+    if cfg.family == "decoder":
+        return decoder.cached_hidden(params, cfg, tokens, cache, mask=mask)
+    return encdec.cached_hidden(params, cfg, tokens, cache, tgt_mask=mask)
+
+
+def prefill(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
+            cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
+    """Feeds the prompt [B, T] -> (logits of the first new token [B, V] fp32, cache)."""
+    if cfg.family == "encdec":
+        cache, _ = encdec.prime_cache(params, cfg, cache, prompt, prompt_mask)
+        prompt = jnp.full((prompt.shape[0], 1), cfg.decoder_start_id, jnp.int32)
+        prompt_mask = None
+    elif prompt_mask is not None:
+        prompt, prompt_mask = left_align(prompt, prompt_mask)
+    hidden, _, cache = _hidden(params, cfg, prompt, cache, prompt_mask)
+    logits = vocab_logits(params, hidden[:, -1:], cfg)[:, 0]
+    return logits.astype(jnp.float32), cache
+
+
+def step(params: dict, cfg: Config, tokens: jax.Array,
+         cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
+    """Feeds tokens [B, T] after the cached ones -> (logits [B, T, V] fp32, cache)."""
+    hidden, _, cache = _hidden(params, cfg, tokens, cache)
+    return vocab_logits(params, hidden, cfg).astype(jnp.float32), cache
+
+
+def is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
+    """tokens [...] -> bool [...], True on a stop token."""
+    if not stop_tokens:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32))
+
+
+def pad_after_stop(tokens: jax.Array, stop_tokens: tuple[int, ...], pad_id: int) -> jax.Array:
+    """tokens [B, N]: everything after each row's first stop token becomes pad_id."""
+    stops = is_stop(tokens, stop_tokens).astype(jnp.int32)
+    after = (jnp.cumsum(stops, axis=1) - stops) > 0
+    return jnp.where(after, pad_id, tokens)

@@ -1,0 +1,196 @@
+"""`zoo.generate`: greedy, sampling, beam search and speculative decoding for the decoder and
+encdec families, each a single `jax.jit` program around one `lax.while_loop`.
+
+    tokens = zoo.generate(params, cfg, prompt, max_new_tokens=64)                    # greedy
+    tokens = zoo.generate(params, cfg, prompt, 64, key=key, temperature=0.8, top_k=50,
+                          top_p=0.95)                                                 # sampling
+    tokens = zoo.generate(params, cfg, prompt, 64, num_beams=4)                       # beams
+    tokens = zoo.generate(params, cfg, prompt, 64, draft_params=dp, draft_cfg=dc,
+                          num_speculative=4)                                          # speculative
+
+The prompt is int [B, T]; rows of different lengths come with prompt_mask (bool [B, T], True
+on real tokens; any padding side). For encdec the prompt is the source and decoding starts
+from cfg.decoder_start_id. The result is the new tokens only, int32 [B, max_new_tokens]; a
+row that emits a stop token (default: cfg.eos_id) keeps it and is padded with cfg.pad_id after.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo import sampling
+from zoo.beam_search import beam_search
+from zoo.config import Config
+from zoo.decoding import Options, is_stop, new_cache, prefill, reach, step
+from zoo.nn.checks import check_mask, check_tokens
+from zoo.sampling import Sampler, choose
+from zoo.speculative import speculative
+
+
+def generate(params: dict, cfg: Config, prompt: jax.Array, max_new_tokens: int = 64, *,
+             prompt_mask: jax.Array | None = None, key: jax.Array | None = None,
+             temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+             stop_tokens: Sequence[int] | None = None, draft_params: dict | None = None,
+             draft_cfg: Config | None = None, num_speculative: int = 4,
+             cache_len: int | None = None, cache_dtype: str | None = None) -> jax.Array:
+    """New tokens after each prompt: int32 [B, max_new_tokens].
+
+    prompt: int [B, T] (encdec: the source); prompt_mask: bool [B, T], True on real tokens.
+    key: sample instead of taking the argmax, with temperature (default 1), top_k and top_p.
+    num_beams > 1: beam search (deterministic) scoring sum log p / length ** length_penalty.
+    stop_tokens: ids that end a row (default: (cfg.eos_id,); () never stops early).
+    draft_params, draft_cfg: a draft model for speculative decoding, num_speculative tokens
+    proposed per round (same vocabulary; greedy or sampled like the plain call).
+    cache_len: slots of the KV cache (default: exactly what the call needs; a larger one
+    costs memory, never correctness). cache_dtype="int8": quantized cache (per token and head
+    scales), about half the memory of a bf16 cache.
+    """
+    _check_model(cfg, "cfg")
+    prompt = jnp.asarray(prompt) if isinstance(prompt, np.ndarray) else prompt
+    check_tokens("prompt", prompt, cfg)
+    check_mask("prompt_mask", prompt_mask, "prompt", prompt)
+    _check_rows(prompt_mask)
+    sampler = _sampler(key, temperature, top_k, top_p)
+    stops = _stop_tokens(cfg, stop_tokens)
+    _check_positive_int("max_new_tokens", max_new_tokens)
+    _check_positive_int("num_beams", num_beams)
+    speculate = _check_draft(cfg, draft_params, draft_cfg, num_speculative, num_beams)
+    if num_beams > 1 and not sampler.greedy:
+        raise ValueError("num_beams > 1 is deterministic beam search: drop key/temperature/top_k/top_p")
+    if not isinstance(length_penalty, (int, float)):
+        raise ValueError(f"length_penalty: expected a number, got {length_penalty!r}")
+    if cache_dtype not in (None, "int8"):
+        raise ValueError(f"cache_dtype: expected None (compute dtype) or 'int8', got {cache_dtype!r}")
+    opts = Options(max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stops,
+                   pad_id=cfg.pad_id, cache_len=cache_len, quantize=cache_dtype == "int8",
+                   num_beams=num_beams, length_penalty=float(length_penalty),
+                   num_speculative=num_speculative if speculate else 0)
+    _check_length(cfg, prompt.shape[1], opts, draft_cfg if speculate else None)
+    if key is None:
+        key = jax.random.key(0)  # unused by greedy and beams; keeps one program signature
+    return _run(params, prompt, prompt_mask, key, draft_params if speculate else None,
+                cfg=cfg, draft_cfg=draft_cfg if speculate else None, opts=opts)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "opts"))
+def _run(params: dict, prompt: jax.Array, prompt_mask: jax.Array | None, key: jax.Array,
+         draft_params: dict | None, *, cfg: Config, draft_cfg: Config | None,
+         opts: Options) -> jax.Array:
+    prompt = prompt.astype(jnp.int32)
+    if opts.num_beams > 1:
+        return beam_search(params, cfg, prompt, prompt_mask, opts)
+    if draft_cfg is not None:
+        return speculative(params, cfg, draft_params, draft_cfg, prompt, prompt_mask, key, opts)
+    return _sample(params, cfg, prompt, prompt_mask, key, opts)
+
+
+def _sample(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
+            key: jax.Array, opts: Options) -> jax.Array:
+    """Greedy or sampled decoding: one token per loop step."""
+    batch, n, s = prompt.shape[0], opts.max_new_tokens, opts.sampler
+    cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts), opts)
+    logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)
+    key, first_key = jax.random.split(key)
+    first = choose(logits, s, first_key)
+    out = jnp.full((batch, n), opts.pad_id, jnp.int32).at[:, 0].set(first)
+
+    def cond(carry: tuple) -> jax.Array:
+        i, _, done = carry[:3]
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry: tuple) -> tuple:
+        i, out, done, cache, key = carry
+        key, step_key = jax.random.split(key)
+        logits, cache = step(params, cfg, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1), cache)
+        token = jnp.where(done, opts.pad_id, choose(logits[:, 0], s, step_key))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        return i + 1, out, done | is_stop(token, opts.stop_tokens), cache, key
+
+    start = (jnp.ones((), jnp.int32), out, is_stop(first, opts.stop_tokens), cache, key)
+    return jax.lax.while_loop(cond, body, start)[1]
+
+
+# --- argument checks (static, before tracing) ----------------------------------------------
+def _check_model(cfg: Config, name: str) -> None:
+    if not isinstance(cfg, Config):
+        raise TypeError(f"{name}: expected a zoo.Config, got {type(cfg).__name__}")
+    if cfg.family == "encoder":
+        raise ValueError(f"{name}: the encoder family does not generate text; "
+                         "use zoo.encode for embeddings")
+    if cfg.family == "encdec" and cfg.decoder_start_id is None:
+        raise ValueError(f"{name}.decoder_start_id: encdec generation needs a decoder start token")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+def _check_rows(mask: jax.Array | None) -> None:
+    if mask is not None and not isinstance(mask, jax.core.Tracer):
+        empty = np.flatnonzero(~np.asarray(mask).any(axis=1))
+        if empty.size:
+            raise ValueError(f"prompt_mask: row {int(empty[0])} has no real token")
+
+
+def _sampler(key: jax.Array | None, temperature: float | None, top_k: int | None,
+             top_p: float | None) -> Sampler:
+    if key is None:
+        given = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: sampling needs key=jax.random.key(...); "
+                             "without a key generate is greedy")
+        return Sampler()
+    temperature = 1.0 if temperature is None else temperature
+    sampling.check(temperature, top_k, top_p)
+    return Sampler(False, float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
+
+
+def _stop_tokens(cfg: Config, stop_tokens: Sequence[int] | None) -> tuple[int, ...]:
+    if stop_tokens is None:
+        return () if cfg.eos_id is None else (cfg.eos_id,)
+    stops = tuple(int(t) for t in stop_tokens)
+    bad = [t for t in stops if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"stop_tokens: id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    return stops
+
+
+def _check_draft(cfg: Config, draft_params: dict | None, draft_cfg: Config | None,
+                 num_speculative: int, num_beams: int) -> bool:
+    if draft_params is None and draft_cfg is None:
+        return False
+    if draft_params is None or draft_cfg is None:
+        raise ValueError("draft_params and draft_cfg: speculative decoding needs both")
+    _check_model(draft_cfg, "draft_cfg")
+    if draft_cfg.family != cfg.family or draft_cfg.vocab_size != cfg.vocab_size:
+        raise ValueError(f"draft_cfg: expected the target's family and vocabulary "
+                         f"({cfg.family}, {cfg.vocab_size}), got ({draft_cfg.family}, "
+                         f"{draft_cfg.vocab_size})")
+    _check_positive_int("num_speculative", num_speculative)
+    if num_beams > 1:
+        raise ValueError("num_beams > 1 does not combine with speculative decoding (draft_params)")
+    return True
+
+
+def _check_length(cfg: Config, prompt_len: int, opts: Options, draft_cfg: Config | None) -> None:
+    """The cache and the position table must reach every token the call feeds."""
+    needed = reach(cfg, prompt_len, opts)
+    if opts.cache_len is not None:
+        _check_positive_int("cache_len", opts.cache_len)
+        if opts.cache_len < needed:
+            raise ValueError(f"cache_len: {opts.cache_len} slots cannot hold this call, which feeds "
+                             f"{needed} tokens (prompt + max_new_tokens - 1"
+                             f"{' + num_speculative' if opts.num_speculative else ''}); "
+                             f"raise cache_len or lower max_new_tokens")
+    for name, c in (("cfg", cfg), ("draft_cfg", draft_cfg)):
+        if c is not None and c.positions in ("learned", "sinusoidal") and needed > c.max_len:
+            raise ValueError(f"max_new_tokens: prompt length {prompt_len} + {opts.max_new_tokens} new "
+                             f"tokens needs {needed} positions, beyond {name}.max_len={c.max_len}")

@@ -1,0 +1,234 @@
+"""Key/value caches for decoding.
+
+A `Cache` is a pytree preallocated to a fixed number of slots R. The keys and values of all
+layers are stacked, `[layers, B, R, K, H]`, so a layer's slice rides through the layer
+`lax.scan` as xs and comes back as ys; only the K key/value heads are stored (GQA, MQA).
+
+Each slot remembers the integer position of the token in it (`positions [B, R]`, -1 where
+empty or padding), and attention masks are built from positions (`attention_mask`), so one
+rule serves plain caches, left-padded prompts, rewinds and ring buffers:
+
+- a plain cache writes token n of the sequence into slot n (`dynamic_update_slice`);
+- a sliding-window model keeps a ring of `window + chunk - 1` slots (token n -> slot n % R),
+  so a chunk of up to `chunk` new tokens never overwrites a key that a query still sees.
+  A longer chunk (the prompt) attends over the old slots and its own keys side by side and
+  then keeps only its last R keys.
+
+Slots written past the live length (rejected speculative tokens, after `rewind`) hold
+positions beyond every later query until they are overwritten, so causality hides them.
+
+With `quantize=True` keys and values are int8 with one fp32 scale per token and head
+(absmax over head_dim), which halves the memory of a bf16 cache (quarters an fp32 one).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from zoo.config import Config
+
+
+class LayerKV(NamedTuple):
+    """Keys and values: k, v [B, R, K, H] (with a leading [L] axis when stacked), in the
+    compute dtype, or int8 with k_scale, v_scale [B, R, K] fp32."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+
+class Plan(NamedTuple):
+    """Where a chunk of `num_new` tokens goes; the same for every layer of one forward."""
+
+    index: jax.Array  # [] int32: tokens written before this chunk (slots include padding)
+    num_new: int
+    size: int  # R
+    ring: bool
+    concat: bool  # attend over old slots + new keys, then keep the last R (long ring chunk)
+
+
+@flax.struct.dataclass
+class Cache:
+    """Decoding state of one model.
+
+    kv: self-attention keys/values, LayerKV of [L, B, R, K, H].
+    positions: [B, R] int32 position of the token in each slot, -1 if empty or padding.
+    index: [] int32, tokens written so far (padding included); the next goes to index % R.
+    lengths: [B] int32, real tokens seen per row: the position of the row's next token.
+    cross: encdec cross-attention keys/values, LayerKV of [L, B, S, K, H], or None.
+    cross_valid: [B, S] bool, the source mask, or None.
+    ring: slots wrap around (sliding window shorter than the cache's reach).
+    """
+
+    kv: LayerKV
+    positions: jax.Array
+    index: jax.Array
+    lengths: jax.Array
+    cross: LayerKV | None = None
+    cross_valid: jax.Array | None = None
+    ring: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @property
+    def size(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def quantized(self) -> bool:
+        return self.kv.k_scale is not None
+
+
+def slots_needed(cfg: Config, length: int, chunk: int = 1) -> tuple[int, bool]:
+    """(R, ring) for a cache that must reach `length` tokens fed in chunks of <= `chunk`."""
+    w = cfg.sliding_window
+    if w is not None and w + chunk - 1 < length:
+        return w + chunk - 1, True
+    return length, False
+
+
+def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk: int = 1,
+         num_layers: int | None = None) -> Cache:
+    """An empty cache that reaches `length` tokens (prompt included) for `batch` rows.
+
+    chunk: the longest chunk fed after the first call (speculative decoding: k + 1); it
+    sizes the ring of sliding-window models. num_layers: default the decoder depth.
+    """
+    if batch < 1 or length < 1 or chunk < 1:
+        raise ValueError(f"cache: batch, length and chunk must be >= 1, got {batch}, {length}, {chunk}")
+    layers = num_layers or (cfg.decoder_layers if cfg.family == "encdec" else cfg.num_layers)
+    size, ring = slots_needed(cfg, length, chunk)
+    shape = (layers, batch, size, cfg.kv_heads, cfg.head_size)
+    if quantize:
+        zeros = jnp.zeros(shape, jnp.int8)
+        scales = jnp.zeros(shape[:-1], jnp.float32)
+        kv = LayerKV(zeros, zeros, scales, scales)
+    else:
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        kv = LayerKV(zeros, zeros)
+    return Cache(kv=kv, positions=jnp.full((batch, size), -1, jnp.int32),
+                 index=jnp.zeros((), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32), ring=ring)
+
+
+def plan(cache: Cache, num_new: int, window: int | None) -> Plan:
+    """How a chunk of num_new tokens is written: a ring chunk longer than the slack past the
+    window (a prompt) would overwrite keys its own first queries need, so it is concatenated."""
+    concat = cache.ring and window is not None and num_new > cache.size - window + 1
+    return Plan(cache.index, num_new, cache.size, cache.ring, concat)
+
+
+# --- int8 -------------------------------------------------------------------------------
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., H] -> (int8 [..., H], fp32 scale [...]) with x ~= q * scale."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
+    q = jnp.round(xf / jnp.where(scale == 0, 1.0, scale)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+# --- writing ----------------------------------------------------------------------------
+def _write(buf: jax.Array, new: jax.Array, p: Plan) -> jax.Array:
+    """buf [B, R, ...] <- new [B, T, ...] at the plan's slots."""
+    t = new.shape[1]
+    if p.concat:
+        keep = min(t, p.size)
+        slots = (p.index + t - keep + jnp.arange(keep)) % p.size
+        return buf.at[:, slots].set(new[:, t - keep:])
+    if not p.ring:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, p.index, axis=1)
+    if t == 1:
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, p.index % p.size, axis=1)
+    return buf.at[:, (p.index + jnp.arange(t)) % p.size].set(new)
+
+
+def _store(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> LayerKV:
+    if layer.k_scale is None:
+        return LayerKV(_write(layer.k, k.astype(layer.k.dtype), p), _write(layer.v, v.astype(layer.v.dtype), p))
+    (qk, sk), (qv, sv) = quantize(k), quantize(v)
+    return LayerKV(_write(layer.k, qk, p), _write(layer.v, qv, p),
+                   _write(layer.k_scale, sk, p), _write(layer.v_scale, sv, p))
+
+
+def _read(layer: LayerKV, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    if layer.k_scale is None:
+        return layer.k.astype(dtype), layer.v.astype(dtype)
+    return dequantize(layer.k, layer.k_scale, dtype), dequantize(layer.v, layer.v_scale, dtype)
+
+
+def update(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> tuple[jax.Array, jax.Array, LayerKV]:
+    """Stores new keys/values k, v [B, T, K, H] of one layer.
+
+    Returns (keys, values) to attend over, [B, R, K, H] (or [B, R + T, K, H] for a concat
+    plan) in k's dtype, and the updated layer cache."""
+    stored = _store(layer, k, v, p)
+    if p.concat:
+        # The chunk's own keys are used at full precision; only what stays is quantized.
+        old_k, old_v = _read(layer, k.dtype)
+        return jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1), stored
+    return (*_read(stored, k.dtype), stored)
+
+
+def key_positions(cache: Cache, p: Plan, new_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """new_positions [B, T] (-1 on padding) -> (positions of the keys attended over,
+    [B, R] or [B, R + T], and the cache's updated slot positions [B, R])."""
+    stored = _write(cache.positions, new_positions, p)
+    if p.concat:
+        return jnp.concatenate([cache.positions, new_positions], axis=1), stored
+    return stored, stored
+
+
+def advance(cache: Cache, kv: LayerKV, slot_positions: jax.Array, num_new: int,
+            valid: jax.Array | None) -> Cache:
+    """The cache after a chunk of num_new tokens: new kv and slot positions [B, R], index and
+    lengths moved on (lengths only by the real tokens, valid [B, T] bool)."""
+    real = num_new if valid is None else jnp.sum(valid, axis=1, dtype=jnp.int32)
+    return cache.replace(kv=kv, positions=slot_positions, index=cache.index + num_new,
+                         lengths=cache.lengths + real)
+
+
+def rewind(cache: Cache, n: jax.Array) -> Cache:
+    """Forgets the last n tokens of every row (all real): rejected speculative tokens."""
+    return cache.replace(index=cache.index - n, lengths=cache.lengths - n)
+
+
+def with_cross(cache: Cache, cross: LayerKV, valid: jax.Array | None) -> Cache:
+    """Adds encdec cross-attention keys/values [L, B, S, K, H] and the source mask [B, S]."""
+    if valid is None:
+        valid = jnp.ones(cross.k.shape[1:3], bool)
+    return cache.replace(cross=cross, cross_valid=valid)
+
+
+def _map_rows(cache: Cache, fn) -> Cache:
+    """Applies fn(array, batch_axis) to every per-row array."""
+    def on_kv(kv: LayerKV | None) -> LayerKV | None:
+        return None if kv is None else jax.tree.map(lambda a: fn(a, 1), kv)
+
+    return cache.replace(kv=on_kv(cache.kv), cross=on_kv(cache.cross),
+                         positions=fn(cache.positions, 0), lengths=fn(cache.lengths, 0),
+                         cross_valid=None if cache.cross_valid is None else fn(cache.cross_valid, 0))
+
+
+def repeat_rows(cache: Cache, n: int) -> Cache:
+    """Each row n times in a row (rows b*n .. b*n + n-1 copy row b): beams of one prompt."""
+    return _map_rows(cache, lambda a, axis: jnp.repeat(a, n, axis=axis))
+
+
+def take_rows(cache: Cache, rows: jax.Array) -> Cache:
+    """Rows [B'] int of the cache (beam reordering)."""
+    return _map_rows(cache, lambda a, axis: jnp.take(a, rows, axis=axis))
+
+
+def nbytes(cache: Cache) -> int:
+    """Bytes of the self-attention keys, values and scales."""
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache.kv))

@@ -1,0 +1,78 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and
+top-p (nucleus), applied in that order (as Hugging Face's warpers do).
+
+`Sampler` is static data (hashable, a valid jit static argument). Every function works on
+logits [..., V] and keeps them in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+class Sampler(NamedTuple):
+    """greedy=True: argmax (the other fields are unused). Otherwise sample from
+    softmax(logits / temperature), restricted to the top_k tokens (0: all) and then to the
+    smallest set whose probability reaches top_p (1.0: all)."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def check(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raises ValueError naming the first bad sampling argument."""
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k: expected an int >= 1 (or None), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p: expected a number in (0, 1] (or None), got {top_p!r}")
+
+
+def process(logits: jax.Array, s: Sampler) -> jax.Array:
+    """logits [..., V] -> fp32 logits whose softmax is the sampling distribution (tokens
+    outside top-k / top-p at -inf). Greedy: the raw logits."""
+    logits = logits.astype(jnp.float32)
+    if s.greedy:
+        return logits
+    logits = logits / s.temperature
+    vocab = logits.shape[-1]
+    if 0 < s.top_k < vocab:
+        kth = jax.lax.top_k(logits, s.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, _NEG_INF, logits)
+    if s.top_p < 1.0:
+        logits = _top_p(logits, s.top_p)
+    return logits
+
+
+def _top_p(logits: jax.Array, top_p: float) -> jax.Array:
+    """Keeps the most probable tokens until their probability reaches top_p (at least one):
+    a token stays when the tokens ranked above it hold less than top_p."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the better tokens
+    keep_sorted = before < top_p
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    return jnp.where(keep, logits, _NEG_INF)
+
+
+def choose(logits: jax.Array, s: Sampler, key: jax.Array | None) -> jax.Array:
+    """logits [..., V] -> token ids [...] int32: argmax, or a sample of process(logits)."""
+    if s.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, process(logits, s), axis=-1).astype(jnp.int32)
+
+
+def probs(logits: jax.Array, s: Sampler) -> jax.Array:
+    """The distribution `choose` draws from, [..., V] fp32 (greedy: one-hot argmax)."""
+    if s.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(process(logits, s), axis=-1)
