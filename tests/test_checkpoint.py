@@ -1,0 +1,116 @@
+"""Checkpoints (train/checkpoint.py): round trip, retention, another mesh, bad checkpoints."""
+
+import contextlib
+import gc
+
+import jax
+import numpy as np
+import pytest
+
+import train
+import zoo
+from conftest import tiny
+from train.checkpoint import Checkpointer, CheckpointError, check_record
+
+# orbax leaves the reads of a failed restore to the garbage collector: the tests that make
+# one collect it themselves, and its complaints are not this module's failures.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+HP = train.Hparams(warmup_steps=0)
+ONE = zoo.sharding.make_mesh({"data": 1}, jax.devices()[:1])
+RECORD = {"config": {"d_model": 32}, "objective": "clm", "seq_len": 32, "batch_size": 8, "seed": 0,
+          "tokenizer": "abc", "data_fingerprint": "def",
+          "hparams": {"learning_rate": 1e-3, "total_steps": 10}}
+
+
+@contextlib.contextmanager
+def _opened(directory, **kw):
+    ckpt = Checkpointer(directory, every=1, **kw)
+    try:
+        yield ckpt
+    finally:
+        ckpt.close()
+
+
+def _equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A decoder state advanced one step and saved at steps 1..4 with keep=2."""
+    cfg = tiny("tiny-decoder")
+    state = train.create_state(cfg, HP, 0, ONE)
+    batch = {"inputs": np.full((2, 8), 5, np.int32), "targets": np.full((2, 8), 6, np.int32),
+             "weights": np.ones((2, 8), np.float32)}
+    state, _ = train.step(state, batch)
+    directory = tmp_path_factory.mktemp("ckpt")
+    ckpt = Checkpointer(directory, every=1, keep=2)
+    for s in range(1, 5):
+        ckpt.save(s, state, {**RECORD, "data": {"epoch": 0, "index": 8 * s}}, force=True)
+    ckpt.close()
+    return cfg, state, directory
+
+
+def test_round_trip_keeps_the_last_k(saved):
+    cfg, state, directory = saved
+    with _opened(directory, keep=2) as ckpt:
+        assert ckpt.all_steps() == [3, 4] and ckpt.latest_step() == 4
+        step, record = ckpt.read_record()
+        restored = ckpt.restore(train.abstract_state(cfg, HP), ONE)
+    assert step == 4 and record["data"] == {"epoch": 0, "index": 32} and record["objective"] == "clm"
+    assert _equal(restored.params, state.params) and _equal(restored.opt_state, state.opt_state)
+    assert int(restored.step) == 1 and np.array_equal(restored.rng, state.rng)
+    # The optimizer state comes back with its optax types, ready for the next step.
+    train.step(restored, {"inputs": np.full((2, 8), 5, np.int32), "targets": np.full((2, 8), 6, np.int32),
+                          "weights": np.ones((2, 8), np.float32)})
+
+
+def test_restore_onto_another_mesh(saved):
+    cfg, state, directory = saved
+    mesh = zoo.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with _opened(directory) as ckpt:
+        restored = ckpt.restore(train.abstract_state(cfg, HP), mesh)
+    wi = restored.params["decoder"]["layers"]["mlp"]["wi"]
+    assert len(wi.sharding.device_set) == 8 and tuple(wi.sharding.spec) == (None, "fsdp", "tensor")
+    assert _equal(restored.params, state.params)
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(saved):
+    _, _, directory = saved
+    other = tiny("tiny-decoder", d_model=64, num_heads=4)
+    with _opened(directory) as ckpt, pytest.raises(CheckpointError, match="different model"):
+        ckpt.restore(train.abstract_state(other, HP), ONE)
+    gc.collect()
+
+
+def test_record_mismatch_lists_every_difference():
+    now = {**RECORD, "seq_len": 64, "config": {"d_model": 48},
+           "hparams": {"learning_rate": 1e-3, "total_steps": 99}}
+    with pytest.raises(CheckpointError) as e:
+        check_record({"format": 1, **RECORD}, now, "ckpt/4")
+    msg = str(e.value)
+    assert "seq_len: checkpoint 32, now 64" in msg and "config.d_model: checkpoint 32, now 48" in msg
+    assert "total_steps" not in msg  # a resumed run may be extended
+    longer = {**RECORD, "hparams": {"learning_rate": 1e-3, "total_steps": 99}}
+    check_record({"format": 1, **RECORD}, longer, "x")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path):
+    import shutil
+
+    cfg, _, directory = saved
+    broken = tmp_path / "ckpt"
+    shutil.copytree(directory, broken)
+    for f in (broken / "4").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    with _opened(broken) as ckpt:
+        with pytest.raises(CheckpointError, match="corrupt"):
+            ckpt.read_record(4)
+        with pytest.raises(CheckpointError, match="corrupt"):
+            ckpt.restore(train.abstract_state(cfg, HP), ONE, step=4)
+        with pytest.raises(CheckpointError, match="no step 7"):
+            ckpt.read_record(7)
+    with _opened(tmp_path / "empty") as ckpt, pytest.raises(CheckpointError, match="no checkpoint"):
+        ckpt.read_record()
+    gc.collect()

@@ -1,0 +1,162 @@
+"""The training step (train/step.py) and optimizer (train/optim.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import train
+import zoo
+from conftest import tiny
+from train.step import loss_sums
+from train_util import ordinary, small_tokenizer, shakespeare_texts, vocab
+
+V = vocab(128, sentinels=20)
+ONE = zoo.sharding.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def _batch(cfg, objective="clm", b=8, t=32, seed=0):
+    obj = train.make_objective(objective, cfg, V, t)
+    rows = ordinary(np.random.default_rng(seed), (b, obj.row_len), V)
+    seg = np.ones_like(rows)
+    if obj.packed:  # two documents per row
+        seg[:, obj.row_len // 3:] = 2
+    return jax.jit(obj)(jax.random.key(seed), {"tokens": rows, "segment_ids": seg})
+
+
+def _state(cfg, **hp):
+    return train.init_state(cfg, train.Hparams(**{"warmup_steps": 0, **hp}), jax.random.key(0))
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_accumulating_k_micro_batches_equals_one_big_batch():
+    cfg = tiny("tiny-decoder")
+    batch = _batch(cfg, b=8)
+    one, m1 = train.step(_state(cfg), batch)
+    four, m4 = train.step(_state(cfg, accum_steps=4), batch)
+    assert _max_diff(one.params, four.params) < 1e-6
+    for k in ("loss", "accuracy", "grad_norm", "tokens", "targets"):
+        np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    mask = train.decay_mask(tiny("tiny-encoder"))
+    layer = mask["encoder"]["layers"]
+    assert layer["attn"]["q"] and layer["mlp"]["wi"] and mask["embed"]["tokens"]
+    assert not layer["attn_norm"]["scale"] and not layer["attn_norm"]["bias"]
+    assert not layer["attn"]["q_bias"] and not layer["mlp"]["bi"] and not mask["head"]["bias"]
+    assert not mask["mlm"]["norm"]["scale"] and mask["encoder"]["positions"]
+
+
+def test_schedule_warms_up_then_decays():
+    hp = train.Hparams(learning_rate=1.0, warmup_steps=10, total_steps=100, end_lr_ratio=0.1)
+    lr = [float(train.schedule(hp)(s)) for s in (0, 5, 10, 55, 100)]
+    assert lr[0] == 0 and lr[1] == pytest.approx(0.5) and lr[2] == pytest.approx(1.0)
+    assert lr[3] == pytest.approx(0.55, abs=0.01) and lr[4] == pytest.approx(0.1)
+
+
+def test_step_metrics_and_eval():
+    cfg = tiny("tiny-decoder")
+    batch = _batch(cfg)
+    state, m = train.step(_state(cfg, learning_rate=1e-3, warmup_steps=2), batch)
+    assert int(state.step) == 1 and float(m["learning_rate"]) == 0.0  # the first warmup step
+    assert set(m) >= {"loss", "accuracy", "grad_norm", "learning_rate", "tokens"}
+    assert float(m["tokens"]) == 8 * 32 and float(m["targets"]) == float(jnp.sum(batch["weights"]))
+    assert float(m["loss"]) == pytest.approx(np.log(128), rel=0.05)  # random init
+    ev = train.eval_step(state, batch)
+    assert float(ev["perplexity"]) == pytest.approx(float(np.exp(ev["loss"])), rel=1e-5)
+
+
+def test_z_loss_and_moe_balance_loss_enter_the_gradient():
+    cfg = tiny("tiny-moe")
+    batch = _batch(cfg)
+    hp = train.Hparams(aux_weight=1.0, z_loss=1e-2)
+    state = train.init_state(cfg, hp, jax.random.key(0))
+
+    def objective(params, aux_weight, z_loss):
+        s = loss_sums(params, cfg, batch, None)
+        return (s["ce"] + z_loss * s["z"]) / s["weight"] + aux_weight * s["aux"]
+
+    grad = jax.jit(jax.grad(objective))
+    expected = optax.tree.norm(grad(state.params, 1.0, 1e-2))
+    without = optax.tree.norm(grad(state.params, 0.0, 0.0))
+    _, m = train.step(state, batch)  # donates state
+    assert float(m["aux_loss"]) > 0.5 and float(m["z_loss"]) > 0
+    # The step's gradient is that of CE + z_loss * lse^2 + aux_weight * balance loss ...
+    np.testing.assert_allclose(m["grad_norm"], expected, rtol=1e-5)
+    # ... and both extra terms change it.
+    assert abs(float(without) - float(expected)) > 1e-4
+
+
+def test_bf16_compute_keeps_fp32_params():
+    cfg = tiny("tiny-decoder", dtype="bfloat16", param_dtype="float32")
+    batch = _batch(cfg)
+    state, m = train.step(_state(cfg), batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    _, m32 = train.step(_state(tiny("tiny-decoder")), batch)
+    assert float(m["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
+
+
+def test_remat_gives_the_same_update():
+    cfg = tiny("tiny-decoder")
+    batch = _batch(cfg)
+    a, _ = train.step(_state(cfg), batch)
+    b, _ = train.step(_state(cfg, remat=True), batch)
+    assert _max_diff(a.params, b.params) < 1e-6
+
+
+def test_sharded_step_matches_one_device():
+    """The pjit path: shardings from zoo.axes on a data x fsdp x tensor mesh, donated state."""
+    cfg = tiny("tiny-decoder")
+    hp = train.Hparams(warmup_steps=0)
+    batch = _batch(cfg)
+    ref, m_ref = train.step(train.create_state(cfg, hp, 0, ONE), batch)
+    mesh = zoo.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    state = train.create_state(cfg, hp, 0, mesh)
+    state_sh = train.state_shardings(state, mesh)
+    batch_sh = train.batch_shardings(batch, mesh)
+    assert state.params["decoder"]["layers"]["mlp"]["wi"].sharding.spec == P(None, "fsdp", "tensor")
+    with zoo.sharding.use(mesh):
+        out, m = train.jit_step(state_sh, batch_sh, mesh)(state, jax.device_put(batch, batch_sh))
+    assert _max_diff(out.params, ref.params) < 1e-5
+    np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5)
+
+
+def test_bad_batches_are_clear_errors():
+    dec, encdec = tiny("tiny-decoder"), tiny("tiny-encdec")
+    with pytest.raises(ValueError, match="missing \\['decoder_inputs'\\]"):
+        train.step(_state(encdec), _batch(dec))
+    with pytest.raises(ValueError, match="'decoder_inputs' is for encdec"):
+        train.step(_state(dec), {**_batch(dec), "decoder_inputs": jnp.zeros((8, 32), jnp.int32)})
+    with pytest.raises(ValueError, match="accum_steps=3 must divide the batch size 8"):
+        train.step(_state(dec, accum_steps=3), _batch(dec))
+    with pytest.raises(ValueError, match="learning_rate"):
+        train.Hparams(learning_rate=-1.0)
+
+
+FAMILIES = [("tiny-decoder", "clm"), ("tiny-encoder", "mlm"), ("tiny-encdec", "span_corruption"),
+            pytest.param("tiny-decoder", "prefix_lm", marks=pytest.mark.slow),
+            pytest.param("tiny-encdec", "denoise", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name,objective", FAMILIES)
+def test_each_family_overfits_one_batch(name, objective):
+    """On one fixed batch of real English, 60 steps take the loss well down."""
+    tok = small_tokenizer(100 if name == "tiny-encdec" else 0)
+    cfg = tiny(name, vocab_size=tok.vocab.size, pad_id=0, eos_id=1, bos_id=None)
+    obj = train.make_objective(objective, cfg, tok.vocab, 32)
+    ids = np.concatenate(tok.encode(shakespeare_texts()[:1]))[: 8 * obj.row_len].reshape(8, -1)
+    batch = jax.jit(obj)(jax.random.key(0), {"tokens": ids.astype(np.int32)})
+    state = train.init_state(cfg, train.Hparams(learning_rate=1e-2, warmup_steps=5, total_steps=60,
+                                                weight_decay=0.0), jax.random.key(0))
+    losses = []
+    for _ in range(60):
+        state, m = train.step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.35 * losses[0], losses[::10]

@@ -1,0 +1,234 @@
+"""The training step: one jitted `step(state, batch)` for every family and objective.
+
+The state is a pytree (`TrainState`: params, opt_state, step, rng) whose static fields carry
+the model `Config` and the `Hparams`, so the one jitted function specialises per model
+without closures. Loss = weighted cross entropy (fp32 logsumexp) + z_loss * lse^2 + the MoE
+balance loss. Gradients of k micro-batches are summed in a `lax.scan` and normalised by the
+weight of the whole batch, so k micro-batches give the update of one k-times batch.
+
+Sharded use (the pjit path): build shardings with `state_shardings`/`batch_shardings` and
+`jit_step(state_sh, batch_sh)`; call it under `zoo.sharding.use(mesh)` so activations are
+constrained by their logical names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import zoo
+from train.optim import Hparams, make_optimizer, schedule
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+_REQUIRED = {"decoder": ("inputs", "targets", "weights"),
+             "encoder": ("inputs", "targets", "weights"),
+             "encdec": ("inputs", "decoder_inputs", "targets", "weights")}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """params: model pytree; opt_state: optax state; step: int32 []; rng: uint32 [2]
+    (raw key data, so checkpoints store a plain array). cfg and hp are static."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    cfg: zoo.Config = flax.struct.field(pytree_node=False)
+    hp: Hparams = flax.struct.field(pytree_node=False)
+
+
+def init_state(cfg: zoo.Config, hp: Hparams, key: jax.Array) -> TrainState:
+    """Fresh params (`zoo.init`), optimizer state, step 0. Runs under jit/eval_shape."""
+    if not isinstance(hp, Hparams):
+        raise TypeError(f"init_state: hp must be train.Hparams, got {type(hp).__name__}")
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    k_params, k_rng = jax.random.split(jax.random.wrap_key_data(key))
+    params = zoo.init(cfg, k_params)
+    opt_state = make_optimizer(cfg, hp).init(params)
+    return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
+                      rng=jax.random.key_data(k_rng), cfg=cfg, hp=hp)
+
+
+def check_batch(cfg: zoo.Config, batch: Batch) -> None:
+    """Trace-time check: the keys the family needs, int tokens, matching [B, T] shapes."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch: expected a dict of arrays, got {type(batch).__name__}")
+    missing = [k for k in _REQUIRED[cfg.family] if k not in batch]
+    if missing:
+        raise ValueError(f"batch: the {cfg.family} family needs {list(_REQUIRED[cfg.family])}; "
+                         f"missing {missing} (is the objective meant for another family?)")
+    if cfg.family != "encdec" and "decoder_inputs" in batch:
+        raise ValueError(f"batch: 'decoder_inputs' is for encdec models, the model is {cfg.family}")
+    tgt = batch["targets"]
+    if batch["weights"].shape != tgt.shape:
+        raise ValueError(f"batch['weights']: expected shape {tgt.shape} (as targets), "
+                         f"got {batch['weights'].shape}")
+    for name in ("inputs", "targets", "decoder_inputs"):
+        if name in batch and not jnp.issubdtype(batch[name].dtype, jnp.integer):
+            raise ValueError(f"batch[{name!r}]: expected integer token ids, got {batch[name].dtype}")
+
+
+def forward(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None = None,
+            remat: bool = False) -> zoo.Output:
+    """The family's forward on a batch dict (the family is picked from cfg.family)."""
+    inputs = batch["inputs"]
+    if cfg.family == "encdec":
+        return zoo.encdec.forward(params, cfg, inputs, batch["decoder_inputs"],
+                                  src_mask=inputs != cfg.pad_id, key=key, remat=remat)
+    seg = batch.get("segment_ids")
+    mask = seg > 0 if seg is not None else inputs != cfg.pad_id
+    kw = dict(mask=mask, segment_ids=seg, positions=batch.get("positions"), key=key, remat=remat)
+    if cfg.family == "decoder":
+        return zoo.decoder.forward(params, cfg, inputs, prefix_mask=batch.get("prefix_mask"), **kw)
+    return zoo.encoder.forward(params, cfg, inputs, **kw)
+
+
+def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
+              remat: bool = False) -> dict[str, jax.Array]:
+    """Sums over the batch: weighted cross entropy `ce`, `z` (weighted lse^2), `correct`,
+    `weight`; `aux` is the model's MoE balance loss. Logits go to fp32 before logsumexp."""
+    out = forward(params, cfg, batch, key, remat)
+    logits = out.logits.astype(jnp.float32)  # [B, T, V]
+    targets = batch["targets"]
+    w = batch["weights"].astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {"ce": jnp.sum((lse - target_logit) * w), "z": jnp.sum(jnp.square(lse) * w),
+            "correct": jnp.sum(correct * w), "weight": jnp.sum(w),
+            "aux": jnp.asarray(out.aux_loss, jnp.float32)}
+
+
+def _input_tokens(cfg: zoo.Config, batch: Batch) -> jax.Array:
+    """Real (non-padding) tokens the model reads: encoder + decoder sides."""
+    if "segment_ids" in batch:
+        n = jnp.sum(batch["segment_ids"] > 0)
+    else:
+        n = jnp.sum(batch["inputs"] != cfg.pad_id)
+    if "decoder_inputs" in batch:
+        n = n + jnp.sum(batch["weights"] > 0)
+    return n.astype(jnp.float32)
+
+
+def _grads(state: TrainState, batch: Batch, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of (ce + z_loss*z) / total_weight + aux_weight * mean(aux) and the summed
+    statistics, over hp.accum_steps micro-batches."""
+    cfg, hp, k = state.cfg, state.hp, state.hp.accum_steps
+    total_w = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+
+    def micro_loss(params: Any, mb: Batch, mkey: jax.Array | None) -> tuple[jax.Array, dict]:
+        sums = loss_sums(params, cfg, mb, mkey, hp.remat)
+        loss = (sums["ce"] + hp.z_loss * sums["z"]) / total_w + hp.aux_weight * sums["aux"] / k
+        return loss, sums
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+    dropout = cfg.dropout > 0
+    if k == 1:
+        return grad_fn(state.params, batch, jax.random.fold_in(key, 0) if dropout else None)
+    b = batch["inputs"].shape[0]
+    if b % k:
+        raise ValueError(f"accum_steps={k} must divide the batch size {b}")
+    # Micro-batch i takes rows i, i+k, ...: the scanned axis is not the sharded one.
+    micro = jax.tree.map(lambda x: x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+        g_acc, s_acc = carry
+        mb, i = xs
+        g, s = grad_fn(state.params, mb, jax.random.fold_in(key, i) if dropout else None)
+        g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
+        return (g_acc, jax.tree.map(jnp.add, s_acc, s)), None
+
+    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zeros_s = {n: jnp.zeros((), jnp.float32) for n in ("ce", "z", "correct", "weight", "aux")}
+    (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), (micro, jnp.arange(k)))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    return grads, {**sums, "aux": sums["aux"] / k}
+
+
+def _step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    check_batch(state.cfg, batch)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grads, sums = _grads(state, batch, key)
+    tx = make_optimizer(state.cfg, state.hp)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    w = jnp.maximum(sums["weight"], 1.0)
+    metrics = {"loss": sums["ce"] / w, "accuracy": sums["correct"] / w, "z_loss": sums["z"] / w,
+               "aux_loss": sums["aux"], "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state.hp)(state.step),
+               "tokens": _input_tokens(state.cfg, batch), "targets": sums["weight"]}
+    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+    return new, metrics
+
+
+def _eval_step(state: TrainState, batch: Batch) -> Metrics:
+    check_batch(state.cfg, batch)
+    sums = loss_sums(state.params, state.cfg, batch, None)
+    w = jnp.maximum(sums["weight"], 1.0)
+    loss = sums["ce"] / w
+    return {"loss": loss, "perplexity": jnp.exp(loss), "accuracy": sums["correct"] / w,
+            "targets": sums["weight"]}
+
+
+step = jax.jit(_step, donate_argnums=0)
+step.__doc__ = """(state, batch) -> (state, metrics). One optimizer update; the state is donated.
+metrics: loss (weighted CE), accuracy, z_loss, aux_loss, grad_norm (before clipping),
+learning_rate (of this update), tokens (model input tokens), targets (loss weight)."""
+eval_step = jax.jit(_eval_step)
+eval_step.__doc__ = """(state, batch) -> {loss, perplexity, accuracy, targets}; no dropout, no update."""
+
+
+# --- sharding -----------------------------------------------------------------------------
+
+def state_shardings(state: TrainState, mesh: Mesh,
+                    rules: zoo.sharding.Rules = zoo.sharding.DEFAULT_RULES) -> TrainState:
+    """NamedShardings for a (possibly abstract, from `jax.eval_shape`) state: params by
+    their logical axes, optimizer moments like their params, scalars replicated."""
+    replicated = NamedSharding(mesh, P())
+    params = zoo.sharding.tree_shardings(zoo.axes(state.cfg), mesh, state.params, rules)
+    tx = make_optimizer(state.cfg, state.hp)
+    opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, state.opt_state, params,
+                                           transform_non_params=lambda _: replicated)
+    return state.replace(params=params, opt_state=opt, step=replicated, rng=replicated)
+
+
+def batch_shardings(batch: Any, mesh: Mesh,
+                    rules: zoo.sharding.Rules = zoo.sharding.DEFAULT_RULES) -> Any:
+    """Every batch leaf [B, ...] sharded on its batch dim (mesh axes data, fsdp)."""
+    def one(x: Any) -> NamedSharding:
+        names = ("batch",) + (None,) * (len(x.shape) - 1)
+        return NamedSharding(mesh, zoo.sharding.spec_for(names, x.shape, mesh, rules))
+    return jax.tree.map(one, batch)
+
+
+def abstract_state(cfg: zoo.Config, hp: Hparams) -> TrainState:
+    """Shapes and dtypes of the state, allocating nothing."""
+    return jax.eval_shape(lambda key: init_state(cfg, hp, key), jax.random.key(0))
+
+
+def create_state(cfg: zoo.Config, hp: Hparams, seed: int, mesh: Mesh) -> TrainState:
+    """A fresh state created directly in its shardings on `mesh`."""
+    shardings = state_shardings(abstract_state(cfg, hp), mesh)
+    init = jax.jit(init_state, static_argnums=(0, 1), out_shardings=shardings)
+    return init(cfg, hp, jax.random.key(seed))
+
+
+def jit_step(state_sh: TrainState, batch_sh: Any, mesh: Mesh):
+    """`step` jitted with explicit in/out shardings and a donated state (the pjit path)."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=0)
+
+
+def jit_eval_step(state_sh: TrainState, batch_sh: Any, mesh: Mesh):
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(_eval_step, in_shardings=(state_sh, batch_sh), out_shardings=replicated)
