@@ -1,0 +1,127 @@
+"""`python -m bench train|decode|encode [--family F] [--vs hf|hf-flax] [--json out.json]`
+
+Prints a table and writes JSON rows: bench, family, tokens_per_s, mfu (and with --vs: peer,
+peer_tokens_per_s, ratio = zoo / peer; decode rows: bound_tokens_per_s). Ceilings (matmul
+peak, streaming bandwidth) are measured in the same run on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from typing import Any
+
+import jax
+
+import zoo
+from bench import hardware, model_bench, peers
+
+# Default CPU shapes (issue: GPT-2 architecture at width 512, 8 layers, 8 heads, vocab 32000).
+SMALL = dict(d_model=512, num_layers=8, num_heads=8, d_ff=2048, vocab_size=32000,
+             pad_id=0, eos_id=1, bos_id=None)
+
+
+def model_config(args: argparse.Namespace) -> zoo.Config:
+    if args.preset:
+        base = zoo.preset(args.preset)
+    elif args.family == "encoder":
+        base = zoo.preset("bert-base-uncased", **SMALL)
+    elif args.family == "encdec":
+        base = zoo.preset("t5-small", **{**SMALL, "num_layers": 4}, logit_scale=512 ** -0.5)
+    else:
+        base = zoo.preset("gpt2", **SMALL)
+    changes: dict[str, Any] = {"dtype": args.dtype, "param_dtype": args.param_dtype or
+                               ("float32" if args.bench == "train" else args.dtype)}
+    if args.attention:
+        changes["attention"] = args.attention
+    if base.positions in ("learned", "sinusoidal"):
+        changes["max_len"] = max(base.max_len, args.seq_len + args.new_tokens + 1)
+    return base.replace(**changes)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bench", choices=("train", "decode", "encode"))
+    p.add_argument("--family", choices=("decoder", "encoder", "encdec"), default=None)
+    p.add_argument("--preset", default=None, help="a zoo preset instead of the default shape")
+    p.add_argument("--vs", choices=("hf", "hf-flax"), action="append", default=[],
+                   help="also run a peer on the same shapes (repeatable)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--param-dtype", default=None, help="default: float32 for train, else --dtype")
+    p.add_argument("--attention", default=None, help="attention implementation (xla, cudnn)")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the rows here")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.family is None:
+        args.family = "encoder" if args.bench == "encode" else "decoder"
+    cfg = model_config(args)
+    peak = hardware.matmul_peak(cfg.dtype)
+    bandwidth = hardware.stream_bandwidth()
+    common = {"device": hardware.device_description(), "date": datetime.date.today().isoformat(),
+              "jax": jax.__version__, "peak_tflops": peak / 1e12, "bandwidth_gbs": bandwidth / 1e9}
+    if args.bench == "train":
+        row = model_bench.train_row(cfg, args.batch_size, args.seq_len, peak, args.iters, args.remat)
+    elif args.bench == "decode":
+        row = model_bench.decode_row(cfg, args.prompt_len, args.new_tokens, bandwidth, args.iters)
+        if cfg.param_dtype == "float32":
+            half = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
+            row["bf16_bound_tokens_per_s"] = bandwidth / (row["param_bytes"] / 2)
+            bf16 = model_bench.decode_row(half, args.prompt_len, args.new_tokens, bandwidth, args.iters)
+            row["bf16_tokens_per_s"] = bf16["tokens_per_s"]
+    else:
+        row = model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters)
+    rows = [{**common, **row}]
+    for peer in args.vs:
+        got = peers.run(peer, args, cfg)
+        rows.append({**common, **row, "peer": peer, "peer_tokens_per_s": got["tokens_per_s"],
+                     "ratio": row["tokens_per_s"] / got["tokens_per_s"], "peer_detail": got})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = ("bench", "family", "dtype", "tokens_per_s", "mfu", "bound_tokens_per_s",
+            "compile_s", "peak_bytes", "peer", "peer_tokens_per_s", "ratio")
+    cols = tuple(c for c in cols if any(r.get(c) is not None for r in rows))
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:,.0f}"
+        if isinstance(v, int) and v > 10 ** 6:
+            return f"{v / 2 ** 20:,.0f} MiB"
+        return str(v)
+
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"
+    out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(out + [line(c) for c in cells])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    rows = run(args)
+    r = rows[0]
+    print(f"device: {r['device']}  jax {r['jax']}  matmul peak {r['peak_tflops']:.2f} TFLOP/s "
+          f"({args.dtype})  stream {r['bandwidth_gbs']:.1f} GB/s")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""zoo's side of the benchmarks: the training step, batch-1 decoding and encoder inference,
+each returning one result row (a dict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import zoo
+from bench import flops, timing
+from train.optim import Hparams
+from train.step import batch_shardings, create_state, jit_step
+
+
+def synthetic_batch(cfg: zoo.Config, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random token rows shaped like the training pipeline's output for the family:
+    one document per row (segment id 1), every position trained."""
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(3, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32)
+    ones = np.ones((batch, seq_len), np.int32)
+    pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
+    out = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": ones.astype(np.float32)}
+    if cfg.family == "encdec":
+        out["decoder_inputs"] = toks[:, :-1].copy()
+    else:
+        out.update(segment_ids=ones, positions=pos)
+    return out
+
+
+def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5,
+              remat: bool = False) -> dict[str, Any]:
+    """Median step time of `train.step` (AdamW, jitted with shardings, donated state)."""
+    mesh = zoo.sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    hp = Hparams(total_steps=1000, warmup_steps=10, remat=remat)
+    state = create_state(cfg, hp, 0, mesh)
+    host = synthetic_batch(cfg, batch, seq_len)
+    bsh = batch_shardings(host, mesh)
+    data = jax.device_put(host, bsh)
+    ssh = jax.tree.map(lambda x: x.sharding, state)
+    with zoo.sharding.use(mesh):
+        step = jit_step(ssh, bsh, mesh)
+        compiled, compile_s = timing.compile_seconds(step, state, data)
+        holder = {"state": state}
+
+        def one() -> Any:
+            holder["state"], metrics = compiled(holder["state"], data)
+            return metrics["loss"]
+
+        seconds = timing.median_time(one, iters=iters, warmup=2)
+    tokens = batch * seq_len
+    achieved = flops.train_flops_per_token(cfg, seq_len) * tokens / seconds
+    return {"bench": "train", "family": cfg.family, "dtype": cfg.dtype, "batch": batch,
+            "seq_len": seq_len, "params": zoo.param_count(cfg), "step_s": seconds,
+            "tokens_per_s": tokens / seconds, "tflops": achieved / 1e12, "mfu": achieved / peak,
+            "compile_s": compile_s, "peak_bytes": timing.memory_bytes(compiled), "remat": remat}
+
+
+def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: float,
+               iters: int = 5) -> dict[str, Any]:
+    """Batch-1 greedy decoding through `zoo.generate`; bound = bandwidth / parameter bytes."""
+    params = zoo.init(cfg, jax.random.key(0))
+    prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)), jnp.int32)
+    run = lambda: zoo.generate(params, cfg, prompt, max_new_tokens=new_tokens)
+    compile_start = timing.time.perf_counter()
+    timing.block(run())
+    compile_s = timing.time.perf_counter() - compile_start
+    seconds = timing.median_time(run, iters=iters, warmup=1)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    bound = bandwidth / param_bytes
+    return {"bench": "decode", "family": cfg.family, "dtype": cfg.param_dtype, "batch": 1,
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "step_s": seconds / new_tokens,
+            "tokens_per_s": new_tokens / seconds, "bound_tokens_per_s": bound,
+            "of_bound": new_tokens / seconds / bound, "mfu": None, "compile_s": compile_s,
+            "param_bytes": param_bytes}
+
+
+def encode_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5) -> dict[str, Any]:
+    """Encoder inference: jitted `zoo.encoder.forward` (hidden states and MLM logits)."""
+    params = zoo.init(cfg, jax.random.key(0))
+    toks = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, seq_len)), jnp.int32)
+    mask = jnp.ones((batch, seq_len), bool)
+    f = jax.jit(lambda p, t, m: zoo.encoder.forward(p, cfg, t, mask=m).hidden)
+    compiled, compile_s = timing.compile_seconds(f, params, toks, mask)
+    seconds = timing.median_time(lambda: compiled(params, toks, mask), iters=iters, warmup=2)
+    tokens = batch * seq_len
+    fwd = (flops.forward_flops_per_token(cfg, seq_len)
+           - 2.0 * cfg.vocab_size * cfg.d_model)  # hidden states only: no vocabulary projection
+    achieved = fwd * tokens / seconds
+    return {"bench": "encode", "family": cfg.family, "dtype": cfg.dtype, "batch": batch,
+            "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "mfu": achieved / peak, "compile_s": compile_s, "peak_bytes": timing.memory_bytes(compiled)}
