@@ -36,6 +36,8 @@ def model_config(args: argparse.Namespace) -> zoo.Config:
                                ("float32" if args.bench == "train" else args.dtype)}
     if args.attention:
         changes["attention"] = args.attention
+    if args.layers:
+        changes["num_layers"] = args.layers
     if base.positions in ("learned", "sinusoidal"):
         changes["max_len"] = max(base.max_len, args.seq_len + args.new_tokens + 1)
     return base.replace(**changes)
@@ -57,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--param-dtype", default=None, help="default: float32 for train, else --dtype")
     p.add_argument("--attention", default=None, help="attention implementation (xla, cudnn)")
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--layers", type=int, default=None, help="override the depth (compile-time scaling)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
     return p

@@ -37,14 +37,18 @@ def check_tokens(name: str, tokens: jax.Array, cfg: Config, max_len: int | None 
             raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
+def _check_like(name: str, x: jax.Array, like_name: str, like: jax.Array) -> None:
+    shape = getattr(x, "shape", None)
+    if shape is None or tuple(shape) != tuple(like.shape):
+        raise ValueError(f"{name}: expected shape {tuple(like.shape)} (same as {like_name}), "
+                         f"got {None if shape is None else tuple(shape)}")
+
+
 def check_mask(name: str, mask: jax.Array | None, like_name: str, like: jax.Array) -> None:
     """mask: bool [B, T] of the same shape as the tokens it describes."""
     if mask is None:
         return
-    shape = getattr(mask, "shape", None)
-    if shape is None or tuple(shape) != tuple(like.shape):
-        raise ValueError(f"{name}: expected shape {tuple(like.shape)} (same as {like_name}), "
-                         f"got {None if shape is None else tuple(shape)}")
+    _check_like(name, mask, like_name, like)
     if mask.dtype != jnp.bool_:
         raise ValueError(f"{name}: expected dtype bool (True where a real token stands), got {mask.dtype}")
 
@@ -53,9 +57,6 @@ def check_same_shape(name: str, x: jax.Array | None, like_name: str, like: jax.A
     """An int [B, T] side input (positions, segment ids, token types)."""
     if x is None:
         return
-    shape = getattr(x, "shape", None)
-    if shape is None or tuple(shape) != tuple(like.shape):
-        raise ValueError(f"{name}: expected shape {tuple(like.shape)} (same as {like_name}), "
-                         f"got {None if shape is None else tuple(shape)}")
+    _check_like(name, x, like_name, like)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f"{name}: expected an integer dtype, got {x.dtype}")
