@@ -1,9 +1,17 @@
 """Tests run on CPU with 8 fake devices, so every sharding path runs without accelerators."""
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Real data (../shared/data beside the checkout; ZOO_DATA_DIR overrides). Tests that read it
+# fail with a clear message when it is missing rather than skip.
+_CANDIDATES = [Path(os.environ["ZOO_DATA_DIR"])] if "ZOO_DATA_DIR" in os.environ else []
+_CANDIDATES += [Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")]
+DATA_DIR = next((p for p in _CANDIDATES if (p / "tinyshakespeare.txt").is_file()), _CANDIDATES[0])
+os.environ["ZOO_DATA_DIR"] = str(DATA_DIR)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -12,12 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
 
 import zoo  # noqa: E402
 
-SPM = Path(__file__).resolve().parents[2] / "shared" / "data" / "spm"  # ../shared/data beside the repo
+SPM = Path(os.environ["ZOO_DATA_DIR"]) / "spm"  # set by conftest: ../shared/data beside the repo
 UNIGRAM, BPE = SPM / "botchan_en_unigram_1000.model", SPM / "botchan_en_bpe_1000.model"
 CORPUS = SPM / "botchan.txt"
 TEXTS = ["The cat walks home.", "I have never been so surprised in my life!", "Botchan, my friend.", ""]
 
-pytestmark = pytest.mark.skipif(not UNIGRAM.is_file(), reason="shared SentencePiece models are not present")
 
 
 @pytest.fixture(scope="module")

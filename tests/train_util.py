@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
 
 from train.tokens import Tokenizer, Vocab, train_tokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-if not SHAKESPEARE.exists():
-    SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = Path(os.environ["ZOO_DATA_DIR"]) / "tinyshakespeare.txt"  # set by conftest
 
 
 def vocab(size: int = 128, sentinels: int = 20) -> Vocab:
