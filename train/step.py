@@ -8,12 +8,13 @@ weight of the whole batch, so k micro-batches give the update of one k-times bat
 
 Sharded use (the pjit path): build shardings with `state_shardings`/`batch_shardings` and
 `jit_step(state_sh, batch_sh)`; call it under `zoo.sharding.use(mesh)` so activations are
-constrained by their logical names.
+constrained by their logical names. The pmap path (`pmap_step`) runs the same gradient and
+update code per device with `pmean` of the gradients. `train.parallel` wraps both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -26,6 +27,7 @@ from train.optim import Hparams, make_optimizer, schedule
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+PMAP_AXIS = "data"  # the axis name of the pmap path's collectives
 
 _REQUIRED = {"decoder": ("inputs", "targets", "weights"),
              "encoder": ("inputs", "targets", "weights"),
@@ -100,9 +102,12 @@ def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
     logits = out.logits.astype(jnp.float32)  # [B, T, V]
     targets = batch["targets"]
     w = batch["weights"].astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    # One max pass serves both the stable logsumexp and accuracy (a target at the max counts
+    # as correct), so the [B, T, V] logits are read twice, not three times.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (target_logit >= top).astype(jnp.float32)
     return {"ce": jnp.sum((lse - target_logit) * w), "z": jnp.sum(jnp.square(lse) * w),
             "correct": jnp.sum(correct * w), "weight": jnp.sum(w),
             "aux": jnp.asarray(out.aux_loss, jnp.float32)}
@@ -119,19 +124,20 @@ def _input_tokens(cfg: zoo.Config, batch: Batch) -> jax.Array:
     return n.astype(jnp.float32)
 
 
-def _grads(state: TrainState, batch: Batch, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradients of (ce + z_loss*z) / total_weight + aux_weight * mean(aux) and the summed
-    statistics, over hp.accum_steps micro-batches."""
+def _grads(state: TrainState, batch: Batch, key: jax.Array | None,
+           norm: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of (ce + z_loss*z) / norm + aux_weight * mean(aux) and the summed
+    statistics, over hp.accum_steps micro-batches. `norm` is the weight the cross entropy
+    is divided by: the whole batch's on one program, a device's share of it under pmap."""
     cfg, hp, k = state.cfg, state.hp, state.hp.accum_steps
-    total_w = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
 
     def micro_loss(params: Any, mb: Batch, mkey: jax.Array | None) -> tuple[jax.Array, dict]:
         sums = loss_sums(params, cfg, mb, mkey, hp.remat)
-        loss = (sums["ce"] + hp.z_loss * sums["z"]) / total_w + hp.aux_weight * sums["aux"] / k
+        loss = (sums["ce"] + hp.z_loss * sums["z"]) / norm + hp.aux_weight * sums["aux"] / k
         return loss, sums
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
-    dropout = cfg.dropout > 0
+    dropout = key is not None and cfg.dropout > 0
     if k == 1:
         return grad_fn(state.params, batch, jax.random.fold_in(key, 0) if dropout else None)
     b = batch["inputs"].shape[0]
@@ -154,29 +160,69 @@ def _grads(state: TrainState, batch: Batch, key: jax.Array) -> tuple[Any, dict[s
     return grads, {**sums, "aux": sums["aux"] / k}
 
 
-def _step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    check_batch(state.cfg, batch)
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grads, sums = _grads(state, batch, key)
+def _update(state: TrainState, grads: Any, sums: dict[str, jax.Array],
+            tokens: jax.Array) -> tuple[TrainState, Metrics]:
+    """The optimizer update from the batch's gradients, and the step's metrics from its
+    summed statistics (`sums` and `tokens` cover the whole global batch)."""
     tx = make_optimizer(state.cfg, state.hp)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     w = jnp.maximum(sums["weight"], 1.0)
     metrics = {"loss": sums["ce"] / w, "accuracy": sums["correct"] / w, "z_loss": sums["z"] / w,
                "aux_loss": sums["aux"], "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.hp)(state.step),
-               "tokens": _input_tokens(state.cfg, batch), "targets": sums["weight"]}
-    new = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new, metrics
+               "learning_rate": schedule(state.hp)(state.step), "tokens": tokens,
+               "targets": sums["weight"]}
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
 
-def _eval_step(state: TrainState, batch: Batch) -> Metrics:
+def _step_key(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def _step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One program sees the global batch (one device, or a mesh under jit)."""
     check_batch(state.cfg, batch)
-    sums = loss_sums(state.params, state.cfg, batch, None)
+    total_w = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+    grads, sums = _grads(state, batch, _step_key(state), total_w)
+    return _update(state, grads, sums, _input_tokens(state.cfg, batch))
+
+
+def _pmap_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """Under `jax.pmap(axis_name=PMAP_AXIS)`: each device holds 1/n of the batch.
+
+    The loss is normalised by the *global* weight, so pmean(grads) is exactly the gradient
+    of the one-device loss: device i's loss is ce_i / (W / n), and the mean over devices of
+    its gradients is d(sum_i ce_i / W). (A per-device mean, ce_i / W_i, would weight the
+    devices' tokens unequally whenever their weights differ.) The MoE balance loss is the
+    mean of the devices' balance losses, as in any data-parallel pmap."""
+    check_batch(state.cfg, batch)
+    n = jax.lax.psum(1, PMAP_AXIS)
+    total_w = jnp.maximum(jax.lax.psum(jnp.sum(batch["weights"].astype(jnp.float32)), PMAP_AXIS), 1.0)
+    key = _step_key(state)
+    if state.cfg.dropout > 0:  # each device draws its own dropout masks
+        key = jax.random.fold_in(key, jax.lax.axis_index(PMAP_AXIS))
+    grads, sums = _grads(state, batch, key, total_w / n)
+    grads = jax.lax.pmean(grads, PMAP_AXIS)
+    sums = jax.lax.psum(sums, PMAP_AXIS)
+    tokens = jax.lax.psum(_input_tokens(state.cfg, batch), PMAP_AXIS)
+    return _update(state, grads, {**sums, "aux": sums["aux"] / n}, tokens)
+
+
+def _eval_metrics(sums: dict[str, jax.Array]) -> Metrics:
     w = jnp.maximum(sums["weight"], 1.0)
     loss = sums["ce"] / w
     return {"loss": loss, "perplexity": jnp.exp(loss), "accuracy": sums["correct"] / w,
             "targets": sums["weight"]}
+
+
+def _eval_step(state: TrainState, batch: Batch) -> Metrics:
+    check_batch(state.cfg, batch)
+    return _eval_metrics(loss_sums(state.params, state.cfg, batch, None))
+
+
+def _pmap_eval_step(state: TrainState, batch: Batch) -> Metrics:
+    check_batch(state.cfg, batch)
+    return _eval_metrics(jax.lax.psum(loss_sums(state.params, state.cfg, batch, None), PMAP_AXIS))
 
 
 step = jax.jit(_step, donate_argnums=0)
@@ -215,9 +261,10 @@ def abstract_state(cfg: zoo.Config, hp: Hparams) -> TrainState:
     return jax.eval_shape(lambda key: init_state(cfg, hp, key), jax.random.key(0))
 
 
-def create_state(cfg: zoo.Config, hp: Hparams, seed: int, mesh: Mesh) -> TrainState:
+def create_state(cfg: zoo.Config, hp: Hparams, seed: int, mesh: Mesh,
+                 rules: zoo.sharding.Rules = zoo.sharding.DEFAULT_RULES) -> TrainState:
     """A fresh state created directly in its shardings on `mesh`."""
-    shardings = state_shardings(abstract_state(cfg, hp), mesh)
+    shardings = state_shardings(abstract_state(cfg, hp), mesh, rules)
     init = jax.jit(init_state, static_argnums=(0, 1), out_shardings=shardings)
     return init(cfg, hp, jax.random.key(seed))
 
@@ -232,3 +279,18 @@ def jit_step(state_sh: TrainState, batch_sh: Any, mesh: Mesh):
 def jit_eval_step(state_sh: TrainState, batch_sh: Any, mesh: Mesh):
     replicated = NamedSharding(mesh, P())
     return jax.jit(_eval_step, in_shardings=(state_sh, batch_sh), out_shardings=replicated)
+
+
+def pmap_step(devices: Sequence[jax.Device] | None = None):
+    """`step` as data-parallel `jax.pmap` over `devices` (default: all): (state, batch) ->
+    (state, metrics) with batch leaves [n_local_devices, B / n, ...]. The state goes in
+    unmapped (in_axes=None) and comes back once (out_axes=None): pmean keeps every device's
+    copy identical, so it keeps the layout of the jit path and checkpoints the same way."""
+    return jax.pmap(_pmap_step, axis_name=PMAP_AXIS, in_axes=(None, 0), out_axes=(None, None),
+                    devices=devices, donate_argnums=0)
+
+
+def pmap_eval_step(devices: Sequence[jax.Device] | None = None):
+    """`eval_step` under pmap; batch leaves [n_local_devices, B / n, ...]."""
+    return jax.pmap(_pmap_eval_step, axis_name=PMAP_AXIS, in_axes=(None, 0), out_axes=None,
+                    devices=devices)
