@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+import zoo
 from train.step import TrainState, state_shardings
 
 FORMAT = 1
@@ -70,11 +71,12 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.directory / str(step)}: the record is not a JSON object")
         return step, record
 
-    def restore(self, like: TrainState, mesh: jax.sharding.Mesh, step: int | None = None) -> TrainState:
-        """The state saved at `step` (default latest), placed like `like`'s shardings on
-        `mesh`. `like` may be abstract (`train.abstract_state`)."""
+    def restore(self, like: TrainState, mesh: jax.sharding.Mesh, step: int | None = None,
+                rules: zoo.sharding.Rules = zoo.sharding.DEFAULT_RULES) -> TrainState:
+        """The state saved at `step` (default latest), placed on `mesh` by `rules`, whatever
+        mesh or process count saved it. `like` may be abstract (`train.abstract_state`)."""
         step = self._step_or_latest(step)
-        shardings = state_shardings(like, mesh)
+        shardings = state_shardings(like, mesh, rules)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               _arrays(like), _arrays(shardings))
         try:

@@ -52,7 +52,9 @@ class RunConfig:
     log_every: int | None = None  # None: 1 up to 1000 steps, then steps // 1000
     run_dir: str = "runs/main"
     resume: bool = False
-    mesh: str = "data=1"
+    mesh: str = "data=-1"  # AXIS=SIZE,...; -1 takes the rest (default: every device on data)
+    parallel: str = "jit"  # "jit": the mesh-sharded step; "pmap": data parallel jax.pmap
+    rules: dict = dataclasses.field(default_factory=dict)  # logical axis -> mesh axes, over the defaults
     peak_flops: float | None = None  # per device; None: a table by device kind
 
     def __post_init__(self) -> None:
@@ -66,6 +68,10 @@ class RunConfig:
             raise ValueError(f"--lr: expected a positive learning rate, got {self.lr!r}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"accum_steps={self.accum_steps} must divide --batch-size {self.batch_size}")
+        if self.parallel not in ("jit", "pmap"):
+            raise ValueError(f"--parallel: expected 'jit' or 'pmap', got {self.parallel!r}")
+        if not isinstance(self.rules, dict):
+            raise ValueError(f"rules: expected a mapping of logical axis -> mesh axes, got {self.rules!r}")
         if self.model not in zoo.presets.names():
             raise ValueError(f"--model: unknown preset {self.model!r}; expected one of {zoo.presets.names()}")
 
@@ -89,10 +95,19 @@ RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(zoo.Config)}
 _FLAGS = ("model", "objective", "steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer",
           "vocab_size", "checkpoint_every", "keep", "eval_every", "log_every", "run_dir", "mesh",
-          "accum_steps", "peak_flops")
+          "accum_steps", "peak_flops", "parallel")
 _TYPES = {"steps": int, "batch_size": int, "seq_len": int, "lr": float, "seed": int,
           "vocab_size": int, "checkpoint_every": int, "keep": int, "eval_every": int,
           "log_every": int, "accum_steps": int, "peak_flops": float}
+_HELP = {"mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2 (axes data, fsdp, tensor, expert; "
+                 "-1 takes the rest; default: every device on data)",
+         "parallel": "jit (default: the mesh-sharded step) or pmap (data parallel jax.pmap)"}
+# How this process joins a multi-process job (train/hosts.py): not run settings, never saved.
+LAUNCH_FLAGS = {"coordinator": ("HOST:PORT of process 0's coordinator, or 'auto' on a cluster "
+                                "(default: $JAX_COORDINATOR_ADDRESS)", str),
+                "num_processes": ("processes in the job (default: $JAX_NUM_PROCESSES)", int),
+                "process_id": ("this process's index, 0 .. N-1 (default: $JAX_PROCESS_ID)", int),
+                "local_devices": ("CPU devices per process (tests and demos on one machine)", int)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -109,11 +124,20 @@ def parser() -> argparse.ArgumentParser:
         if name == "data":
             p.add_argument(flag, nargs="+", default=None, help="text files, globs or directories")
         else:
-            p.add_argument(flag, type=_TYPES.get(name, str), default=None)
+            p.add_argument(flag, type=_TYPES.get(name, str), default=None, help=_HELP.get(name))
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the latest checkpoint in --run-dir")
     p.add_argument("--remat", action="store_true", default=None, help="recompute activations in backward")
+    hosts = p.add_argument_group("multi-process")
+    for name, (help_text, kind) in LAUNCH_FLAGS.items():
+        hosts.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     return p
+
+
+def launch_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """The multi-process flags of a command line (train.hosts.launch_from reads them)."""
+    args = parser().parse_intermixed_args(list(argv))
+    return {name: getattr(args, name) for name in LAUNCH_FLAGS}
 
 
 def parse_value(text: str) -> Any:
@@ -181,7 +205,8 @@ def resolve(argv: Sequence[str]) -> RunConfig:
         args.data = [d for d in args.data if d not in extra]
         args.overrides = [*args.overrides, *extra]
     settings = RunConfig().to_dict()
-    flags = {k: v for k, v in vars(args).items() if k not in ("overrides", "config") and v is not None}
+    skip = ("overrides", "config", *LAUNCH_FLAGS)
+    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     run_dir = Path(flags.get("run_dir", settings["run_dir"]))
     if flags.get("resume") and (run_dir / "run.json").is_file():
         saved = json.loads((run_dir / "run.json").read_text())

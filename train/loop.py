@@ -3,6 +3,10 @@
 
 Metrics of step s are fetched after step s+1 is dispatched, so the host never waits on the
 device inside the loop. SIGTERM/SIGINT finish the current step, save a checkpoint and exit.
+
+The step runs on the `--mesh` by the `--parallel` path (train/parallel.py); with several
+processes (train/hosts.py) each loads only the rows its devices hold, process 0 writes the
+run's files, and every process saves and restores its part of the checkpoints.
 """
 
 from __future__ import annotations
@@ -18,18 +22,20 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 import zoo
 from train import data as data_lib
+from train import hosts
 from train.checkpoint import Checkpointer, CheckpointError, check_record
 from train.cli import RunConfig
 from train.objectives import DEFAULT_OBJECTIVE, Objective, check_objective, make_objective
 from train.optim import Hparams
+from train.parallel import Runner, build_mesh, check_fit, make_runner, process_rows, rules_from
 from train.report import (MetricsLog, Progress, Reporter, peak_flops, plot_losses, read_metrics, summary,
                           train_flops)
-from train.step import (abstract_state, batch_shardings, create_state, jit_eval_step, jit_step,
-                        state_shardings)
+from train.step import abstract_state, batch_shardings
 from train.tokens import Tokenizer, load_tokenizer, train_tokenizer
 
 NUM_SENTINELS = 100  # T5's <extra_id_0..99>
@@ -68,30 +74,6 @@ def model_config(base: zoo.Config, tok: Tokenizer) -> zoo.Config:
                         decoder_start_id=start)
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, size = part.partition("=")
-        try:
-            out[name.strip()] = int(size)
-        except ValueError:
-            raise ValueError(f"--mesh: expected AXIS=SIZE[,AXIS=SIZE...], got {text!r}") from None
-    return out
-
-
-def build_mesh(text: str) -> Mesh:
-    """A mesh over the first devices its sizes need (all of them when a size is -1)."""
-    shape = parse_mesh(text)
-    devices = jax.devices()
-    if all(s > 0 for s in shape.values()):
-        need = int(np.prod(list(shape.values())))
-        if need > len(devices):
-            raise ValueError(f"--mesh {text}: needs {need} devices, {len(devices)} available")
-        devices = devices[:need]
-    return zoo.sharding.make_mesh(shape, devices)
-
-
 def hparams(rc: RunConfig) -> Hparams:
     return Hparams(learning_rate=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                    end_lr_ratio=rc.end_lr_ratio, weight_decay=rc.weight_decay,
@@ -107,50 +89,66 @@ class Setup:
     tokenizer: Tokenizer
     pipeline: data_lib.Pipeline
     mesh: Mesh
+    rules: zoo.sharding.Rules
+    rows_sharding: dict[str, NamedSharding]  # the data pipeline's rows [B, row_len]
     record: dict[str, Any]  # what a checkpoint of this run must agree with
 
 
 def setup(rc: RunConfig, run_dir: Path) -> Setup:
-    """Everything before the first compile; every user error surfaces here."""
+    """Everything before the first compile; every user error surfaces here. With several
+    processes, process 0 prepares the tokenizer and token cache and the others read them."""
     base = zoo.preset(rc.model, **rc.overrides)
     name = rc.objective or DEFAULT_OBJECTIVE[base.family]
     check_objective(name, base.family)
     if base.positions in ("learned", "sinusoidal") and rc.seq_len > base.max_len:
         raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_len {base.max_len} "
                          f"(raise it with max_len=...)")
-    mesh = build_mesh(rc.mesh)
+    mesh, rules = build_mesh(rc.mesh), rules_from(rc.rules)
+    check_fit(rc.batch_size, mesh, rules, rc.parallel, rc.accum_steps)
     texts = data_lib.read_texts(data_lib.resolve_files(rc.data))
-    tok = prepare_tokenizer(rc, base.family, texts, run_dir)
+    tok = hosts.primary_first("tokenizer", lambda: prepare_tokenizer(rc, base.family, texts, run_dir))
     cfg = model_config(base, tok)
     objective = make_objective(name, cfg, tok.vocab, rc.seq_len)
-    print(f"tokenizing {len(texts)} documents (cached in {run_dir / 'cache'}) ...", flush=True)
-    stream = data_lib.tokenize(texts, tok, run_dir / "cache")
-    pipeline = data_lib.Pipeline(stream, objective.row_len, rc.batch_size, rc.seed,
-                                 jax.process_index(), jax.process_count())
+    if hosts.is_primary():
+        print(f"tokenizing {len(texts)} documents (cached in {run_dir / 'cache'}) ...", flush=True)
+    stream = hosts.primary_first("tokens", lambda: data_lib.tokenize(texts, tok, run_dir / "cache"))
+    rows = {k: jax.ShapeDtypeStruct((rc.batch_size, objective.row_len), np.int32)
+            for k in ("tokens", "segment_ids", "positions")}
+    rows_sharding = batch_shardings(rows, mesh, rules)
+    part, parts = process_rows(rows_sharding["tokens"], rows["tokens"].shape)
+    pipeline = data_lib.Pipeline(stream, objective.row_len, rc.batch_size, rc.seed, part, parts)
     hp = hparams(rc)
     record = {"config": cfg.to_dict(), "objective": name, "seq_len": rc.seq_len,
               "batch_size": rc.batch_size, "seed": rc.seed,
               "tokenizer": hashlib.sha256(tok.model_proto).hexdigest()[:16],
               "data_fingerprint": stream.fingerprint, "hparams": dataclasses.asdict(hp)}
-    return Setup(cfg, hp, objective, tok, pipeline, mesh, record)
+    return Setup(cfg, hp, objective, tok, pipeline, mesh, rules, rows_sharding, record)
 
 
-def _put(rows: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in rows.items()}
+def _put(rows: dict[str, np.ndarray], shardings: dict[str, NamedSharding],
+         batch_size: int) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays [batch_size, ...] sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, (batch_size, *v.shape[1:]))
+            for k, v in rows.items()}
 
 
 # --- the run --------------------------------------------------------------------------------
 
 class _Signals:
-    """SIGTERM/SIGINT set a flag the loop checks after each step; a second SIGINT aborts."""
+    """SIGTERM/SIGINT set a flag the loop checks after each step; a second SIGINT aborts.
 
-    def __init__(self):
+    Several processes must all stop after the same step, or the ones still stepping wait
+    forever for the others: there JAX's preemption service (started by
+    jax.distributed.initialize) owns SIGTERM, and a SIGTERM to any process stops all of
+    them at one agreed step. SIGINT then aborts as usual (the last periodic checkpoint stays)."""
+
+    def __init__(self, processes: int = 1):
+        self.processes = processes
         self.received: int | None = None
         self._old = {}
 
     def __enter__(self) -> "_Signals":
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.processes == 1 else ():
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -162,6 +160,13 @@ class _Signals:
             raise KeyboardInterrupt
         self.received = signum
 
+    def stop(self, step: int) -> int | None:
+        """The signal that should stop the run after `step`, if any. Every process must
+        call it after every step (the preemption service counts them)."""
+        if self.processes > 1 and multihost_utils.reached_preemption_sync_point(step):
+            self.received = signal.SIGTERM
+        return self.received
+
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
@@ -169,44 +174,42 @@ class _Signals:
 
 @dataclasses.dataclass
 class Compiled:
-    """The jitted functions of a run and the shardings of their inputs."""
+    """The run's jitted objective and its step (the runner, by the run's --parallel path)."""
 
-    objective: Any  # (key, rows) -> batch
-    step: Any  # (state, batch) -> (state, metrics)
-    eval_step: Any  # (state, batch) -> metrics
-    rows_sharding: dict[str, NamedSharding]
+    objective: Any  # (key, rows) -> batch, global, in runner.batch_sh
+    runner: Runner
 
 
 def compile_run(rc: RunConfig, s: Setup) -> Compiled:
-    """jit the objective, step and eval step with explicit shardings on the run's mesh."""
+    """The objective jitted onto the batch shardings, and the step on the run's mesh."""
     rows = {k: jax.ShapeDtypeStruct((rc.batch_size, s.objective.row_len), np.int32)
-            for k in ("tokens", "segment_ids", "positions")}
-    batch_sh = batch_shardings(jax.eval_shape(s.objective, jax.random.key(0), rows), s.mesh)
-    state_sh = state_shardings(abstract_state(s.cfg, s.hp), s.mesh)
-    return Compiled(jax.jit(s.objective, out_shardings=batch_sh), jit_step(state_sh, batch_sh, s.mesh),
-                    jit_eval_step(state_sh, batch_sh, s.mesh), batch_shardings(rows, s.mesh))
+            for k in s.rows_sharding}
+    batch_like = jax.eval_shape(s.objective, jax.random.key(0), rows)
+    runner = make_runner(s.cfg, s.hp, s.mesh, batch_like, rc.parallel, s.rules)
+    return Compiled(jax.jit(s.objective, out_shardings=runner.batch_sh), runner)
 
 
-def initial_state(rc: RunConfig, s: Setup, ckpt: Checkpointer) -> tuple[Any, int]:
-    """(state, step): the latest checkpoint, checked against this run, or a fresh state."""
+def initial_state(rc: RunConfig, s: Setup, c: Compiled, ckpt: Checkpointer) -> tuple[Any, int]:
+    """(state, step): the latest checkpoint, checked against this run and placed on this
+    run's mesh (whatever mesh saved it), or a fresh state."""
     if ckpt.latest_step() is None:
-        if rc.resume:
+        if rc.resume and hosts.is_primary():
             print(f"no checkpoint in {rc.run_dir}: starting from step 0", flush=True)
-        return create_state(s.cfg, s.hp, rc.seed, s.mesh), 0
+        return c.runner.init(rc.seed), 0
     start, record = ckpt.read_record()
     check_record(record, s.record, str(ckpt.directory / str(start)))
-    state = ckpt.restore(abstract_state(s.cfg, s.hp), s.mesh, start)
+    state = ckpt.restore(abstract_state(s.cfg, s.hp), s.mesh, start, s.rules)
     s.pipeline.set_position(record["data"])
-    print(f"resumed {rc.run_dir} at step {start}", flush=True)
+    if hosts.is_primary():
+        print(f"resumed {rc.run_dir} at step {start}", flush=True)
     return state, start
 
 
-def evaluate(c: Compiled, mesh: Mesh, state: Any, batches: list[dict], key: jax.Array) -> dict[str, float]:
+def evaluate(c: Compiled, state: Any, batches: list[dict], key: jax.Array) -> dict[str, float]:
     """Held-out loss, perplexity and accuracy over fixed batches (fixed objective keys)."""
     total = np.zeros(3)
     for i, rows in enumerate(batches):
-        with zoo.sharding.use(mesh):
-            m = jax.device_get(c.eval_step(state, c.objective(jax.random.fold_in(key, i), rows)))
+        m = jax.device_get(c.runner.eval_step(state, c.objective(jax.random.fold_in(key, i), rows)))
         total += [m["loss"] * m["targets"], m["accuracy"] * m["targets"], m["targets"]]
     loss = total[0] / max(total[2], 1)
     return {"eval_loss": float(loss), "eval_perplexity": float(np.exp(loss)),
@@ -217,23 +220,24 @@ def train_loop(rc: RunConfig, s: Setup, c: Compiled, ckpt: Checkpointer, state: 
                reporter: Reporter) -> tuple[Any, int | None]:
     """Steps start..rc.steps; returns (state, the signal that stopped it or None)."""
     keys = jax.random.split(jax.random.key(rc.seed), 2)  # [train objective, eval objective]
-    eval_rows = [_put(r, c.rows_sharding) for r in s.pipeline.eval_batches(rc.eval_batches)]
-    with _Signals() as signals:
+    put = lambda rows: _put(rows, s.rows_sharding, rc.batch_size)
+    eval_rows = [put(r) for r in s.pipeline.eval_batches(rc.eval_batches)]
+    with _Signals(jax.process_count()) as signals:
         for step in range(start, rc.steps):
-            rows = _put(s.pipeline.next_batch(), c.rows_sharding)
-            with zoo.sharding.use(s.mesh):
-                state, metrics = c.step(state, c.objective(jax.random.fold_in(keys[0], step), rows))
+            rows = put(s.pipeline.next_batch())
+            state, metrics = c.runner.step(state, c.objective(jax.random.fold_in(keys[0], step), rows))
             reporter.flush()  # the previous step's metrics, now that this step is queued
             done = step + 1
             extra = {}
             if done % rc.eval_interval == 0 or done == rc.steps:
                 with reporter.paused(state):
-                    extra = evaluate(c, s.mesh, state, eval_rows, keys[1])
+                    extra = evaluate(c, state, eval_rows, keys[1])
             if extra or done % rc.log_interval == 0 or done == rc.steps:
                 reporter.queue(done, metrics, extra)
-            stop = signals.received is not None
+            stop = signals.stop(done) is not None
             if stop or done % rc.checkpoint_every == 0 or done == rc.steps:
-                ckpt.save(done, state, {**s.record, "data": s.pipeline.position, "step": done}, force=True)
+                record = {**s.record, "data": s.pipeline.position, "step": done}
+                ckpt.save(done, c.runner.global_state(state), record, force=True)
             if stop:
                 reporter.flush()
                 return state, signals.received
@@ -241,10 +245,22 @@ def train_loop(rc: RunConfig, s: Setup, c: Compiled, ckpt: Checkpointer, state: 
     return state, None
 
 
+def _describe(rc: RunConfig, s: Setup, peak_note: str) -> str:
+    shape = "".join(f" {k}={v}" for k, v in rc.overrides.items())
+    mesh = {k: v for k, v in s.mesh.shape.items() if v > 1} or {"data": 1}
+    procs = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return (f"model {rc.model}{shape} ({s.cfg.family}, {zoo.param_count(s.cfg) / 1e6:.2f}M params, "
+            f"vocab {s.cfg.vocab_size}) | objective {s.record['objective']} | batch "
+            f"{rc.batch_size} x {rc.seq_len} | {len(s.pipeline.train_rows)} train rows "
+            f"({s.pipeline.epoch_steps} steps/epoch) | {rc.parallel} on mesh {mesh}{procs} | "
+            f"MFU peak: {peak_note}")
+
+
 def run(rc: RunConfig) -> dict[str, Any]:
     """Trains as `rc` says; returns {"steps", "loss", "eval_loss", "interrupted", "signal"}."""
     run_dir = Path(rc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    primary = hosts.is_primary()
     ckpt = Checkpointer(run_dir / "checkpoints", rc.checkpoint_every, rc.keep)
     try:
         latest = ckpt.latest_step()
@@ -256,21 +272,24 @@ def run(rc: RunConfig) -> dict[str, Any]:
         rc = dataclasses.replace(rc, warmup=rc.warmup_steps)
         s = setup(rc, run_dir)
         rc = dataclasses.replace(rc, objective=s.record["objective"])
-        (run_dir / "run.json").write_text(json.dumps(rc.to_dict(), indent=2))
-        (run_dir / "config.json").write_text(s.cfg.to_json())
-        state, start = initial_state(rc, s, ckpt)
+        if primary:
+            (run_dir / "run.json").write_text(json.dumps(rc.to_dict(), indent=2))
+            (run_dir / "config.json").write_text(s.cfg.to_json())
         compiled = compile_run(rc, s)
+        state, start = initial_state(rc, s, compiled, ckpt)
         flops = train_flops(s.cfg, rc.seq_len, s.objective.target_len) * rc.batch_size
         peak, peak_note = peak_flops(list(s.mesh.devices.flat), rc.peak_flops)
-        shape = "".join(f" {k}={v}" for k, v in rc.overrides.items())
-        print(f"model {rc.model}{shape} ({s.cfg.family}, {zoo.param_count(s.cfg) / 1e6:.2f}M params, "
-              f"vocab {s.cfg.vocab_size}) | objective {s.record['objective']} | batch "
-              f"{rc.batch_size} x {rc.seq_len} | {len(s.pipeline.train_rows)} train rows "
-              f"({s.pipeline.epoch_steps} steps/epoch) | mesh {dict(s.mesh.shape)} | MFU peak: "
-              f"{peak_note}", flush=True)
+        if primary:
+            print(_describe(rc, s, peak_note), flush=True)
+        if jax.process_count() > 1:  # every process says which rows it loads
+            per = rc.batch_size // s.pipeline.process_count
+            first = s.pipeline.process_index * per
+            print(f"process {jax.process_index()} of {jax.process_count()}: "
+                  f"{jax.local_device_count()} devices, loads rows {first}..{first + per - 1} of "
+                  f"each global batch of {rc.batch_size}", flush=True)
         t0 = time.time()
-        log = MetricsLog(run_dir, start if latest is not None else None)
-        reporter = Reporter(log, Progress(rc.steps, flops, peak), flops, peak, rc.steps)
+        log = MetricsLog(run_dir, start if latest is not None else None, enabled=primary)
+        reporter = Reporter(log, Progress(rc.steps, flops, peak, enabled=primary), flops, peak, rc.steps)
         try:
             state, stopped_by = train_loop(rc, s, compiled, ckpt, state, start, reporter)
         finally:
@@ -279,14 +298,16 @@ def run(rc: RunConfig) -> dict[str, Any]:
         steps_saved = ckpt.all_steps()
     finally:
         ckpt.close()
+    hosts.barrier("metrics written")  # process 0 has closed metrics.jsonl
     rows = read_metrics(run_dir / "metrics.jsonl")
-    if rows:
+    if rows and primary:
         plot_losses(rows, run_dir / "loss.png")
-    if stopped_by is not None:
+    if stopped_by is not None and primary:
         print(f"stopped by {signal.Signals(stopped_by).name}; checkpoint saved at step "
               f"{int(jax.device_get(state.step))}", flush=True)
-    print(summary(rows, run_dir, time.time() - t0, stopped_by is not None, steps_saved, peak_note),
-          flush=True)
+    if primary:
+        print(summary(rows, run_dir, time.time() - t0, stopped_by is not None, steps_saved, peak_note),
+              flush=True)
     evals = [r for r in rows if "eval_loss" in r]
     return {"steps": rows[-1]["step"] if rows else start, "loss": rows[-1]["loss"] if rows else None,
             "eval_loss": evals[-1]["eval_loss"] if evals else None,
@@ -294,10 +315,13 @@ def run(rc: RunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: exit 0 when done, 2 on a usage error, 128+signal when stopped by one."""
-    from train.cli import resolve
+    """CLI entry: exit 0 when done, 2 on a usage error, 128+signal when stopped by one.
+    The multi-process flags (or JAX_COORDINATOR_ADDRESS ...) join the job first."""
+    from train.cli import launch_flags, resolve
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        rc = resolve(sys.argv[1:] if argv is None else argv)
+        hosts.start(hosts.launch_from(launch_flags(argv)))
+        rc = resolve(argv)
         result = run(rc)
     except (ValueError, FileNotFoundError, RunError, CheckpointError, zoo.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -86,8 +86,10 @@ class Progress:
     """One line per logged step: step, loss, accuracy, tokens/s, MFU, ETA. On a terminal the
     line is rewritten in place with a bar; otherwise a line is printed at most every 2 s."""
 
-    def __init__(self, total: int, flops_per_step: float, peak: float | None, stream=None):
+    def __init__(self, total: int, flops_per_step: float, peak: float | None, stream=None,
+                 enabled: bool = True):
         stream = stream or sys.stdout
+        self.enabled = enabled  # False: silent (processes other than 0 of a multi-process run)
         self.total, self.flops, self.peak, self.stream = total, flops_per_step, peak, stream
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self._last_print = 0.0
@@ -104,6 +106,8 @@ class Progress:
 
     def show(self, row: dict[str, Any], force: bool = False) -> None:
         now = time.time()
+        if not self.enabled:
+            return
         if self.tty:
             self.stream.write("\r" + self.line(row) + "\033[K")
             self.stream.flush()
@@ -112,16 +116,20 @@ class Progress:
             self._last_print = now
 
     def newline(self) -> None:
-        if self.tty:
+        if self.tty and self.enabled:
             self.stream.write("\n")
             self.stream.flush()
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step) and TensorBoard when installed."""
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard when installed.
+    With enabled=False (processes other than 0) it writes nothing."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self._file, self._tb = None, None
+        if not enabled:
+            return
         if resume_step is not None:
             self._truncate(resume_step)
         elif self.path.exists():
@@ -138,6 +146,8 @@ class MetricsLog:
                     f.write(json.dumps(row) + "\n")
 
     def write(self, row: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -146,7 +156,8 @@ class MetricsLog:
                     self._tb.add_scalar(k, v, row["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -180,12 +191,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def plot_losses(rows: list[dict[str, Any]], path: Path) -> bool:
     """loss.png: train loss (and held-out loss) by step; False without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure (no pyplot) draws off-screen without switching the process's backend,
+        # so a notebook that calls run() keeps showing its own plots.
+        from matplotlib.figure import Figure
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
     ev = [r for r in rows if "eval_loss" in r]
     if ev:
@@ -196,7 +208,6 @@ def plot_losses(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True
 
 
