@@ -32,9 +32,15 @@ def matmul_peak(dtype: str = "float32", n: int | None = None) -> float:
 
 
 def stream_bandwidth(megabytes: int | None = None) -> float:
-    """Bytes/s of a streaming read+write over an array far larger than the caches."""
+    """Bytes/s read from memory by the fastest of two streaming reads over an array far larger
+    than the caches: a full reduction, and a matrix-vector product (what batch-1 decoding
+    does with every weight). Median of 7 each; decode bounds divide by this."""
     mb = megabytes or (4096 if on_accelerator() else 512)
-    x = jax.random.normal(jax.random.key(1), (mb * 2 ** 20 // 4,), jnp.float32)
-    f = jax.jit(lambda v: v * 1.0001 + 1.0)
-    seconds = median_time(lambda: f(x), iters=7, warmup=2)
-    return 2.0 * x.nbytes / seconds
+    rows = 8192
+    w = jax.random.normal(jax.random.key(1), (rows, mb * 2 ** 20 // 4 // rows), jnp.float32)
+    v = jnp.ones((1, rows), jnp.float32)
+    reduce = jax.jit(lambda a: jnp.sum(a))
+    matvec = jax.jit(lambda x, a: x @ a)
+    seconds = min(median_time(lambda: reduce(w), iters=7, warmup=2),
+                  median_time(lambda: matvec(v, w), iters=7, warmup=2))
+    return w.nbytes / seconds
