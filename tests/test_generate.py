@@ -4,6 +4,7 @@ and encdec families; zoo.encode for embeddings.
 Reference outputs come from full forward passes (teacher forcing) and from Hugging Face
 transformers' generate on the same random weights (loaded with zoo's HF import)."""
 
+import importlib
 import os
 
 import jax
@@ -322,11 +323,11 @@ HF_NEW = 12
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """name -> (transformers model, zoo cfg, zoo params), built lazily."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = importlib.import_module("torch")
+    transformers = importlib.import_module("transformers")
     os.environ["HF_HUB_OFFLINE"] = "1"
     transformers.logging.set_verbosity_error()
-    load_hf = getattr(zoo, "load_hf", None) or pytest.importorskip("zoo.hf").load_hf
+    load_hf = zoo.load_hf
     built = {}
 
     def get(name):

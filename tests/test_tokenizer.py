@@ -1,6 +1,7 @@
 """zoo.tokenizer: SentencePiece models shipped with checkpoints, in-process training, and T5
 sentinels (appended after the vocabulary, <extra_id_0> highest)."""
 
+import importlib
 import json
 import os
 import shutil
@@ -66,7 +67,7 @@ def test_extra_ids_from_special_tokens(tmp_path):
 
 
 def test_matches_transformers_t5_tokenizer(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = importlib.import_module("transformers")
     directory = _t5_dir(tmp_path)
     hf = transformers.T5Tokenizer.from_pretrained(directory, extra_ids=10)
     tok = zoo.tokenizer.load(directory, extra_ids=10)
