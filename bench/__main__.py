@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--param-dtype", default=None, help="default: float32 for train, else --dtype")
     p.add_argument("--attention", default=None, help="attention implementation (xla, cudnn)")
-    p.add_argument("--remat", action="store_true")
+    p.add_argument("--remat", default="none", choices=("none", "full", "dots", "minimal"),
+                   help="train: what the backward recomputes (zoo.nn.transformer.REMAT_POLICIES)")
     p.add_argument("--layers", type=int, default=None, help="override the depth (compile-time scaling)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")

@@ -31,7 +31,7 @@ def synthetic_batch(cfg: zoo.Config, batch: int, seq_len: int, seed: int = 0) ->
 
 
 def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5,
-              remat: bool = False) -> dict[str, Any]:
+              remat: str = "none") -> dict[str, Any]:
     """Median step time of `train.step` (AdamW, jitted with shardings, donated state)."""
     mesh = zoo.sharding.make_mesh({"data": 1}, jax.devices()[:1])
     hp = Hparams(total_steps=1000, warmup_steps=10, remat=remat)

@@ -104,7 +104,8 @@ def test_encdec_cached_decoding_equals_full_forward(overrides):
     out = run(params, cfg, src, tgt[:, :3], src_mask=src_mask, cache=zoo.init_cache(cfg, 2, 10))
     assert out.encoder_hidden.shape == (2, 9, cfg.d_model)
     cache, got = out.cache, [out.logits]
-    assert cache.cross.k.shape == (cfg.decoder_layers, 2, 9, cfg.kv_heads, cfg.head_size)
+    assert cache.cross.k.shape == (cfg.decoder_layers, 2, cfg.kv_heads, 9, cfg.head_size)
+    assert cache.cross.v.shape == (cfg.decoder_layers, 2, cfg.kv_heads, cfg.head_size, 9)
     for i in range(3, 10):
         o = run(params, cfg, None, tgt[:, i:i + 1], cache=cache)
         cache = o.cache
@@ -143,7 +144,8 @@ def test_quantize_round_trip():
 def test_cache_is_a_pytree_with_kv_heads_only():
     cfg = tiny("tiny-decoder")  # 4 query heads, 2 kv heads
     cache = zoo.init_cache(cfg, 3, 10)
-    assert cache.kv.k.shape == (cfg.num_layers, 3, 10, 2, cfg.head_size)
+    assert cache.kv.k.shape == (cfg.num_layers, 3, 2, 10, cfg.head_size)
+    assert cache.kv.v.shape == (cfg.num_layers, 3, 2, cfg.head_size, 10)
     assert cache.positions.shape == (3, 10) and bool(jnp.all(cache.positions == -1))
     leaves, treedef = jax.tree.flatten(cache)
     assert jax.tree.unflatten(treedef, leaves).ring == cache.ring
@@ -196,3 +198,38 @@ def test_cache_errors():
         zoo.encdec.decode(eparams, ecfg, None, toks, cache=zoo.init_cache(ecfg, 2, 8))
     with pytest.raises(ValueError, match="src is needed"):
         zoo.encdec.forward(eparams, ecfg, None, toks, cache=zoo.init_cache(ecfg, 2, 8))
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny-decoder", {}),
+    ("tiny-decoder", dict(sliding_window=4)),
+    ("tiny-decoder", dict(dtype="bfloat16")),
+])
+def test_unstacked_layers_with_a_per_layer_cache_equal_the_stack(name, overrides):
+    """The decoding layout (layers unstacked, run unrolled over a tuple of per-layer caches,
+    updated in place) gives the scanned stack's logits, chunk after chunk, int8 included."""
+    cfg = tiny(name, **overrides)
+    params = zoo.init(cfg, KEY)
+    flat = zoo.nn.transformer.unstack_layers(params)
+    assert isinstance(flat["decoder"]["layers"], tuple) and len(flat["decoder"]["layers"]) == cfg.num_layers
+    toks = tokens(jax.random.key(9), 2, 12)
+    for quantize in (False, True):
+        stacked, _ = _chunked_logits(params, cfg, toks, zoo.init_cache(cfg, 2, 12, quantize=quantize),
+                                     [5] + [1] * 7)
+        per_layer = zoo.init_cache(cfg, 2, 12, quantize=quantize, per_layer=True)
+        assert isinstance(per_layer.kv, tuple) and len(per_layer.kv) == cfg.num_layers
+        got, cache = _chunked_logits(flat, cfg, toks, per_layer, [5] + [1] * 7)
+        assert isinstance(cache.kv, tuple)
+        assert _max_diff(got, stacked) <= (2e-2 if cfg.dtype == "bfloat16" else TOL)
+
+
+def test_unstacked_encdec_cache_equals_the_stack():
+    cfg = tiny("tiny-encdec")
+    params = zoo.init(cfg, KEY)
+    flat = {**params, "decoder": zoo.nn.transformer.unstack_layers(params["decoder"])}
+    src, tgt = tokens(jax.random.key(10), 2, 7), tokens(jax.random.key(11), 2, 6)
+    run = jax.jit(zoo.encdec.forward, static_argnums=1)
+    want = run(params, cfg, src, tgt, cache=zoo.init_cache(cfg, 2, 6)).logits
+    out = run(flat, cfg, src, tgt, cache=zoo.init_cache(cfg, 2, 6, per_layer=True))
+    assert isinstance(out.cache.cross, tuple)
+    assert _max_diff(out.logits, want) <= TOL

@@ -103,12 +103,18 @@ def test_bf16_compute_keeps_fp32_params():
     assert float(m["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
 
 
-def test_remat_gives_the_same_update():
+@pytest.mark.parametrize("remat", [True, "full", "dots", "minimal"])
+def test_remat_gives_the_same_update(remat):
     cfg = tiny("tiny-decoder")
     batch = _batch(cfg)
     a, _ = train.step(_state(cfg), batch)
-    b, _ = train.step(_state(cfg, remat=True), batch)
+    b, _ = train.step(_state(cfg, remat=remat), batch)
     assert _max_diff(a.params, b.params) < 1e-6
+
+
+def test_unknown_remat_policy_is_named():
+    with pytest.raises(ValueError, match="remat.*'most'"):
+        train.Hparams(remat="most")
 
 
 def test_sharded_step_matches_one_device():

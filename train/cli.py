@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import zoo
+from zoo.nn.transformer import remat_policy
 
 # The main job (no arguments): a small Llama-style decoder on the standard library.
 MAIN_MODEL_OVERRIDES = {"d_model": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
@@ -40,7 +41,7 @@ class RunConfig:
     z_loss: float = 0.0
     aux_weight: float = 0.01
     accum_steps: int = 1
-    remat: bool = False
+    remat: bool | str = False  # none, full (True), dots, minimal
     seed: int = 0
     data: list = dataclasses.field(default_factory=list)  # empty: the standard library
     tokenizer: str | None = None  # a SentencePiece .model; None: train one
@@ -68,6 +69,10 @@ class RunConfig:
             raise ValueError(f"--lr: expected a positive learning rate, got {self.lr!r}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"accum_steps={self.accum_steps} must divide --batch-size {self.batch_size}")
+        try:
+            remat_policy(self.remat)
+        except ValueError as e:
+            raise ValueError(f"--{e}") from None
         if self.parallel not in ("jit", "pmap"):
             raise ValueError(f"--parallel: expected 'jit' or 'pmap', got {self.parallel!r}")
         if not isinstance(self.rules, dict):
@@ -127,7 +132,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=_TYPES.get(name, str), default=None, help=_HELP.get(name))
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the latest checkpoint in --run-dir")
-    p.add_argument("--remat", action="store_true", default=None, help="recompute activations in backward")
+    p.add_argument("--remat", nargs="?", const="full", default=None,
+                   choices=("none", "full", "dots", "minimal"),
+                   help="recompute activations in the backward pass: full (the flag alone), "
+                        "dots (keep only matmul outputs), minimal (keep weight matmuls)")
     hosts = p.add_argument_group("multi-process")
     for name, (help_text, kind) in LAUNCH_FLAGS.items():
         hosts.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)

@@ -9,6 +9,7 @@ import jax
 import optax
 
 import zoo
+from zoo.nn.transformer import remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +18,8 @@ class Hparams:
 
     accum_steps: micro-batches per step (the batch is split k ways and scanned);
     z_loss: weight of mean(logsumexp(logits)^2); aux_weight: weight of the MoE balance loss;
-    remat: recompute each layer's activations in the backward pass."""
+    remat: what the backward pass recomputes instead of storing: "none" (False), "full"
+    (True), "dots" or "minimal" (`zoo.nn.transformer.REMAT_POLICIES`)."""
 
     learning_rate: float = 3e-4
     warmup_steps: int = 100
@@ -31,9 +33,10 @@ class Hparams:
     z_loss: float = 0.0
     aux_weight: float = 0.01
     accum_steps: int = 1
-    remat: bool = False
+    remat: bool | str = False
 
     def __post_init__(self) -> None:
+        remat_policy(self.remat)  # raises on an unknown policy
         checks = {
             "learning_rate": self.learning_rate > 0,
             "warmup_steps": self.warmup_steps >= 0,

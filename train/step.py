@@ -80,7 +80,7 @@ def check_batch(cfg: zoo.Config, batch: Batch) -> None:
 
 
 def forward(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None = None,
-            remat: bool = False) -> zoo.Output:
+            remat: bool | str = False) -> zoo.Output:
     """The family's forward on a batch dict (the family is picked from cfg.family)."""
     inputs = batch["inputs"]
     if cfg.family == "encdec":
@@ -95,7 +95,7 @@ def forward(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None = 
 
 
 def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
-              remat: bool = False) -> dict[str, jax.Array]:
+              remat: bool | str = False) -> dict[str, jax.Array]:
     """Sums over the batch: weighted cross entropy `ce`, `z` (weighted lse^2), `correct`,
     `weight`; `aux` is the model's MoE balance loss. Logits go to fp32 before logsumexp."""
     out = forward(params, cfg, batch, key, remat)

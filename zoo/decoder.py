@@ -29,7 +29,7 @@ def spec(cfg: Config) -> Spec:
 def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | None = None,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
             prefix_mask: jax.Array | None = None, key: jax.Array | None = None,
-            remat: bool = False, cache: Cache | None = None) -> Output:
+            remat: bool | str = False, cache: Cache | None = None) -> Output:
     """Causal LM forward.
 
     tokens: int [B, T]; mask: bool [B, T], True on real tokens (left or right padding);

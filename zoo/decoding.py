@@ -1,6 +1,7 @@
 """One interface over the decoder and encdec families for the decoding loops in
 `zoo.generate`, `zoo.beam_search` and `zoo.speculative`:
 
+    params = unstacked(params)                                          # once per call
     cache = new_cache(cfg, batch, reach, options)
     logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)   # [B, V]: first new token
     logits, cache = step(params, cfg, tokens, cache)                  # tokens [B, T] -> [B, T, V]
@@ -21,6 +22,7 @@ from zoo import decoder, encdec
 from zoo.config import Config
 from zoo.nn import cache as kv_cache
 from zoo.nn.embeddings import vocab_logits
+from zoo.nn.transformer import unstack_layers
 from zoo.sampling import Sampler
 
 
@@ -45,9 +47,17 @@ def reach(cfg: Config, prompt_len: int, opts: Options) -> int:
     return fed + opts.num_speculative
 
 
+def unstacked(params: dict) -> dict:
+    """params with the decoder stack's layers split apart (`unstack_layers`): the decoding
+    loops run them unrolled over per-layer caches (`new_cache`), so no token step copies a
+    layer's weights or cache out of a stack. One copy of the decoder weights per call."""
+    return {**params, "decoder": unstack_layers(params["decoder"])}
+
+
 def new_cache(cfg: Config, batch: int, length: int, opts: Options) -> kv_cache.Cache:
+    """An empty per-layer cache for `unstacked` parameters."""
     chunk = opts.num_speculative + 1
-    return kv_cache.init(cfg, batch, length, quantize=opts.quantize, chunk=chunk)
+    return kv_cache.init(cfg, batch, length, quantize=opts.quantize, chunk=chunk, per_layer=True)
 
 
 def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -8,6 +8,7 @@ tgt -> embed -> scan(causal layer + cross-attention over memory) -> norm -> head
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from zoo.config import Config
 from zoo.nn.attention import project_kv
@@ -31,7 +32,7 @@ def spec(cfg: Config) -> Spec:
 
 
 def encode(params: dict, cfg: Config, src: jax.Array, src_mask: jax.Array | None = None,
-           key: jax.Array | None = None, remat: bool = False) -> tuple[jax.Array, jax.Array]:
+           key: jax.Array | None = None, remat: bool | str = False) -> tuple[jax.Array, jax.Array]:
     """src int [B, S] -> (memory [B, S, D], MoE balance loss)."""
     check_tokens("src", src, cfg)
     check_mask("src_mask", src_mask, "src", src)
@@ -43,11 +44,18 @@ def encode(params: dict, cfg: Config, src: jax.Array, src_mask: jax.Array | None
     return run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
 
 
-def cross_cache(params: dict, cfg: Config, memory: jax.Array) -> LayerKV:
+def cross_cache(params: dict, cfg: Config, memory: jax.Array) -> LayerKV | tuple[LayerKV, ...]:
     """Cross-attention keys/values of every decoder layer over memory [B, S, D], computed
-    once: LayerKV of [L, B, S, K, H]."""
-    k, v = jax.vmap(lambda p: project_kv(p, memory))(params["decoder"]["layers"]["cross"])
-    return LayerKV(k, v)
+    once in the cache layout (keys [B, K, S, H], values [B, K, H, S]): stacked on a leading
+    [L] axis, or a tuple of layers for unstacked parameters."""
+    def one(p: dict) -> LayerKV:
+        k, v = project_kv(p, memory)
+        return LayerKV(jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 2, 3, 1)))
+
+    layers = params["decoder"]["layers"]
+    if isinstance(layers, tuple):
+        return tuple(one(p["cross"]) for p in layers)
+    return jax.vmap(one)(layers["cross"])
 
 
 def prime_cache(params: dict, cfg: Config, cache: Cache, src: jax.Array,
@@ -60,7 +68,7 @@ def prime_cache(params: dict, cfg: Config, cache: Cache, src: jax.Array,
 
 def decode(params: dict, cfg: Config, memory: jax.Array | None, tgt: jax.Array,
            src_mask: jax.Array | None = None, tgt_mask: jax.Array | None = None,
-           key: jax.Array | None = None, remat: bool = False, cache: Cache | None = None) -> Output:
+           key: jax.Array | None = None, remat: bool | str = False, cache: Cache | None = None) -> Output:
     """Decoder over tgt int [B, T] attending to memory [B, S, D] -> Output(logits [B, T, V]).
 
     With a primed cache (`prime_cache`), memory and src_mask are not needed: tgt continues
@@ -94,7 +102,7 @@ def cached_hidden(params: dict, cfg: Config, tgt: jax.Array, cache: Cache, *,
     stack = params["decoder"]
     x = embed_for_stack(stack, embed_tokens(params["embed"], tgt, cfg), positions, cfg, keys[0])
     ctx, plan, slot_pos = cached_self_context(stack, cfg, positions, tgt_mask, cache)
-    cross = cross_context(positions, cache.cross_valid, cache.cross.k.shape[2])
+    cross = cross_context(positions, cache.cross_valid, cache.cross_len)
     hidden, aux, kv = run_stack_cached(stack, x, ctx, cfg, cross_ctx=cross, kv=cache.kv, plan=plan,
                                        cross_kv=cache.cross, key=keys[1])
     return hidden, aux, advance(cache, kv, slot_pos, tgt.shape[1], tgt_mask)
@@ -102,7 +110,7 @@ def cached_hidden(params: dict, cfg: Config, tgt: jax.Array, cache: Cache, *,
 
 def forward(params: dict, cfg: Config, src: jax.Array | None, tgt: jax.Array, *,
             src_mask: jax.Array | None = None, tgt_mask: jax.Array | None = None,
-            key: jax.Array | None = None, remat: bool = False, cache: Cache | None = None) -> Output:
+            key: jax.Array | None = None, remat: bool | str = False, cache: Cache | None = None) -> Output:
     """Sequence-to-sequence forward.
 
     src: int [B, S] encoder tokens, src_mask: bool [B, S]; tgt: int [B, T] decoder inputs

@@ -43,7 +43,7 @@ def mlm_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
 def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | None = None,
             token_types: jax.Array | None = None, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, key: jax.Array | None = None,
-            remat: bool = False) -> Output:
+            remat: bool | str = False) -> Output:
     """Bidirectional encoder forward.
 
     tokens: int [B, T]; mask: bool [B, T], True on real tokens; token_types: int [B, T]

@@ -26,7 +26,7 @@ import numpy as np
 from zoo import sampling
 from zoo.beam_search import beam_search
 from zoo.config import Config
-from zoo.decoding import Options, is_stop, new_cache, prefill, reach, step
+from zoo.decoding import Options, is_stop, new_cache, prefill, reach, step, unstacked
 from zoo.nn.checks import check_mask, check_tokens
 from zoo.sampling import Sampler, choose
 from zoo.speculative import speculative
@@ -83,6 +83,9 @@ def _run(params: dict, prompt: jax.Array, prompt_mask: jax.Array | None, key: ja
          draft_params: dict | None, *, cfg: Config, draft_cfg: Config | None,
          opts: Options) -> jax.Array:
     prompt = prompt.astype(jnp.int32)
+    params = unstacked(params)
+    if draft_params is not None:
+        draft_params = unstacked(draft_params)
     if opts.num_beams > 1:
         return beam_search(params, cfg, prompt, prompt_mask, opts)
     if draft_cfg is not None:

@@ -93,25 +93,29 @@ def project_kv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
            bias: jax.Array | None, scale: float, implementation: str = "xla",
-           causal: bool = False) -> jax.Array:
-    """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
+           causal: bool = False, heads_major: bool = False) -> jax.Array:
+    """q: [B, T, N, H], k/v: [B, S, K, H] (or the cache layout with heads_major: k [B, K,
+    S, H], v [B, K, H, S]), mask: [B, T, S] -> [B, T, N, H].
 
     implementation "cudnn" runs NVIDIA's fused kernel through `jax.nn.dot_product_attention`
     (`causal` lets it skip masked blocks); "xla" is the einsum below, on any device."""
     if implementation == "cudnn":
+        if heads_major:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 3, 1, 2))
         full_bias = None if bias is None else bias.astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=mask[:, None],
                                             scale=scale, is_causal=causal,
                                             implementation="cudnn")
     b, t, n, h = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1 if heads_major else 2]
+    ks, vs = ("bksh", "bkhs") if heads_major else ("bskh", "bskh")
     q = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgh,{ks}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kv, n // kv, *bias.shape[2:])
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum(f"bkgts,{vs}->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 
@@ -133,13 +137,17 @@ def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
 
 
 def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
-                cfg: Config) -> jax.Array:
+                cfg: Config, heads_major: bool = False) -> jax.Array:
     """Attention of q over k, v under ctx, projected back to [B, T, D]."""
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    k_axes = ("kv_heads", "length", "head_dim") if heads_major else ("length", "kv_heads", "head_dim")
+    k = constrain(k, ("batch", *k_axes))
     scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
-    out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal)
-    y = jnp.einsum("btnh,nhd->btd", out, p["o"].astype(q.dtype))
+    out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, heads_major)
+    # One [N*H, D] matmul: as an einsum over (n, h), XLA may transpose the weight to match
+    # the activation's layout, a full copy of W_o on every decoding step.
+    b, t, n, h = out.shape
+    y = jnp.dot(out.reshape(b, t, n * h), p["o"].astype(q.dtype).reshape(n * h, -1))
     if "o_bias" in p:
         y = y + p["o_bias"].astype(q.dtype)
     return y
@@ -147,18 +155,19 @@ def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
 
 def apply_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config,
                     rope_freq: np.ndarray | None = None,
-                    kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                    kv: tuple[jax.Array, jax.Array] | None = None,
+                    heads_major: bool = False) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]. Self-attention, or cross-attention over precomputed
-    `kv` ([B, S, K, H] each; no RoPE on cross keys)."""
+    `kv` ([B, S, K, H] each, or the cache layout with heads_major; no RoPE on cross keys)."""
     q, k, v = _qkv(p, x, ctx, rope_freq, kv)
-    return _attend_out(p, q, k, v, ctx, cfg)
+    return _attend_out(p, q, k, v, ctx, cfg, heads_major)
 
 
 def apply_cached_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config, layer: LayerKV,
                            plan: Plan, rope_freq: np.ndarray | None = None) -> tuple[jax.Array, LayerKV]:
-    """Self-attention of a chunk x: [B, T, D] over a layer's cache ([B, R, K, H]) plus its
+    """Self-attention of a chunk x: [B, T, D] over a layer's cache (R slots) plus its
     own keys; ctx.mask is [B, T, R] (or [B, T, R + T] for a concat plan).
     Returns (y [B, T, D], the layer cache with the chunk's keys and values stored)."""
     q, k, v = _qkv(p, x, ctx, rope_freq, None)
     k, v, layer = update_cache(layer, k, v, plan)
-    return _attend_out(p, q, k, v, ctx, cfg), layer
+    return _attend_out(p, q, k, v, ctx, cfg, heads_major=True), layer

@@ -1,8 +1,17 @@
 """Key/value caches for decoding.
 
-A `Cache` is a pytree preallocated to a fixed number of slots R. The keys and values of all
-layers are stacked, `[layers, B, R, K, H]`, so a layer's slice rides through the layer
-`lax.scan` as xs and comes back as ys; only the K key/value heads are stored (GQA, MQA).
+A `Cache` is a pytree preallocated to a fixed number of slots R; only the K key/value heads
+are stored (GQA, MQA), heads first: keys `[B, K, R, H]` and values `[B, K, H, R]` (slots
+last). Both attention matmuls (q·K over H, p·V over R) then find their contracted axis
+innermost in the cache, the operand layout XLA's CPU matmuls take without a copy; any other
+order makes XLA transpose the whole cache on every step. The layers come in one of two layouts, matching the parameters they run with:
+
+- stacked, `LayerKV` with a leading `[layers]` axis: a layer's slice rides through the layer
+  `lax.scan` as xs and comes back as ys (stacked parameters, the default);
+- per layer, a tuple of `LayerKV` (`init(..., per_layer=True)`): each layer's
+  buffer is updated in place by an unrolled layer loop. Decoding loops use this layout with
+  unstacked parameters (`zoo.nn.transformer.unstack_layers`), because slicing a layer out of
+  a stack copies it, and a per-token copy of every weight and cache costs more than the step.
 
 Each slot remembers the integer position of the token in it (`positions [B, R]`, -1 where
 empty or padding), and attention masks are built from positions (`attention_mask`), so one
@@ -33,8 +42,8 @@ from zoo.config import Config
 
 
 class LayerKV(NamedTuple):
-    """Keys and values: k, v [B, R, K, H] (with a leading [L] axis when stacked), in the
-    compute dtype, or int8 with k_scale, v_scale [B, R, K] fp32."""
+    """Keys k [B, K, R, H] and values v [B, K, H, R] (with a leading [L] axis when
+    stacked), in the compute dtype, or int8 with k_scale, v_scale [B, K, R] fp32."""
 
     k: jax.Array
     v: jax.Array
@@ -56,16 +65,18 @@ class Plan(NamedTuple):
 class Cache:
     """Decoding state of one model.
 
-    kv: self-attention keys/values, LayerKV of [L, B, R, K, H].
+    kv: self-attention keys/values, LayerKV with a leading [L] axis (stacked) or a tuple of
+        L LayerKV (per layer).
     positions: [B, R] int32 position of the token in each slot, -1 if empty or padding.
     index: [] int32, tokens written so far (padding included); the next goes to index % R.
     lengths: [B] int32, real tokens seen per row: the position of the row's next token.
-    cross: encdec cross-attention keys/values, LayerKV of [L, B, S, K, H], or None.
+    cross: encdec cross-attention keys/values in the layout of kv (S source slots),
+        or None.
     cross_valid: [B, S] bool, the source mask, or None.
     ring: slots wrap around (sliding window shorter than the cache's reach).
     """
 
-    kv: LayerKV
+    kv: LayerKV | tuple[LayerKV, ...]
     positions: jax.Array
     index: jax.Array
     lengths: jax.Array
@@ -83,7 +94,34 @@ class Cache:
 
     @property
     def quantized(self) -> bool:
-        return self.kv.k_scale is not None
+        return layer_kv(self.kv, 0).k_scale is not None
+
+    @property
+    def cross_len(self) -> int:
+        """S, the source length of the cached cross-attention keys (a primed encdec cache)."""
+        return layer_kv(self.cross, 0).k.shape[-2]
+
+
+def is_stacked(kv: LayerKV | tuple[LayerKV, ...]) -> bool:
+    """True for the stacked layout (LayerKV of [L, ...]), False for a tuple of layers."""
+    return isinstance(kv, LayerKV)
+
+
+def layer_kv(kv: LayerKV | tuple[LayerKV, ...], i: int) -> LayerKV:
+    """Layer i's keys/values from either layout."""
+    return jax.tree.map(lambda a: a[i], kv) if is_stacked(kv) else kv[i]
+
+
+def per_layer(kv: LayerKV | tuple[LayerKV, ...]) -> tuple[LayerKV, ...]:
+    """Either layout as a tuple of layers (copies when it splits a stack)."""
+    if not is_stacked(kv):
+        return tuple(kv)
+    return tuple(layer_kv(kv, i) for i in range(kv.k.shape[0]))
+
+
+def stacked(kv: LayerKV | tuple[LayerKV, ...]) -> LayerKV:
+    """Either layout as LayerKV of [L, ...]."""
+    return kv if is_stacked(kv) else jax.tree.map(lambda *xs: jnp.stack(xs), *kv)
 
 
 def slots_needed(cfg: Config, length: int, chunk: int = 1) -> tuple[int, bool]:
@@ -95,24 +133,28 @@ def slots_needed(cfg: Config, length: int, chunk: int = 1) -> tuple[int, bool]:
 
 
 def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk: int = 1,
-         num_layers: int | None = None) -> Cache:
+         num_layers: int | None = None, per_layer: bool = False) -> Cache:
     """An empty cache that reaches `length` tokens (prompt included) for `batch` rows.
 
     chunk: the longest chunk fed after the first call (speculative decoding: k + 1); it
     sizes the ring of sliding-window models. num_layers: default the decoder depth.
+    per_layer: a tuple of per-layer buffers (for unstacked parameters) instead of a stack.
     """
     if batch < 1 or length < 1 or chunk < 1:
         raise ValueError(f"cache: batch, length and chunk must be >= 1, got {batch}, {length}, {chunk}")
     layers = num_layers or (cfg.decoder_layers if cfg.family == "encdec" else cfg.num_layers)
     size, ring = slots_needed(cfg, length, chunk)
-    shape = (layers, batch, size, cfg.kv_heads, cfg.head_size)
-    if quantize:
-        zeros = jnp.zeros(shape, jnp.int8)
-        scales = jnp.zeros(shape[:-1], jnp.float32)
-        kv = LayerKV(zeros, zeros, scales, scales)
-    else:
-        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-        kv = LayerKV(zeros, zeros)
+    lead = (batch, cfg.kv_heads) if per_layer else (layers, batch, cfg.kv_heads)
+    k_shape, v_shape = (*lead, size, cfg.head_size), (*lead, cfg.head_size, size)
+
+    def buffers() -> LayerKV:
+        if quantize:
+            scales = jnp.zeros((*lead, size), jnp.float32)
+            return LayerKV(jnp.zeros(k_shape, jnp.int8), jnp.zeros(v_shape, jnp.int8), scales, scales)
+        dt = jnp.dtype(cfg.dtype)
+        return LayerKV(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt))
+
+    kv = tuple(buffers() for _ in range(layers)) if per_layer else buffers()
     return Cache(kv=kv, positions=jnp.full((batch, size), -1, jnp.int32),
                  index=jnp.zeros((), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32), ring=ring)
 
@@ -125,64 +167,72 @@ def plan(cache: Cache, num_new: int, window: int | None) -> Plan:
 
 
 # --- int8 -------------------------------------------------------------------------------
-def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [..., H] -> (int8 [..., H], fp32 scale [...]) with x ~= q * scale."""
+def quantize(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """x -> (int8 like x, fp32 scale without `axis`) with x ~= q * scale (absmax over axis)."""
     xf = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0
-    q = jnp.round(xf / jnp.where(scale == 0, 1.0, scale)[..., None])
+    scale = jnp.max(jnp.abs(xf), axis=axis) / 127.0
+    q = jnp.round(xf / jnp.expand_dims(jnp.where(scale == 0, 1.0, scale), axis))
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
-def dequantize(q: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+def dequantize(q: jax.Array, scale: jax.Array, dtype: jnp.dtype, axis: int = -1) -> jax.Array:
+    return (q.astype(jnp.float32) * jnp.expand_dims(scale, axis)).astype(dtype)
 
 
 # --- writing ----------------------------------------------------------------------------
-def _write(buf: jax.Array, new: jax.Array, p: Plan) -> jax.Array:
-    """buf [B, R, ...] <- new [B, T, ...] at the plan's slots."""
-    t = new.shape[1]
+def _write(buf: jax.Array, new: jax.Array, p: Plan, axis: int) -> jax.Array:
+    """buf <- new at the plan's slots along the slot axis (R in buf, T in new)."""
+    t = new.shape[axis]
+    at = lambda idx: buf.at[(slice(None),) * axis + (idx,)]
     if p.concat:
         keep = min(t, p.size)
         slots = (p.index + t - keep + jnp.arange(keep)) % p.size
-        return buf.at[:, slots].set(new[:, t - keep:])
+        return at(slots).set(jax.lax.slice_in_dim(new, t - keep, t, axis=axis))
     if not p.ring:
-        return jax.lax.dynamic_update_slice_in_dim(buf, new, p.index, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, p.index, axis=axis)
     if t == 1:
-        return jax.lax.dynamic_update_slice_in_dim(buf, new, p.index % p.size, axis=1)
-    return buf.at[:, (p.index + jnp.arange(t)) % p.size].set(new)
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, p.index % p.size, axis=axis)
+    return at((p.index + jnp.arange(t)) % p.size).set(new)
 
 
 def _store(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> LayerKV:
+    """k [B, K, T, H], v [B, K, H, T] into the layer's slots."""
     if layer.k_scale is None:
-        return LayerKV(_write(layer.k, k.astype(layer.k.dtype), p), _write(layer.v, v.astype(layer.v.dtype), p))
-    (qk, sk), (qv, sv) = quantize(k), quantize(v)
-    return LayerKV(_write(layer.k, qk, p), _write(layer.v, qv, p),
-                   _write(layer.k_scale, sk, p), _write(layer.v_scale, sv, p))
+        return LayerKV(_write(layer.k, k.astype(layer.k.dtype), p, 2),
+                       _write(layer.v, v.astype(layer.v.dtype), p, 3))
+    (qk, sk), (qv, sv) = quantize(k), quantize(v, axis=2)
+    return LayerKV(_write(layer.k, qk, p, 2), _write(layer.v, qv, p, 3),
+                   _write(layer.k_scale, sk, p, 2), _write(layer.v_scale, sv, p, 2))
 
 
 def _read(layer: LayerKV, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     if layer.k_scale is None:
         return layer.k.astype(dtype), layer.v.astype(dtype)
-    return dequantize(layer.k, layer.k_scale, dtype), dequantize(layer.v, layer.v_scale, dtype)
+    return (dequantize(layer.k, layer.k_scale, dtype),
+            dequantize(layer.v, layer.v_scale, dtype, axis=-2))
 
 
 def update(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> tuple[jax.Array, jax.Array, LayerKV]:
     """Stores new keys/values k, v [B, T, K, H] of one layer.
 
-    Returns (keys, values) to attend over, [B, R, K, H] (or [B, R + T, K, H] for a concat
-    plan) in k's dtype, and the updated layer cache."""
-    stored = _store(layer, k, v, p)
+    Returns keys [B, K, R, H] and values [B, K, H, R] to attend over (R + T slots for a
+    concat plan) in k's dtype, and the updated layer cache."""
+    k, v = jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 2, 3, 1))
+    # The barrier keeps the write one in-place update: without it XLA fuses a second copy of
+    # the write into the attention matmul's reshaped operand, and two in-place writes to one
+    # buffer cost three full copies of the layer's cache per step.
+    stored = jax.lax.optimization_barrier(_store(layer, k, v, p))
     if p.concat:
         # The chunk's own keys are used at full precision; only what stays is quantized.
         old_k, old_v = _read(layer, k.dtype)
-        return jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=1), stored
+        return jnp.concatenate([old_k, k], axis=2), jnp.concatenate([old_v, v], axis=3), stored
     return (*_read(stored, k.dtype), stored)
 
 
 def key_positions(cache: Cache, p: Plan, new_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """new_positions [B, T] (-1 on padding) -> (positions of the keys attended over,
     [B, R] or [B, R + T], and the cache's updated slot positions [B, R])."""
-    stored = _write(cache.positions, new_positions, p)
+    stored = _write(cache.positions, new_positions, p, 1)
     if p.concat:
         return jnp.concatenate([cache.positions, new_positions], axis=1), stored
     return stored, stored
@@ -203,16 +253,21 @@ def rewind(cache: Cache, n: jax.Array) -> Cache:
 
 
 def with_cross(cache: Cache, cross: LayerKV, valid: jax.Array | None) -> Cache:
-    """Adds encdec cross-attention keys/values [L, B, S, K, H] and the source mask [B, S]."""
+    """Adds encdec cross-attention keys/values (either layout; stored in the cache's) and
+    the source mask [B, S]."""
     if valid is None:
-        valid = jnp.ones(cross.k.shape[1:3], bool)
+        k = layer_kv(cross, 0).k
+        valid = jnp.ones(k.shape[:1] + k.shape[2:3], bool)
+    cross = stacked(cross) if is_stacked(cache.kv) else per_layer(cross)
     return cache.replace(cross=cross, cross_valid=valid)
 
 
 def _map_rows(cache: Cache, fn) -> Cache:
     """Applies fn(array, batch_axis) to every per-row array."""
-    def on_kv(kv: LayerKV | None) -> LayerKV | None:
-        return None if kv is None else jax.tree.map(lambda a: fn(a, 1), kv)
+    def on_kv(kv: LayerKV | tuple[LayerKV, ...] | None) -> LayerKV | tuple[LayerKV, ...] | None:
+        if kv is None:
+            return None
+        return jax.tree.map(lambda a: fn(a, 1 if is_stacked(kv) else 0), kv)
 
     return cache.replace(kv=on_kv(cache.kv), cross=on_kv(cache.cross),
                          positions=fn(cache.positions, 0), lengths=fn(cache.lengths, 0),

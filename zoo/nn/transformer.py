@@ -17,6 +17,7 @@ from zoo.config import Config
 from zoo.nn.attention import (Context, apply_attention, apply_cached_attention, attention_mask,
                               attention_spec, project_kv)
 from zoo.nn.cache import Cache, LayerKV, Plan, key_positions, plan as cache_plan
+from zoo.nn.cache import per_layer as kv_per_layer, stacked as kv_stacked
 from zoo.nn.embeddings import add_positions, position_spec
 from zoo.nn.mlp import apply_mlp, mlp_spec
 from zoo.nn.moe import apply_moe, moe_spec
@@ -44,6 +45,29 @@ def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
     if cfg.final_norm:
         spec["final_norm"] = norm_spec(cfg)
     return spec
+
+
+# What the backward pass may keep from the forward of each layer (`remat`); the rest is
+# recomputed. "none": everything autodiff saves; "full": only the layer's input; "dots":
+# every matmul output (norms, activations and softmax are recomputed, which on a
+# bandwidth-bound device is cheaper than storing and reloading them); "minimal": only the
+# weight matmuls (attention scores are recomputed too).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(remat: bool | str) -> Callable | None:
+    """The checkpoint policy of a `remat` setting (False/"none" -> None, True -> "full")."""
+    if remat is False or remat == "none":
+        return None
+    if remat is True:
+        remat = "full"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat: expected one of {('none', *REMAT_POLICIES)} or a bool, got {remat!r}")
+    return REMAT_POLICIES[remat]
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -125,9 +149,11 @@ def _layer(p: dict, x: jax.Array, ctx: Context, cfg: Config, memory: jax.Array |
 
     x = _residual(x, p["attn_norm"], self_attention, cfg, keys[0])
     if memory is not None or cross_kv is not None:
-        ckv = project_kv(p["cross"], memory) if cross_kv is None else (cross_kv.k, cross_kv.v)
+        cached = cross_kv is not None  # the cache layout, [B, K, S, H]
+        ckv = (cross_kv.k, cross_kv.v) if cached else project_kv(p["cross"], memory)
         x = _residual(x, p["cross_norm"],
-                      lambda h: apply_attention(p["cross"], h, cross_ctx, cfg, kv=ckv), cfg, keys[1])
+                      lambda h: apply_attention(p["cross"], h, cross_ctx, cfg, kv=ckv,
+                                                heads_major=cached), cfg, keys[1])
     aux = jnp.zeros((), jnp.float32)
     if cfg.moe:
         moe_out = {}
@@ -145,23 +171,54 @@ def _layer(p: dict, x: jax.Array, ctx: Context, cfg: Config, memory: jax.Array |
 
 def run_stack(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
               memory: jax.Array | None = None, cross_ctx: Context | None = None,
-              key: jax.Array | None = None, remat: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Scans the stacked layers over x: [B, T, D]; applies the final norm.
+              key: jax.Array | None = None, remat: bool | str = False) -> tuple[jax.Array, jax.Array]:
+    """Scans the stacked layers over x: [B, T, D]; applies the final norm. remat: a policy
+    name of REMAT_POLICIES, "none", or a bool (True = "full").
     Returns (hidden [B, T, D], mean MoE balance loss over layers)."""
     x, aux, _ = run_stack_cached(p_stack, x, ctx, cfg, memory, cross_ctx, key=key, remat=remat)
     return x, aux
 
 
+def unstack_layers(params: dict) -> dict:
+    """params with every stack's `layers` (arrays with a leading [L] axis) split into a tuple
+    of L per-layer trees. Stacks then run as an unrolled Python loop over separate buffers:
+    what decoding wants, since a scan slices (copies) each layer's weights on every token.
+    Training keeps the stack (one compiled layer, compile time flat in depth)."""
+    def split(node: object) -> object:
+        if not isinstance(node, dict):
+            return node
+        out = {k: split(v) for k, v in node.items() if k != "layers"}
+        if "layers" in node:
+            layers = node["layers"]
+            n = layers_count(layers)
+            out["layers"] = layers if isinstance(layers, tuple) else tuple(
+                jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
+        return out
+
+    return split(params)
+
+
+def layers_count(layers: dict | tuple) -> int:
+    """L of a stack's layers, stacked or unstacked."""
+    return len(layers) if isinstance(layers, tuple) else jax.tree.leaves(layers)[0].shape[0]
+
+
 def run_stack_cached(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
                      memory: jax.Array | None = None, cross_ctx: Context | None = None,
-                     kv: LayerKV | None = None, plan: Plan | None = None,
-                     cross_kv: LayerKV | None = None, key: jax.Array | None = None,
-                     remat: bool = False) -> tuple[jax.Array, jax.Array, LayerKV | None]:
-    """run_stack over stacked layer caches: kv [L, B, R, K, H] (each layer's slice is scan
-    xs, its update scan ys) and cross_kv [L, B, S, K, H].
-    Returns (hidden [B, T, D], mean MoE loss, updated kv [L, ...] or None)."""
-    num_layers = jax.tree.leaves(p_stack["layers"])[0].shape[0]
+                     kv: LayerKV | tuple[LayerKV, ...] | None = None, plan: Plan | None = None,
+                     cross_kv: LayerKV | tuple[LayerKV, ...] | None = None,
+                     key: jax.Array | None = None, remat: bool | str = False
+                     ) -> tuple[jax.Array, jax.Array, LayerKV | tuple[LayerKV, ...] | None]:
+    """run_stack over layer caches: kv [L, B, R, K, H] and cross_kv [L, B, S, K, H], stacked
+    (each layer's slice is scan xs, its update scan ys) or per layer (tuples of [B, ...]).
+    Stacked layers run as a `lax.scan`; unstacked ones (`unstack_layers`) as an unrolled
+    loop. Returns (hidden [B, T, D], mean MoE loss, updated kv in its layout, or None)."""
+    if isinstance(p_stack["layers"], tuple):
+        return _run_unrolled(p_stack, x, ctx, cfg, memory, cross_ctx, kv, plan, cross_kv, key)
+    num_layers = layers_count(p_stack["layers"])
     keys = jax.random.split(key, num_layers) if key is not None else None
+    kv = None if kv is None else kv_stacked(kv)
+    cross_kv = None if cross_kv is None else kv_stacked(cross_kv)
 
     def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
         layer_p, layer_key, layer_kv, layer_cross = xs
@@ -169,12 +226,34 @@ def run_stack_cached(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
                                 layer_kv, plan, layer_cross)
         return h, (aux, new_kv)
 
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    policy = remat_policy(remat)
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
     x, (aux, new_kv) = jax.lax.scan(body, x, (p_stack["layers"], keys, kv, cross_kv))
     if "final_norm" in p_stack:
         x = apply_norm(p_stack["final_norm"], x, cfg)
     return x, jnp.mean(aux), new_kv
+
+
+def _run_unrolled(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
+                  memory: jax.Array | None, cross_ctx: Context | None,
+                  kv: LayerKV | tuple[LayerKV, ...] | None, plan: Plan | None,
+                  cross_kv: LayerKV | tuple[LayerKV, ...] | None, key: jax.Array | None
+                  ) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...] | None]:
+    layers = p_stack["layers"]
+    keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
+    kv = None if kv is None else kv_per_layer(kv)
+    cross_kv = None if cross_kv is None else kv_per_layer(cross_kv)
+    auxes, new_kv = [], []
+    for i, layer_p in enumerate(layers):
+        x, aux, layer_kv = _layer(layer_p, x, ctx, cfg, memory, cross_ctx, keys[i],
+                                  None if kv is None else kv[i], plan,
+                                  None if cross_kv is None else cross_kv[i])
+        auxes.append(aux)
+        new_kv.append(layer_kv)
+    if "final_norm" in p_stack:
+        x = apply_norm(p_stack["final_norm"], x, cfg)
+    return x, jnp.mean(jnp.stack(auxes)), None if kv is None else tuple(new_kv)
 
 
 def cached_self_context(p_stack: dict, cfg: Config, positions: jax.Array,
