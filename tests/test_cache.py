@@ -104,8 +104,8 @@ def test_encdec_cached_decoding_equals_full_forward(overrides):
     out = run(params, cfg, src, tgt[:, :3], src_mask=src_mask, cache=zoo.init_cache(cfg, 2, 10))
     assert out.encoder_hidden.shape == (2, 9, cfg.d_model)
     cache, got = out.cache, [out.logits]
-    assert cache.cross.k.shape == (cfg.decoder_layers, 2, cfg.kv_heads, 9, cfg.head_size)
-    assert cache.cross.v.shape == (cfg.decoder_layers, 2, cfg.kv_heads, cfg.head_size, 9)
+    assert cache.cross.k.shape == (cfg.decoder_layers, 2 * cfg.kv_heads, 9, cfg.head_size)
+    assert cache.cross.v.shape == (cfg.decoder_layers, 2 * cfg.kv_heads, cfg.head_size, 9)
     for i in range(3, 10):
         o = run(params, cfg, None, tgt[:, i:i + 1], cache=cache)
         cache = o.cache
@@ -144,8 +144,8 @@ def test_quantize_round_trip():
 def test_cache_is_a_pytree_with_kv_heads_only():
     cfg = tiny("tiny-decoder")  # 4 query heads, 2 kv heads
     cache = zoo.init_cache(cfg, 3, 10)
-    assert cache.kv.k.shape == (cfg.num_layers, 3, 2, 10, cfg.head_size)
-    assert cache.kv.v.shape == (cfg.num_layers, 3, 2, cfg.head_size, 10)
+    assert cache.kv.k.shape == (cfg.num_layers, 3 * 2, 10, cfg.head_size)
+    assert cache.kv.v.shape == (cfg.num_layers, 3 * 2, cfg.head_size, 10)
     assert cache.positions.shape == (3, 10) and bool(jnp.all(cache.positions == -1))
     leaves, treedef = jax.tree.flatten(cache)
     assert jax.tree.unflatten(treedef, leaves).ring == cache.ring
@@ -171,14 +171,14 @@ def test_rewind_then_rewrite_equals_never_written():
 def test_beam_helpers_repeat_and_take_rows():
     cfg = tiny("tiny-encdec")
     cache = zoo.init_cache(cfg, 2, 5)
-    cache = kv_cache.with_cross(cache, kv_cache.LayerKV(jnp.arange(2.0)[None, :, None, None, None]
-                                                        * jnp.ones((2, 2, 3, 4, 8)),
-                                                        jnp.zeros((2, 2, 3, 4, 8))), None)
+    # [L, B*K, S, H] with K = 3 heads per row; row b holds the value b.
+    rows = jnp.repeat(jnp.arange(2.0), 3)[None, :, None, None] * jnp.ones((2, 6, 4, 8))
+    cache = kv_cache.with_cross(cache, kv_cache.LayerKV(rows, jnp.zeros((2, 6, 8, 4))), None)
     rep = kv_cache.repeat_rows(cache, 3)
-    assert rep.cross.k.shape[1] == 6 and rep.positions.shape[0] == 6
-    assert rep.cross.k[:, :, 0, 0, 0].tolist()[0] == [0, 0, 0, 1, 1, 1]
+    assert rep.cross.k.shape[1] == 18 and rep.positions.shape[0] == 6
+    assert rep.cross.k[0, :, 0, 0].tolist() == [0] * 9 + [1] * 9
     picked = kv_cache.take_rows(rep, jnp.array([5, 0]))
-    assert picked.cross.k[0, :, 0, 0, 0].tolist() == [1, 0]
+    assert picked.cross.k[0, :, 0, 0].tolist() == [1] * 3 + [0] * 3
 
 
 def test_cache_errors():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from zoo.config import Config
 from zoo.nn.attention import project_kv
-from zoo.nn.cache import Cache, LayerKV, advance, with_cross
+from zoo.nn.cache import Cache, LayerKV, advance, cache_layout, with_cross
 from zoo.nn.checks import check_mask, check_tokens
 from zoo.nn.embeddings import embed_spec, embed_tokens, head_spec, vocab_logits
 from zoo.nn.output import Output
@@ -46,11 +46,10 @@ def encode(params: dict, cfg: Config, src: jax.Array, src_mask: jax.Array | None
 
 def cross_cache(params: dict, cfg: Config, memory: jax.Array) -> LayerKV | tuple[LayerKV, ...]:
     """Cross-attention keys/values of every decoder layer over memory [B, S, D], computed
-    once in the cache layout (keys [B, K, S, H], values [B, K, H, S]): stacked on a leading
+    once in the cache layout (keys [B*K, S, H], values [B*K, H, S]): stacked on a leading
     [L] axis, or a tuple of layers for unstacked parameters."""
     def one(p: dict) -> LayerKV:
-        k, v = project_kv(p, memory)
-        return LayerKV(jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 2, 3, 1)))
+        return LayerKV(*cache_layout(*project_kv(p, memory)))
 
     layers = params["decoder"]["layers"]
     if isinstance(layers, tuple):

@@ -93,29 +93,39 @@ def project_kv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
            bias: jax.Array | None, scale: float, implementation: str = "xla",
-           causal: bool = False, heads_major: bool = False) -> jax.Array:
-    """q: [B, T, N, H], k/v: [B, S, K, H] (or the cache layout with heads_major: k [B, K,
-    S, H], v [B, K, H, S]), mask: [B, T, S] -> [B, T, N, H].
+           causal: bool = False, cache_layout: bool = False) -> jax.Array:
+    """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
 
+    cache_layout: k [B*K, S, H] and v [B*K, H, S] as a KV cache stores them (`zoo.nn.cache`).
     implementation "cudnn" runs NVIDIA's fused kernel through `jax.nn.dot_product_attention`
     (`causal` lets it skip masked blocks); "xla" is the einsum below, on any device."""
+    b, t, n, h = q.shape
     if implementation == "cudnn":
-        if heads_major:
-            k, v = jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 3, 1, 2))
+        if cache_layout:
+            k = jnp.swapaxes(k.reshape(b, -1, *k.shape[1:]), 1, 2)
+            v = jnp.transpose(v.reshape(b, -1, *v.shape[1:]), (0, 3, 1, 2))
         full_bias = None if bias is None else bias.astype(q.dtype)
         return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=mask[:, None],
                                             scale=scale, is_causal=causal,
                                             implementation="cudnn")
-    b, t, n, h = q.shape
-    kv = k.shape[1 if heads_major else 2]
-    ks, vs = ("bksh", "bkhs") if heads_major else ("bskh", "bskh")
+    kv = k.shape[0] // b if cache_layout else k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum(f"btkgh,{ks}->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if cache_layout:
+        # One batch axis (B*K), matching the buffers, so XLA reads them without a copy.
+        qm = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b * kv, n // kv * t, h)
+        scores = jnp.einsum("xqh,xsh->xqs", qm, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv, n // kv, t, -1) * scale
+    else:
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kv, n // kv, *bias.shape[2:])
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{vs}->btkgh", probs, v)
+    if cache_layout:
+        out = jnp.einsum("xqs,xhs->xqh", probs.reshape(b * kv, n // kv * t, -1), v)
+        out = jnp.transpose(out.reshape(b, kv, n // kv, t, h), (0, 3, 1, 2, 4))
+    else:
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 
@@ -137,13 +147,13 @@ def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
 
 
 def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
-                cfg: Config, heads_major: bool = False) -> jax.Array:
+                cfg: Config, cache_layout: bool = False) -> jax.Array:
     """Attention of q over k, v under ctx, projected back to [B, T, D]."""
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    k_axes = ("kv_heads", "length", "head_dim") if heads_major else ("length", "kv_heads", "head_dim")
-    k = constrain(k, ("batch", *k_axes))
+    if not cache_layout:
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
-    out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, heads_major)
+    out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, cache_layout)
     # One [N*H, D] matmul: as an einsum over (n, h), XLA may transpose the weight to match
     # the activation's layout, a full copy of W_o on every decoding step.
     b, t, n, h = out.shape
@@ -156,11 +166,12 @@ def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
 def apply_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config,
                     rope_freq: np.ndarray | None = None,
                     kv: tuple[jax.Array, jax.Array] | None = None,
-                    heads_major: bool = False) -> jax.Array:
+                    cache_layout: bool = False) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]. Self-attention, or cross-attention over precomputed
-    `kv` ([B, S, K, H] each, or the cache layout with heads_major; no RoPE on cross keys)."""
+    `kv` ([B, S, K, H] each, or as a cache stores them with cache_layout; no RoPE on cross
+    keys)."""
     q, k, v = _qkv(p, x, ctx, rope_freq, kv)
-    return _attend_out(p, q, k, v, ctx, cfg, heads_major)
+    return _attend_out(p, q, k, v, ctx, cfg, cache_layout)
 
 
 def apply_cached_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config, layer: LayerKV,
@@ -170,4 +181,4 @@ def apply_cached_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config, lay
     Returns (y [B, T, D], the layer cache with the chunk's keys and values stored)."""
     q, k, v = _qkv(p, x, ctx, rope_freq, None)
     k, v, layer = update_cache(layer, k, v, plan)
-    return _attend_out(p, q, k, v, ctx, cfg, heads_major=True), layer
+    return _attend_out(p, q, k, v, ctx, cfg, cache_layout=True), layer

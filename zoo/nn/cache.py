@@ -1,10 +1,12 @@
 """Key/value caches for decoding.
 
 A `Cache` is a pytree preallocated to a fixed number of slots R; only the K key/value heads
-are stored (GQA, MQA), heads first: keys `[B, K, R, H]` and values `[B, K, H, R]` (slots
-last). Both attention matmuls (q·K over H, p·V over R) then find their contracted axis
-innermost in the cache, the operand layout XLA's CPU matmuls take without a copy; any other
-order makes XLA transpose the whole cache on every step. The layers come in one of two layouts, matching the parameters they run with:
+are stored (GQA, MQA), rows and heads merged in front: keys `[B*K, R, H]` and values
+`[B*K, H, R]` (slots last). Both attention matmuls (q·K over H, p·V over R) are then batched
+matmuls over one leading axis that find their contracted axis innermost, the operand layout
+XLA's CPU matmuls read in place; any other order (or a reshape of the buffer in between)
+makes XLA transpose or copy the whole cache on every step. The layers come in one of two
+layouts, matching the parameters they run with:
 
 - stacked, `LayerKV` with a leading `[layers]` axis: a layer's slice rides through the layer
   `lax.scan` as xs and comes back as ys (stacked parameters, the default);
@@ -42,8 +44,9 @@ from zoo.config import Config
 
 
 class LayerKV(NamedTuple):
-    """Keys k [B, K, R, H] and values v [B, K, H, R] (with a leading [L] axis when
-    stacked), in the compute dtype, or int8 with k_scale, v_scale [B, K, R] fp32."""
+    """Keys k [B*K, R, H] and values v [B*K, H, R] (row-major over (B, K); with a leading
+    [L] axis when stacked), in the compute dtype, or int8 with k_scale, v_scale [B*K, R]
+    fp32."""
 
     k: jax.Array
     v: jax.Array
@@ -144,7 +147,7 @@ def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk:
         raise ValueError(f"cache: batch, length and chunk must be >= 1, got {batch}, {length}, {chunk}")
     layers = num_layers or (cfg.decoder_layers if cfg.family == "encdec" else cfg.num_layers)
     size, ring = slots_needed(cfg, length, chunk)
-    lead = (batch, cfg.kv_heads) if per_layer else (layers, batch, cfg.kv_heads)
+    lead = (batch * cfg.kv_heads,) if per_layer else (layers, batch * cfg.kv_heads)
     k_shape, v_shape = (*lead, size, cfg.head_size), (*lead, cfg.head_size, size)
 
     def buffers() -> LayerKV:
@@ -196,13 +199,13 @@ def _write(buf: jax.Array, new: jax.Array, p: Plan, axis: int) -> jax.Array:
 
 
 def _store(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> LayerKV:
-    """k [B, K, T, H], v [B, K, H, T] into the layer's slots."""
+    """k [B*K, T, H], v [B*K, H, T] into the layer's slots."""
     if layer.k_scale is None:
-        return LayerKV(_write(layer.k, k.astype(layer.k.dtype), p, 2),
-                       _write(layer.v, v.astype(layer.v.dtype), p, 3))
-    (qk, sk), (qv, sv) = quantize(k), quantize(v, axis=2)
-    return LayerKV(_write(layer.k, qk, p, 2), _write(layer.v, qv, p, 3),
-                   _write(layer.k_scale, sk, p, 2), _write(layer.v_scale, sv, p, 2))
+        return LayerKV(_write(layer.k, k.astype(layer.k.dtype), p, 1),
+                       _write(layer.v, v.astype(layer.v.dtype), p, 2))
+    (qk, sk), (qv, sv) = quantize(k), quantize(v, axis=1)
+    return LayerKV(_write(layer.k, qk, p, 1), _write(layer.v, qv, p, 2),
+                   _write(layer.k_scale, sk, p, 1), _write(layer.v_scale, sv, p, 1))
 
 
 def _read(layer: LayerKV, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -212,12 +215,19 @@ def _read(layer: LayerKV, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
             dequantize(layer.v, layer.v_scale, dtype, axis=-2))
 
 
+def cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys, values [B, T, K, H] -> keys [B*K, T, H], values [B*K, H, T]."""
+    b, t, kv, h = k.shape
+    return (jnp.swapaxes(k, 1, 2).reshape(b * kv, t, h),
+            jnp.transpose(v, (0, 2, 3, 1)).reshape(b * kv, h, t))
+
+
 def update(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> tuple[jax.Array, jax.Array, LayerKV]:
     """Stores new keys/values k, v [B, T, K, H] of one layer.
 
-    Returns keys [B, K, R, H] and values [B, K, H, R] to attend over (R + T slots for a
+    Returns keys [B*K, R, H] and values [B*K, H, R] to attend over (R + T slots for a
     concat plan) in k's dtype, and the updated layer cache."""
-    k, v = jnp.swapaxes(k, 1, 2), jnp.transpose(v, (0, 2, 3, 1))
+    k, v = cache_layout(k, v)
     # The barrier keeps the write one in-place update: without it XLA fuses a second copy of
     # the write into the attention matmul's reshaped operand, and two in-place writes to one
     # buffer cost three full copies of the layer's cache per step.
@@ -225,7 +235,7 @@ def update(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> tuple[jax.Arr
     if p.concat:
         # The chunk's own keys are used at full precision; only what stays is quantized.
         old_k, old_v = _read(layer, k.dtype)
-        return jnp.concatenate([old_k, k], axis=2), jnp.concatenate([old_v, v], axis=3), stored
+        return jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=2), stored
     return (*_read(stored, k.dtype), stored)
 
 
@@ -256,8 +266,7 @@ def with_cross(cache: Cache, cross: LayerKV, valid: jax.Array | None) -> Cache:
     """Adds encdec cross-attention keys/values (either layout; stored in the cache's) and
     the source mask [B, S]."""
     if valid is None:
-        k = layer_kv(cross, 0).k
-        valid = jnp.ones(k.shape[:1] + k.shape[2:3], bool)
+        valid = jnp.ones((cache.batch, layer_kv(cross, 0).k.shape[-2]), bool)
     cross = stacked(cross) if is_stacked(cache.kv) else per_layer(cross)
     return cache.replace(cross=cross, cross_valid=valid)
 
@@ -267,7 +276,14 @@ def _map_rows(cache: Cache, fn) -> Cache:
     def on_kv(kv: LayerKV | tuple[LayerKV, ...] | None) -> LayerKV | tuple[LayerKV, ...] | None:
         if kv is None:
             return None
-        return jax.tree.map(lambda a: fn(a, 1 if is_stacked(kv) else 0), kv)
+        axis = 1 if is_stacked(kv) else 0
+
+        def rows(a: jax.Array) -> jax.Array:  # the merged [B*K] axis, split to apply fn on B
+            split = a.reshape(a.shape[:axis] + (cache.batch, -1) + a.shape[axis + 1:])
+            out = fn(split, axis)
+            return out.reshape(out.shape[:axis] + (-1,) + out.shape[axis + 2:])
+
+        return jax.tree.map(rows, kv)
 
     return cache.replace(kv=on_kv(cache.kv), cross=on_kv(cache.cross),
                          positions=fn(cache.positions, 0), lengths=fn(cache.lengths, 0),

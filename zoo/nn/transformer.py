@@ -149,11 +149,11 @@ def _layer(p: dict, x: jax.Array, ctx: Context, cfg: Config, memory: jax.Array |
 
     x = _residual(x, p["attn_norm"], self_attention, cfg, keys[0])
     if memory is not None or cross_kv is not None:
-        cached = cross_kv is not None  # the cache layout, [B, K, S, H]
+        cached = cross_kv is not None  # in the cache layout
         ckv = (cross_kv.k, cross_kv.v) if cached else project_kv(p["cross"], memory)
         x = _residual(x, p["cross_norm"],
                       lambda h: apply_attention(p["cross"], h, cross_ctx, cfg, kv=ckv,
-                                                heads_major=cached), cfg, keys[1])
+                                                cache_layout=cached), cfg, keys[1])
     aux = jnp.zeros((), jnp.float32)
     if cfg.moe:
         moe_out = {}
@@ -209,8 +209,8 @@ def run_stack_cached(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
                      cross_kv: LayerKV | tuple[LayerKV, ...] | None = None,
                      key: jax.Array | None = None, remat: bool | str = False
                      ) -> tuple[jax.Array, jax.Array, LayerKV | tuple[LayerKV, ...] | None]:
-    """run_stack over layer caches: kv [L, B, R, K, H] and cross_kv [L, B, S, K, H], stacked
-    (each layer's slice is scan xs, its update scan ys) or per layer (tuples of [B, ...]).
+    """run_stack over layer caches kv and cross_kv (`zoo.nn.cache` layouts), stacked on a
+    leading [L] axis (each layer's slice is scan xs, its update scan ys) or per layer (tuples).
     Stacked layers run as a `lax.scan`; unstacked ones (`unstack_layers`) as an unrolled
     loop. Returns (hidden [B, T, D], mean MoE loss, updated kv in its layout, or None)."""
     if isinstance(p_stack["layers"], tuple):
