@@ -117,6 +117,12 @@ def tree_shardings(axes_tree: Any, mesh: Mesh, shapes: Any | None = None,
                         axes_tree, shapes, is_leaf=is_axes)
 
 
+def active_devices() -> int:
+    """Devices of the mesh set by `use` (1 outside it)."""
+    context = _CONTEXT.get()
+    return 1 if context is None else context[0].size
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Sharding hint for an activation by logical names; a no-op outside `use(mesh)`."""
     context = _CONTEXT.get()

@@ -17,7 +17,7 @@ from zoo.config import Config
 from zoo.nn.cache import LayerKV, Plan, update as update_cache
 from zoo.nn.param import Spec, param
 from zoo.nn.positions import apply_rope
-from zoo.sharding import constrain
+from zoo.sharding import active_devices, constrain
 
 _MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 
@@ -108,6 +108,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=mask[:, None],
                                             scale=scale, is_causal=causal,
                                             implementation="cudnn")
+    if not cache_layout and _by_rows(b):
+        return _attend_by_rows(q, k, v, mask, bias, scale)
     kv = k.shape[0] // b if cache_layout else k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
     if cache_layout:
@@ -127,6 +129,54 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     else:
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+# On CPU, attention runs one batch row at a time: a row's scores ([N, T, S] fp32) stay in
+# the core's cache through mask, softmax and the second matmul, the rows run on both cores at
+# once, and single-batch-axis matmuls avoid XLA's slow multi-batch-axis path. Measured on the
+# benchmark encoder (8 x 256 tokens, 8 heads): 47 -> 15 ms forward, 98 -> 56 ms with grads.
+# Beyond _MAX_UNROLLED_ROWS the rows run under lax.map (one compiled row, a loop).
+_MAX_UNROLLED_ROWS = 32
+
+
+def _by_rows(batch: int) -> bool:
+    """Row by row on a CPU, unless the batch may be split across devices (then XLA's SPMD
+    partitioner should see one batched op)."""
+    return jax.default_backend() == "cpu" and active_devices() == 1
+
+
+def _attend_by_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    bias: jax.Array | None, scale: float) -> jax.Array:
+    b = q.shape[0]
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (b, *bias.shape[1:]))
+    if b <= _MAX_UNROLLED_ROWS:
+        return jnp.stack([_attend_row(q[i], k[i], v[i], mask[i], None if bias is None else bias[i],
+                                      scale) for i in range(b)])
+    return jax.lax.map(lambda xs: _attend_row(*xs, scale=scale), (q, k, v, mask, bias))
+
+
+def _attend_row(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                bias: jax.Array | None, scale: float) -> jax.Array:
+    """One row: q [T, N, H], k/v [S, K, H], mask [T, S], bias [N, T, S] -> [T, N, H]."""
+    t, n, h = q.shape
+    kv = k.shape[1]
+    g = n // kv
+    if g == 1:
+        scores = jnp.einsum("tnh,snh->nts", q, k, preferred_element_type=jnp.float32)
+    else:  # the G query heads of a kv head side by side: one matmul per kv head
+        qm = jnp.transpose(q.reshape(t, kv, g, h), (1, 2, 0, 3)).reshape(kv, g * t, h)
+        scores = jnp.einsum("kqh,skh->kqs", qm, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(n, t, -1)
+    scores = scores * scale
+    if bias is not None:
+        scores = scores + bias
+    scores = jnp.where(mask[None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if g == 1:
+        return jnp.einsum("nts,snh->tnh", probs, v)
+    out = jnp.einsum("kqs,skh->kqh", probs.reshape(kv, g * t, -1), v).reshape(kv, g, t, h)
+    return jnp.transpose(out, (2, 0, 1, 3)).reshape(t, n, h)
 
 
 def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
