@@ -211,3 +211,20 @@ def test_row_by_row_attention_equals_the_batched_einsum(monkeypatch, kv_heads, w
     assert float(jnp.max(jnp.abs(rows - batched))) < 1e-5
     for a, c in zip(rows_grad, batched_grad):
         assert float(jnp.max(jnp.abs(a - c))) < 1e-5
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(positions="learned", attn_bias=True, num_kv_heads=1)])
+def test_fused_qkv_attention_equals_separate_projections(overrides):
+    """The decoding layout's one [D, (N + 2K) * H] projection gives the same attention."""
+    cfg = tiny("tiny-decoder", **overrides)
+    params = zoo.init(cfg, jax.random.key(4))
+    p = jax.tree.map(lambda a: a[0], params["decoder"]["layers"])["attn"]
+    fused = attention.fuse_qkv(p)
+    assert "qkv" in fused and "q" not in fused and ("qkv_bias" in fused) == cfg.attn_bias
+    x = jax.random.normal(jax.random.key(5), (2, 6, cfg.d_model))
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    ctx = attention.Context(attention.attention_mask(pos, pos, causal=True), None, pos)
+    rope = positions.rope_inv_freq(cfg) if cfg.positions == "rope" else None
+    want = attention.apply_attention(p, x, ctx, cfg, rope)
+    got = attention.apply_attention(fused, x, ctx, cfg, rope)
+    assert float(jnp.max(jnp.abs(got - want))) < 1e-5

@@ -22,6 +22,7 @@ from zoo import decoder, encdec
 from zoo.config import Config
 from zoo.nn import cache as kv_cache
 from zoo.nn.embeddings import vocab_logits
+from zoo.nn.attention import fuse_qkv
 from zoo.nn.transformer import unstack_layers
 from zoo.sampling import Sampler
 
@@ -48,10 +49,14 @@ def reach(cfg: Config, prompt_len: int, opts: Options) -> int:
 
 
 def unstacked(params: dict) -> dict:
-    """params with the decoder stack's layers split apart (`unstack_layers`): the decoding
-    loops run them unrolled over per-layer caches (`new_cache`), so no token step copies a
-    layer's weights or cache out of a stack. One copy of the decoder weights per call."""
-    return {**params, "decoder": unstack_layers(params["decoder"])}
+    """params in the decoding layout: the decoder stack's layers split apart
+    (`unstack_layers`) and each self-attention's q, k, v fused into one matrix (`fuse_qkv`).
+    The decoding loops run the layers unrolled over per-layer caches (`new_cache`), so no
+    token step copies a layer's weights or cache out of a stack. Costs one copy of the
+    decoder weights; a tree already in this layout is returned as is."""
+    stack = unstack_layers(params["decoder"])
+    stack["layers"] = tuple({**layer, "attn": fuse_qkv(layer["attn"])} for layer in stack["layers"])
+    return {**params, "decoder": stack}
 
 
 def new_cache(cfg: Config, batch: int, length: int, opts: Options) -> kv_cache.Cache:

@@ -179,10 +179,45 @@ def _attend_row(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return jnp.transpose(out, (2, 0, 1, 3)).reshape(t, n, h)
 
 
+def fuse_qkv(p: dict) -> dict:
+    """Self-attention params with q, k, v merged into one matrix `qkv` [D, (N + 2K) * H] (and
+    `qkv_bias`): one matmul reads all three, which at batch 1 (decoding) is one pass over the
+    weights instead of three short ones. `apply_attention` takes either form."""
+    if "qkv" in p:
+        return p
+    d, n, h = p["q"].shape
+    k = p["k"].shape[1]
+    out = {name: w for name, w in p.items() if name not in ("q", "k", "v", "q_bias", "k_bias", "v_bias")}
+    out["qkv"] = jnp.concatenate([p["q"].reshape(d, n * h), p["k"].reshape(d, k * h),
+                                  p["v"].reshape(d, k * h)], axis=1)
+    if "q_bias" in p:
+        out["qkv_bias"] = jnp.concatenate([p["q_bias"].reshape(-1), p["k_bias"].reshape(-1),
+                                           p["v_bias"].reshape(-1)])
+    return out
+
+
+def _fused_qkv(p: dict, x: jax.Array, cfg_heads: tuple[int, int, int]) -> tuple[jax.Array, ...]:
+    n, k, h = cfg_heads
+    y = jnp.dot(x, p["qkv"].astype(x.dtype))
+    if "qkv_bias" in p:
+        y = y + p["qkv_bias"].astype(x.dtype)
+    b, t = x.shape[:2]
+    q, kk, v = jnp.split(y, [n * h, (n + k) * h], axis=-1)
+    return q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)
+
+
 def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
          kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Queries [B, T, N, H] and keys, values [B, S, K, H] (projected from x unless given)."""
     dt = x.dtype
+    if "qkv" in p:
+        h = p["o"].shape[1]
+        n = p["o"].shape[0]
+        q, k, v = _fused_qkv(p, x, (n, (p["qkv"].shape[1] // h - n) // 2, h))
+        if rope_freq is not None:
+            q = apply_rope(q, ctx.positions, rope_freq)
+            k = apply_rope(k, ctx.positions, rope_freq)
+        return q, k, v
     q = jnp.einsum("btd,dnh->btnh", x, p["q"].astype(dt))
     if "q_bias" in p:
         q = q + p["q_bias"].astype(dt)
