@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.nn import attention, moe, norms, positions
+from zoo.nn import attention, mlp, moe, norms, positions
 from conftest import tiny
 
 
@@ -228,3 +228,16 @@ def test_fused_qkv_attention_equals_separate_projections(overrides):
     want = attention.apply_attention(p, x, ctx, cfg, rope)
     got = attention.apply_attention(fused, x, ctx, cfg, rope)
     assert float(jnp.max(jnp.abs(got - want))) < 1e-5
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_fused_gate_mlp_equals_separate_matrices(mlp_bias):
+    cfg = tiny("tiny-decoder", mlp_bias=mlp_bias)
+    assert cfg.gated
+    p = jax.tree.map(lambda a: a[0], zoo.init(cfg, jax.random.key(6))["decoder"]["layers"])["mlp"]
+    if mlp_bias:  # non-zero biases, so their order in the fused vector matters
+        p = {**p, "bg": p["bg"] + 0.3, "bi": p["bi"] - 0.2, "bo": p["bo"] + 0.1}
+    fused = mlp.fuse_gate(p)
+    assert "wgi" in fused and "wg" not in fused and "wi" not in fused
+    x = jax.random.normal(jax.random.key(7), (2, 3, cfg.d_model))
+    assert float(jnp.max(jnp.abs(mlp.apply_mlp(fused, x, cfg) - mlp.apply_mlp(p, x, cfg)))) < 1e-5

@@ -23,6 +23,7 @@ from zoo.config import Config
 from zoo.nn import cache as kv_cache
 from zoo.nn.embeddings import vocab_logits
 from zoo.nn.attention import fuse_qkv
+from zoo.nn.mlp import fuse_gate
 from zoo.nn.transformer import unstack_layers
 from zoo.sampling import Sampler
 
@@ -50,13 +51,21 @@ def reach(cfg: Config, prompt_len: int, opts: Options) -> int:
 
 def unstacked(params: dict) -> dict:
     """params in the decoding layout: the decoder stack's layers split apart
-    (`unstack_layers`) and each self-attention's q, k, v fused into one matrix (`fuse_qkv`).
+    (`unstack_layers`), each self-attention's q, k, v fused into one matrix (`fuse_qkv`)
+    and each gated MLP's gate and input matrices into one (`fuse_gate`).
     The decoding loops run the layers unrolled over per-layer caches (`new_cache`), so no
     token step copies a layer's weights or cache out of a stack. Costs one copy of the
     decoder weights; a tree already in this layout is returned as is."""
     stack = unstack_layers(params["decoder"])
-    stack["layers"] = tuple({**layer, "attn": fuse_qkv(layer["attn"])} for layer in stack["layers"])
+    stack["layers"] = tuple(_fused(layer) for layer in stack["layers"])
     return {**params, "decoder": stack}
+
+
+def _fused(layer: dict) -> dict:
+    out = {**layer, "attn": fuse_qkv(layer["attn"])}
+    if "mlp" in layer:
+        out["mlp"] = fuse_gate(layer["mlp"])
+    return out
 
 
 def new_cache(cfg: Config, batch: int, length: int, opts: Options) -> kv_cache.Cache:
