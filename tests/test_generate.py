@@ -103,6 +103,19 @@ def test_generate_runs_as_one_loop_inside_jit():
     assert jitted.tolist() == zoo.generate(params, cfg, prompt, 8).tolist()
 
 
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encdec"])
+def test_generate_takes_parameters_already_in_the_decoding_layout(name):
+    """A server converts once (zoo.decoding.unstacked); generate gives the same tokens, for
+    greedy and beam search, and converting twice changes nothing."""
+    cfg, params = _model(name)
+    prompt = tokens(jax.random.key(16), 2, 5)
+    flat = zoo.decoding.unstacked(params)
+    assert zoo.decoding.unstacked(flat)["decoder"]["layers"][0].keys() == flat["decoder"]["layers"][0].keys()
+    for beams in (1, 3):
+        assert (zoo.generate(flat, cfg, prompt, 6, num_beams=beams).tolist()
+                == zoo.generate(params, cfg, prompt, 6, num_beams=beams).tolist())
+
+
 def test_generate_on_a_sharded_model_under_a_mesh():
     cfg, params = _model("tiny-decoder")
     prompt = tokens(jax.random.key(15), 4, 5)
