@@ -8,7 +8,6 @@ tgt -> embed -> scan(causal layer + cross-attention over memory) -> norm -> head
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from zoo.config import Config
 from zoo.nn.attention import project_kv
