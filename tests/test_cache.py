@@ -4,7 +4,6 @@ cross-attention, int8), and the cache is a plain pytree of the documented shapes
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import zoo

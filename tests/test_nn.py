@@ -202,7 +202,7 @@ def test_row_by_row_attention_equals_the_batched_einsum(monkeypatch, kv_heads, w
     bias = jax.random.normal(keys[4], (1, n, t, s)) if with_bias else None
 
     def run(by_rows: bool):
-        monkeypatch.setattr(attention, "_by_rows", lambda batch: by_rows)
+        monkeypatch.setattr(attention, "_by_rows", lambda: by_rows)
         monkeypatch.setattr(attention, "_MAX_UNROLLED_ROWS", max_unrolled)
         f = lambda q, k, v: attention.attend(q, k, v, mask, bias, 0.3)
         return f(q, k, v), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from zoo import decoder, encdec
 from zoo.config import Config
 from zoo.nn import cache as kv_cache
-from zoo.nn.embeddings import vocab_logits
 from zoo.nn.attention import fuse_qkv
+from zoo.nn.embeddings import vocab_logits
 from zoo.nn.mlp import fuse_gate
 from zoo.nn.transformer import unstack_layers
 from zoo.sampling import Sampler

@@ -108,7 +108,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=mask[:, None],
                                             scale=scale, is_causal=causal,
                                             implementation="cudnn")
-    if not cache_layout and _by_rows(b):
+    if not cache_layout and _by_rows():
         return _attend_by_rows(q, k, v, mask, bias, scale)
     kv = k.shape[0] // b if cache_layout else k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
@@ -139,7 +139,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 _MAX_UNROLLED_ROWS = 32
 
 
-def _by_rows(batch: int) -> bool:
+def _by_rows() -> bool:
     """Row by row on a CPU, unless the batch may be split across devices (then XLA's SPMD
     partitioner should see one batched op)."""
     return jax.default_backend() == "cpu" and active_devices() == 1
@@ -196,8 +196,10 @@ def fuse_qkv(p: dict) -> dict:
     return out
 
 
-def _fused_qkv(p: dict, x: jax.Array, cfg_heads: tuple[int, int, int]) -> tuple[jax.Array, ...]:
-    n, k, h = cfg_heads
+def _fused_qkv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, T, D] through a `fuse_qkv` matrix -> q [B, T, N, H], k, v [B, T, K, H]."""
+    n, h = p["o"].shape[:2]
+    k = (p["qkv"].shape[1] // h - n) // 2
     y = jnp.dot(x, p["qkv"].astype(x.dtype))
     if "qkv_bias" in p:
         y = y + p["qkv_bias"].astype(x.dtype)
@@ -210,10 +212,8 @@ def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
          kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Queries [B, T, N, H] and keys, values [B, S, K, H] (projected from x unless given)."""
     dt = x.dtype
-    if "qkv" in p:
-        h = p["o"].shape[1]
-        n = p["o"].shape[0]
-        q, k, v = _fused_qkv(p, x, (n, (p["qkv"].shape[1] // h - n) // 2, h))
+    if "qkv" in p:  # self-attention in the decoding layout
+        q, k, v = _fused_qkv(p, x)
         if rope_freq is not None:
             q = apply_rope(q, ctx.positions, rope_freq)
             k = apply_rope(k, ctx.positions, rope_freq)

@@ -228,10 +228,7 @@ def update(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> tuple[jax.Arr
     Returns keys [B*K, R, H] and values [B*K, H, R] to attend over (R + T slots for a
     concat plan) in k's dtype, and the updated layer cache."""
     k, v = cache_layout(k, v)
-    # The barrier keeps the write one in-place update: without it XLA fuses a second copy of
-    # the write into the attention matmul's reshaped operand, and two in-place writes to one
-    # buffer cost three full copies of the layer's cache per step.
-    stored = jax.lax.optimization_barrier(_store(layer, k, v, p))
+    stored = _store(layer, k, v, p)
     if p.concat:
         # The chunk's own keys are used at full precision; only what stays is quantized.
         old_k, old_v = _read(layer, k.dtype)
