@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.nn import attention, mlp, moe, norms, positions
+from zoo.nn import attention, linear, mlp, moe, norms, positions
 from conftest import tiny
 
 
@@ -241,3 +241,26 @@ def test_fused_gate_mlp_equals_separate_matrices(mlp_bias):
     assert "wgi" in fused and "wg" not in fused and "wi" not in fused
     x = jax.random.normal(jax.random.key(7), (2, 3, cfg.d_model))
     assert float(jnp.max(jnp.abs(mlp.apply_mlp(fused, x, cfg) - mlp.apply_mlp(p, x, cfg)))) < 1e-5
+
+
+def test_flattened_matmul_equals_the_einsum_with_gradients():
+    ks = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(ks[0], (2, 5, 6))
+    w = jax.random.normal(ks[1], (6, 3, 4)) * 0.3    # [D, N, H], as q/k/v
+    wo = jax.random.normal(ks[2], (3, 4, 6)) * 0.3   # [N, H, D], as the output projection
+    e = jax.random.normal(ks[3], (7, 6))             # [V, D], a tied embedding
+
+    def ours(x, w, wo, e):
+        h = linear.matmul(x, w)
+        return linear.matmul_transposed(linear.matmul(h, wo, n_in=2), e)
+
+    def ref(x, w, wo, e):
+        h = jnp.einsum("btd,dnh->btnh", x, w)
+        return jnp.einsum("btd,vd->btv", jnp.einsum("btnh,nhd->btd", h, wo), e)
+
+    np.testing.assert_allclose(ours(x, w, wo, e), ref(x, w, wo, e), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    for g, r in zip(jax.grad(loss(ours), argnums=(0, 1, 2, 3))(x, w, wo, e),
+                    jax.grad(loss(ref), argnums=(0, 1, 2, 3))(x, w, wo, e)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    assert linear.matmul(x.astype(jnp.bfloat16), w).dtype == jnp.bfloat16

@@ -15,6 +15,7 @@ import numpy as np
 
 from zoo.config import Config
 from zoo.nn.cache import LayerKV, Plan, update as update_cache
+from zoo.nn.linear import matmul
 from zoo.nn.param import Spec, param
 from zoo.nn.positions import apply_rope
 from zoo.sharding import active_devices, constrain
@@ -83,8 +84,8 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool,
 def project_kv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x: [B, S, D] -> keys, values [B, S, K, H]."""
     dt = x.dtype
-    k = jnp.einsum("bsd,dkh->bskh", x, p["k"].astype(dt))
-    v = jnp.einsum("bsd,dkh->bskh", x, p["v"].astype(dt))
+    k = matmul(x, p["k"])
+    v = matmul(x, p["v"])
     if "k_bias" in p:
         k = k + p["k_bias"].astype(dt)
         v = v + p["v_bias"].astype(dt)
@@ -200,7 +201,7 @@ def _fused_qkv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, T, D] through a `fuse_qkv` matrix -> q [B, T, N, H], k, v [B, T, K, H]."""
     n, h = p["o"].shape[:2]
     k = (p["qkv"].shape[1] // h - n) // 2
-    y = jnp.dot(x, p["qkv"].astype(x.dtype))
+    y = matmul(x, p["qkv"])
     if "qkv_bias" in p:
         y = y + p["qkv_bias"].astype(x.dtype)
     b, t = x.shape[:2]
@@ -218,7 +219,7 @@ def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
             q = apply_rope(q, ctx.positions, rope_freq)
             k = apply_rope(k, ctx.positions, rope_freq)
         return q, k, v
-    q = jnp.einsum("btd,dnh->btnh", x, p["q"].astype(dt))
+    q = matmul(x, p["q"])
     if "q_bias" in p:
         q = q + p["q_bias"].astype(dt)
     if kv is None:
@@ -241,8 +242,7 @@ def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
     out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, cache_layout)
     # One [N*H, D] matmul: as an einsum over (n, h), XLA may transpose the weight to match
     # the activation's layout, a full copy of W_o on every decoding step.
-    b, t, n, h = out.shape
-    y = jnp.dot(out.reshape(b, t, n * h), p["o"].astype(q.dtype).reshape(n * h, -1))
+    y = matmul(out, p["o"], n_in=2)
     if "o_bias" in p:
         y = y + p["o_bias"].astype(q.dtype)
     return y

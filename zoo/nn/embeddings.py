@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import Config
+from zoo.nn.linear import matmul, matmul_transposed
 from zoo.nn.param import Spec, param
 from zoo.nn.positions import sinusoidal_table
 
@@ -65,9 +66,9 @@ def vocab_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
     if cfg.tie_embeddings:
         if cfg.logit_scale != 1.0:
             hidden = hidden * jnp.asarray(cfg.logit_scale, hidden.dtype)
-        logits = jnp.einsum("btd,vd->btv", hidden, params["embed"]["tokens"].astype(hidden.dtype))
+        logits = matmul_transposed(hidden, params["embed"]["tokens"])
     else:
-        logits = jnp.einsum("btd,dv->btv", hidden, head["kernel"].astype(hidden.dtype))
+        logits = matmul(hidden, head["kernel"])
     if "bias" in head:
         logits = logits + head["bias"].astype(logits.dtype)
     return logits

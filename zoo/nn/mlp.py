@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import ACTIVATIONS, Config
+from zoo.nn.linear import matmul
 from zoo.nn.param import Spec, param
 from zoo.sharding import constrain
 
@@ -53,16 +54,16 @@ def apply_mlp(p: dict, x: jax.Array, cfg: Config) -> jax.Array:
     act = activation(cfg.activation)
     dt = x.dtype
     if "wgi" in p:
-        gh = x @ p["wgi"].astype(dt)
+        gh = matmul(x, p["wgi"])
         if "bgi" in p:
             gh = gh + p["bgi"].astype(dt)
         g, h = jnp.split(gh, 2, axis=-1)
         return _project_out(p, constrain(act(g) * h, ("batch", "length", "mlp")), dt)
-    h = x @ p["wi"].astype(dt)
+    h = matmul(x, p["wi"])
     if "bi" in p:
         h = h + p["bi"].astype(dt)
     if cfg.gated:
-        g = x @ p["wg"].astype(dt)
+        g = matmul(x, p["wg"])
         if "bg" in p:
             g = g + p["bg"].astype(dt)
         h = act(g) * h
@@ -72,7 +73,7 @@ def apply_mlp(p: dict, x: jax.Array, cfg: Config) -> jax.Array:
 
 
 def _project_out(p: dict, h: jax.Array, dt: jax.typing.DTypeLike) -> jax.Array:
-    y = h @ p["wo"].astype(dt)
+    y = matmul(h, p["wo"])
     if "bo" in p:
         y = y + p["bo"].astype(dt)
     return y
@@ -80,7 +81,7 @@ def _project_out(p: dict, h: jax.Array, dt: jax.typing.DTypeLike) -> jax.Array:
 
 def dense(x: jax.Array, p: dict) -> jax.Array:
     """x @ kernel (+ bias) in x's dtype; p = {"kernel": [.., Din, Dout], "bias"?: [Dout]}."""
-    y = x @ p["kernel"].astype(x.dtype)
+    y = matmul(x, p["kernel"])
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     return y

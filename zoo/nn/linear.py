@@ -1,0 +1,26 @@
+"""Dense projections as one 2-D matmul over the flattened token axes."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def matmul(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x [..., *w.shape[:n_in]] times w -> [..., *w.shape[n_in:]], in x's dtype.
+
+    The leading (batch, length) axes are flattened into one, so the weight gradient
+    contracts a single token axis. Over two contracting axes XLA's CPU backend first
+    transposes an activation into a copy (and fuses that copy into its producer, where it
+    is slower still); a 2-D matmul it runs in place. Other backends see the same matmul."""
+    k = math.prod(w.shape[:n_in])
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype))
+    return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:])
+
+
+def matmul_transposed(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., D] times w [V, D] transposed -> [..., V] (tied embedding logits), 2-D as `matmul`."""
+    y = jax.lax.dot_general(x.reshape(-1, w.shape[1]), w.astype(x.dtype), (((1,), (1,)), ((), ())))
+    return y.reshape(*x.shape[:-1], w.shape[0])
