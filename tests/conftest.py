@@ -1,5 +1,6 @@
 """Tests run on CPU with 8 fake devices, so every sharding path runs without accelerators."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,3 +49,19 @@ def run(params, cfg: zoo.Config, toks: jax.Array, mask=None, **kw) -> zoo.Output
     if cfg.family == "encdec":
         return forward(params, cfg, toks, toks[:, : toks.shape[1] // 2], src_mask=mask, **kw)
     return forward(params, cfg, toks, mask=mask, **kw)
+
+
+@contextlib.contextmanager
+def compiles():
+    """Counts XLA compilations inside the block: `with compiles() as n: ...; n[0]`."""
+    count = [0]
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import zoo
-from conftest import tiny, tokens
+from conftest import compiles, tiny, tokens
 
 KEY = jax.random.key(0)
 FWD = jax.jit(zoo.forward, static_argnums=1)
@@ -101,6 +101,17 @@ def test_generate_runs_as_one_loop_inside_jit():
     assert text.count("while[") == 1
     jitted = jax.jit(lambda p, x: zoo.generate(p, cfg, x, 8))(params, prompt)
     assert jitted.tolist() == zoo.generate(params, cfg, prompt, 8).tolist()
+
+
+def test_generating_again_neither_recompiles_nor_reads_back_to_the_host():
+    cfg, params = _model("tiny-decoder")
+    params = jax.block_until_ready(zoo.decoding.unstacked(params))
+    zoo.generate(params, cfg, tokens(jax.random.key(4), 2, 5), 8)
+    prompt = jax.block_until_ready(tokens(jax.random.key(5), 2, 5))
+    with compiles() as n, jax.transfer_guard_device_to_host("disallow"):
+        out = zoo.generate(params, cfg, prompt, 8)
+    assert n[0] == 0
+    assert out.shape == (2, 8)
 
 
 @pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encdec"])

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import train
 import zoo
-from conftest import tiny
+from conftest import compiles, tiny
 from train.step import loss_sums
 from train_util import ordinary, small_tokenizer, shakespeare_texts, vocab
 
@@ -43,6 +43,18 @@ def test_accumulating_k_micro_batches_equals_one_big_batch():
     assert _max_diff(one.params, four.params) < 1e-6
     for k in ("loss", "accuracy", "grad_norm", "tokens", "targets"):
         np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5)
+
+
+def test_steps_neither_recompile_nor_read_back_to_the_host():
+    cfg = tiny("tiny-decoder")
+    batches = [jax.device_put(_batch(cfg, seed=s)) for s in range(3)]
+    state, _ = train.step(_state(cfg), batches[0])
+    jax.block_until_ready(state)
+    with compiles() as n, jax.transfer_guard("disallow"):
+        for batch in batches[1:]:
+            state, metrics = train.step(state, batch)
+    assert n[0] == 0
+    assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
 
 
 def test_weight_decay_skips_norms_and_biases():
