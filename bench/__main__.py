@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default=None, help="attention implementation (xla, cudnn)")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots", "minimal"),
                    help="train: what the backward recomputes (zoo.nn.transformer.REMAT_POLICIES)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="train: output head and loss this many positions at a time (0: all)")
     p.add_argument("--layers", type=int, default=None, help="override the depth (compile-time scaling)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     common = {"device": hardware.device_description(), "date": datetime.date.today().isoformat(),
               "jax": jax.__version__, "peak_tflops": peak / 1e12, "bandwidth_gbs": bandwidth / 1e9}
     if args.bench == "train":
-        row = model_bench.train_row(cfg, args.batch_size, args.seq_len, peak, args.iters, args.remat)
+        row = model_bench.train_row(cfg, args.batch_size, args.seq_len, peak, args.iters, args.remat,
+                                    args.loss_chunk)
     elif args.bench == "decode":
         row = model_bench.decode_row(cfg, args.prompt_len, args.new_tokens, bandwidth, args.iters)
         if cfg.param_dtype == "float32":

@@ -32,10 +32,10 @@ def synthetic_batch(cfg: zoo.Config, batch: int, seq_len: int, seed: int = 0) ->
 
 
 def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5,
-              remat: str = "none") -> dict[str, Any]:
+              remat: str = "none", loss_chunk: int = 0) -> dict[str, Any]:
     """Median step time of `train.step` (AdamW, jitted with shardings, donated state)."""
     mesh = zoo.sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    hp = Hparams(total_steps=1000, warmup_steps=10, remat=remat)
+    hp = Hparams(total_steps=1000, warmup_steps=10, remat=remat, loss_chunk=loss_chunk)
     state = create_state(cfg, hp, 0, mesh)
     host = synthetic_batch(cfg, batch, seq_len)
     bsh = batch_shardings(host, mesh)
@@ -56,7 +56,8 @@ def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int
     return {"bench": "train", "family": cfg.family, "dtype": cfg.dtype, "batch": batch,
             "seq_len": seq_len, "params": zoo.param_count(cfg), "step_s": seconds,
             "tokens_per_s": tokens / seconds, "tflops": achieved / 1e12, "mfu": achieved / peak,
-            "compile_s": compile_s, "peak_bytes": timing.memory_bytes(compiled), "remat": remat}
+            "compile_s": compile_s, "peak_bytes": timing.memory_bytes(compiled), "remat": remat,
+            "loss_chunk": loss_chunk}
 
 
 def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: float,

@@ -158,7 +158,6 @@ def test_every_position_scheme_encodes_order(positions):
 def test_scan_equals_python_loop(tiny_name):
     cfg = tiny(tiny_name, num_layers=3)
     params = zoo.init(cfg, KEY)
-    toks = tokens(jax.random.key(1), 2, 9)
     stack_name = "decoder" if cfg.family == "decoder" else "encoder"
     stack = params[stack_name]
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))

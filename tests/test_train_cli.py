@@ -56,6 +56,7 @@ def test_overrides_mix_freely_with_flags():
     rc = resolve(["d_model=64", "--steps", "3", "dtype=bfloat16", "--data", "a.txt", "b.txt", "seed=5"])
     assert rc.overrides["d_model"] == 64 and rc.overrides["dtype"] == "bfloat16"
     assert (rc.steps, rc.seed, rc.data) == (3, 5, ["a.txt", "b.txt"])
+    assert resolve(["--loss-chunk", "64"]).loss_chunk == 64
 
 
 def test_resume_reads_the_saved_run_settings(tmp_path):
@@ -71,6 +72,7 @@ def test_resume_reads_the_saved_run_settings(tmp_path):
     (["steps"], "expected KEY=VALUE"),
     (["--steps", "0"], "--steps: expected a positive integer"),
     (["--batch-size", "6", "accum_steps=4"], "must divide --batch-size"),
+    (["--loss-chunk", "-8"], "--loss-chunk: expected a non-negative integer"),
     (["d_model=33"], "d_model=33 is not divisible"),
     (["--config", "/nonexistent.json"], "no file"),
     (["--model", "tiny-decoder", "--objective", "mlm"], "'mlm' trains encoder models"),

@@ -178,3 +178,45 @@ def test_each_family_overfits_one_batch(name, objective):
         state, m = train.step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.35 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("name,objective", [("tiny-decoder", "clm"), ("tiny-encoder", "mlm"),
+                                            ("tiny-encdec", "span_corruption")])
+def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(name, objective):
+    cfg = tiny(name)
+    batch = _batch(cfg, objective, b=4)
+    t = batch["targets"].shape[1]
+    params = zoo.init(cfg, jax.random.key(1))
+
+    def run(chunk):
+        def objective_(p):
+            s = loss_sums(p, cfg, batch, None, z_loss=1e-2, chunk=chunk)
+            return s["objective"], s
+        return jax.jit(jax.value_and_grad(objective_, has_aux=True))(params)
+
+    (whole, s_whole), g_whole = run(0)
+    divisor = next(c for c in range(t // 2, 0, -1) if t % c == 0)
+    (part, s_part), g_part = run(divisor)
+    assert divisor < t
+    for k in ("ce", "z", "correct", "objective", "weight"):
+        np.testing.assert_allclose(s_part[k], s_whole[k], rtol=1e-5)
+    assert _max_diff(g_part, g_whole) < 1e-5
+
+
+def test_a_step_with_a_chunked_loss_equals_the_whole_sequence_step():
+    cfg = tiny("tiny-decoder")
+    batch = _batch(cfg, b=8)
+    whole, m_whole = train.step(_state(cfg, z_loss=1e-3, accum_steps=2), batch)
+    part, m_part = train.step(_state(cfg, z_loss=1e-3, accum_steps=2, loss_chunk=8), batch)
+    assert _max_diff(part.params, whole.params) < 1e-6
+    for k in ("loss", "accuracy", "z_loss", "grad_norm"):
+        np.testing.assert_allclose(m_part[k], m_whole[k], rtol=1e-5)
+
+
+def test_loss_chunk_must_divide_the_target_length():
+    cfg = tiny("tiny-decoder")
+    batch = _batch(cfg, b=2)
+    with pytest.raises(ValueError, match="loss chunk 5 must be a positive divisor"):
+        loss_sums(zoo.init(cfg, jax.random.key(1)), cfg, batch, None, chunk=5)
+    with pytest.raises(ValueError, match="loss_chunk"):
+        train.Hparams(loss_chunk=-1)

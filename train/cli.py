@@ -42,6 +42,7 @@ class RunConfig:
     aux_weight: float = 0.01
     accum_steps: int = 1
     remat: bool | str = False  # none, full (True), dots, minimal
+    loss_chunk: int = 0  # > 0: output head and loss this many positions at a time
     seed: int = 0
     data: list = dataclasses.field(default_factory=list)  # empty: the standard library
     tokenizer: str | None = None  # a SentencePiece .model; None: train one
@@ -67,6 +68,8 @@ class RunConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr: expected a positive learning rate, got {self.lr!r}")
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ValueError(f"--loss-chunk: expected a non-negative integer, got {self.loss_chunk!r}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"accum_steps={self.accum_steps} must divide --batch-size {self.batch_size}")
         try:
@@ -100,13 +103,15 @@ RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(zoo.Config)}
 _FLAGS = ("model", "objective", "steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer",
           "vocab_size", "checkpoint_every", "keep", "eval_every", "log_every", "run_dir", "mesh",
-          "accum_steps", "peak_flops", "parallel")
+          "accum_steps", "loss_chunk", "peak_flops", "parallel")
 _TYPES = {"steps": int, "batch_size": int, "seq_len": int, "lr": float, "seed": int,
           "vocab_size": int, "checkpoint_every": int, "keep": int, "eval_every": int,
-          "log_every": int, "accum_steps": int, "peak_flops": float}
+          "log_every": int, "accum_steps": int, "loss_chunk": int, "peak_flops": float}
 _HELP = {"mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2 (axes data, fsdp, tensor, expert; "
                  "-1 takes the rest; default: every device on data)",
-         "parallel": "jit (default: the mesh-sharded step) or pmap (data parallel jax.pmap)"}
+         "parallel": "jit (default: the mesh-sharded step) or pmap (data parallel jax.pmap)",
+         "loss_chunk": "compute the output head and loss this many target positions at a time "
+                       "(must divide the target length; 0, the default: all at once)"}
 # How this process joins a multi-process job (train/hosts.py): not run settings, never saved.
 LAUNCH_FLAGS = {"coordinator": ("HOST:PORT of process 0's coordinator, or 'auto' on a cluster "
                                 "(default: $JAX_COORDINATOR_ADDRESS)", str),

@@ -78,7 +78,7 @@ def hparams(rc: RunConfig) -> Hparams:
     return Hparams(learning_rate=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
                    end_lr_ratio=rc.end_lr_ratio, weight_decay=rc.weight_decay,
                    clip_norm=rc.clip_norm, z_loss=rc.z_loss, aux_weight=rc.aux_weight,
-                   accum_steps=rc.accum_steps, remat=rc.remat)
+                   accum_steps=rc.accum_steps, remat=rc.remat, loss_chunk=rc.loss_chunk)
 
 
 @dataclasses.dataclass

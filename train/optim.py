@@ -19,7 +19,9 @@ class Hparams:
     accum_steps: micro-batches per step (the batch is split k ways and scanned);
     z_loss: weight of mean(logsumexp(logits)^2); aux_weight: weight of the MoE balance loss;
     remat: what the backward pass recomputes instead of storing: "none" (False), "full"
-    (True), "dots" or "minimal" (`zoo.nn.transformer.REMAT_POLICIES`)."""
+    (True), "dots" or "minimal" (`zoo.nn.transformer.REMAT_POLICIES`);
+    loss_chunk: > 0 computes the output head and loss that many sequence positions at a
+    time (it must divide the target length), so the [B, T, V] logits are never stored."""
 
     learning_rate: float = 3e-4
     warmup_steps: int = 100
@@ -34,6 +36,7 @@ class Hparams:
     aux_weight: float = 0.01
     accum_steps: int = 1
     remat: bool | str = False
+    loss_chunk: int = 0
 
     def __post_init__(self) -> None:
         remat_policy(self.remat)  # raises on an unknown policy
@@ -49,6 +52,7 @@ class Hparams:
             "z_loss": self.z_loss >= 0,
             "aux_weight": self.aux_weight >= 0,
             "accum_steps": isinstance(self.accum_steps, int) and self.accum_steps >= 1,
+            "loss_chunk": isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

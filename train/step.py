@@ -14,6 +14,7 @@ update code per device with `pmean` of the gradients. `train.parallel` wraps bot
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.struct
@@ -23,7 +24,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import zoo
+from train import loss
 from train.optim import Hparams, make_optimizer, schedule
+from zoo.nn.embeddings import vocab_logits
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -95,22 +98,28 @@ def forward(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None = 
 
 
 def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
-              remat: bool | str = False) -> dict[str, jax.Array]:
+              remat: bool | str = False, z_loss: float = 0.0, chunk: int = 0) -> dict[str, jax.Array]:
     """Sums over the batch: weighted cross entropy `ce`, `z` (weighted lse^2), `correct`,
-    `weight`; `aux` is the model's MoE balance loss. Logits go to fp32 before logsumexp."""
+    `weight`, `objective` = ce + z_loss * z; `aux` is the model's MoE balance loss. Logits go
+    to fp32 before logsumexp. chunk > 0 computes the vocabulary projection and the loss that
+    many positions at a time (`train.loss.chunked`): the [B, T, V] logits never exist."""
     out = forward(params, cfg, batch, key, remat)
-    logits = out.logits.astype(jnp.float32)  # [B, T, V]
-    targets = batch["targets"]
-    w = batch["weights"].astype(jnp.float32)
-    # One max pass serves both the stable logsumexp and accuracy (a target at the max counts
-    # as correct), so the [B, T, V] logits are read twice, not three times.
-    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
-    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (target_logit >= top).astype(jnp.float32)
-    return {"ce": jnp.sum((lse - target_logit) * w), "z": jnp.sum(jnp.square(lse) * w),
-            "correct": jnp.sum(correct * w), "weight": jnp.sum(w),
+    targets, w = batch["targets"], batch["weights"]
+    if chunk and chunk < targets.shape[1]:
+        head = {k: params[k] for k in ("embed", "head", "mlm") if k in params}
+        sums = loss.chunked(functools.partial(_logits, cfg), head, out.hidden, targets, w,
+                            z_loss, chunk)
+    else:
+        sums = loss.from_logits(out.logits, targets, w, z_loss)
+    return {**sums, "weight": jnp.sum(w.astype(jnp.float32)),
             "aux": jnp.asarray(out.aux_loss, jnp.float32)}
+
+
+def _logits(cfg: zoo.Config, head: dict, hidden: jax.Array) -> jax.Array:
+    """The family's output head: hidden [B, C, D] -> logits [B, C, V]."""
+    if cfg.family == "encoder":
+        return zoo.encoder.mlm_logits(head, hidden, cfg)
+    return vocab_logits(head, hidden, cfg)
 
 
 def _input_tokens(cfg: zoo.Config, batch: Batch) -> jax.Array:
@@ -132,8 +141,8 @@ def _grads(state: TrainState, batch: Batch, key: jax.Array | None,
     cfg, hp, k = state.cfg, state.hp, state.hp.accum_steps
 
     def micro_loss(params: Any, mb: Batch, mkey: jax.Array | None) -> tuple[jax.Array, dict]:
-        sums = loss_sums(params, cfg, mb, mkey, hp.remat)
-        loss = (sums["ce"] + hp.z_loss * sums["z"]) / norm + hp.aux_weight * sums["aux"] / k
+        sums = loss_sums(params, cfg, mb, mkey, hp.remat, hp.z_loss, hp.loss_chunk)
+        loss = sums["objective"] / norm + hp.aux_weight * sums["aux"] / k
         return loss, sums
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -154,7 +163,8 @@ def _grads(state: TrainState, batch: Batch, key: jax.Array | None,
         return (g_acc, jax.tree.map(jnp.add, s_acc, s)), None
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    zeros_s = {n: jnp.zeros((), jnp.float32) for n in ("ce", "z", "correct", "weight", "aux")}
+    names = ("ce", "z", "correct", "objective", "weight", "aux")
+    zeros_s = {n: jnp.zeros((), jnp.float32) for n in names}
     (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), (micro, jnp.arange(k)))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     return grads, {**sums, "aux": sums["aux"] / k}
@@ -217,12 +227,13 @@ def _eval_metrics(sums: dict[str, jax.Array]) -> Metrics:
 
 def _eval_step(state: TrainState, batch: Batch) -> Metrics:
     check_batch(state.cfg, batch)
-    return _eval_metrics(loss_sums(state.params, state.cfg, batch, None))
+    return _eval_metrics(loss_sums(state.params, state.cfg, batch, None, chunk=state.hp.loss_chunk))
 
 
 def _pmap_eval_step(state: TrainState, batch: Batch) -> Metrics:
     check_batch(state.cfg, batch)
-    return _eval_metrics(jax.lax.psum(loss_sums(state.params, state.cfg, batch, None), PMAP_AXIS))
+    sums = loss_sums(state.params, state.cfg, batch, None, chunk=state.hp.loss_chunk)
+    return _eval_metrics(jax.lax.psum(sums, PMAP_AXIS))
 
 
 step = jax.jit(_step, donate_argnums=0)
