@@ -1,6 +1,7 @@
 """train/parallel.py: every family trains to the same losses on one device, on meshes and
 under pmap; FSDP splits parameter and optimizer bytes; mismatches are errors before compiling."""
 
+import dataclasses
 import warnings
 
 import jax
@@ -91,6 +92,19 @@ def test_moe_on_an_expert_axis_gives_the_one_device_losses():
     got, shardings = _losses(cfg, HP, host, batches, {"expert": 4, "data": 2})
     np.testing.assert_allclose(got, want, rtol=RTOL)
     assert shardings.params["decoder"]["layers"]["moe"]["wi"].spec == P(None, "expert", None, None)
+
+
+def test_a_chunked_loss_on_a_sharded_mesh_gives_the_one_device_losses():
+    """The loss chunks scan the sequence; the batch stays split over data, the vocabulary
+    projection over tensor."""
+    cfg = tiny("tiny-decoder", num_heads=8)
+    batches = _batches(cfg, "clm")
+    host = jax.device_get(train.init_state(cfg, HP, jax.random.key(0)))
+    want, _ = _losses(cfg, HP, host, batches, {"data": 1})
+    chunked = dataclasses.replace(HP, loss_chunk=LENGTH // 4)
+    for shape, parallel in [({"data": 2, "fsdp": 2, "tensor": 2}, "jit"), ({"data": 8}, "pmap")]:
+        got, _ = _losses(cfg, chunked, host.replace(hp=chunked), batches, shape, parallel)
+        np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=f"{shape} {parallel}")
 
 
 def _bytes_per_device(tree):
