@@ -80,7 +80,7 @@ def _project_out(p: dict, h: jax.Array, dt: jax.typing.DTypeLike) -> jax.Array:
 
 
 def dense(x: jax.Array, p: dict) -> jax.Array:
-    """x @ kernel (+ bias) in x's dtype; p = {"kernel": [.., Din, Dout], "bias"?: [Dout]}."""
+    """x [..., Din] @ kernel (+ bias) in x's dtype; p = {"kernel": [Din, Dout], "bias"?: [Dout]}."""
     y = matmul(x, p["kernel"])
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
