@@ -65,3 +65,12 @@ def compiles():
         yield count
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drops compiled programs after each test module. Every XLA:CPU executable keeps its
+    own memory mappings of JIT code; a whole run's worth reached the kernel's per-process
+    map limit (vm.max_map_count, 65530) and crashed the compiler."""
+    yield
+    jax.clear_caches()

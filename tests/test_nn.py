@@ -264,3 +264,24 @@ def test_flattened_matmul_equals_the_einsum_with_gradients():
                     jax.grad(loss(ref), argnums=(0, 1, 2, 3))(x, w, wo, e)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
     assert linear.matmul(x.astype(jnp.bfloat16), w).dtype == jnp.bfloat16
+
+
+def test_auto_attention_chooses_cudnn_only_where_the_kernel_applies():
+    assert attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=False, platform="cuda")
+    assert attention.cudnn_applies(jnp.float16, has_bias=False, cache_layout=False, platform="cuda")
+    assert not attention.cudnn_applies(jnp.float32, has_bias=False, cache_layout=False, platform="cuda")
+    assert not attention.cudnn_applies(jnp.bfloat16, has_bias=True, cache_layout=False, platform="cuda")
+    assert not attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=True, platform="cuda")
+    for platform in ("cpu", "tpu", "rocm"):
+        assert not attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=False, platform=platform)
+    assert not attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=False)  # this CPU
+
+
+def test_auto_attention_is_the_xla_path_on_cpu():
+    cfg = tiny("tiny-decoder")
+    assert cfg.attention == "auto"
+    params = zoo.init(cfg, jax.random.key(0))
+    toks = jax.random.randint(jax.random.key(1), (2, 16), 3, cfg.vocab_size)
+    auto = zoo.forward(params, cfg, toks).logits
+    xla = zoo.forward(params, cfg.replace(attention="xla"), toks).logits
+    assert jnp.array_equal(auto, xla)

@@ -187,3 +187,14 @@ def test_mesh_and_launch_mistakes_are_clear_errors(argv, message, tmp_path, caps
     jax.devices()  # JAX has started, as in any process that already ran JAX code
     assert main([*argv, "--run-dir", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unrolled_layers_on_a_sharded_mesh_give_the_one_device_losses():
+    """Config.scan_layers=False splits the stacked (sharded) parameters layer by layer."""
+    cfg = tiny("tiny-decoder", num_heads=8)
+    batches = _batches(cfg, "clm")
+    host = jax.device_get(train.init_state(cfg, HP, jax.random.key(0)))
+    want, _ = _losses(cfg, HP, host, batches, {"data": 1})
+    unrolled = cfg.replace(scan_layers=False)
+    got, _ = _losses(unrolled, HP, host.replace(cfg=unrolled), batches, {"data": 2, "fsdp": 2, "tensor": 2})
+    np.testing.assert_allclose(got, want, rtol=RTOL)

@@ -220,3 +220,26 @@ def test_loss_chunk_must_divide_the_target_length():
         loss_sums(zoo.init(cfg, jax.random.key(1)), cfg, batch, None, chunk=5)
     with pytest.raises(ValueError, match="loss_chunk"):
         train.Hparams(loss_chunk=-1)
+
+
+@pytest.mark.parametrize("name,objective,remat", [("tiny-decoder", "clm", "none"),
+                                                  ("tiny-decoder", "clm", "minimal"),
+                                                  ("tiny-encoder", "mlm", "none"),
+                                                  ("tiny-encdec", "span_corruption", "full")])
+def test_unrolled_layers_give_the_scanned_loss_and_gradients(name, objective, remat):
+    # Config.scan_layers=False runs the stacked parameters layer by layer (split, not sliced).
+    cfg = tiny(name)
+    batch = _batch(cfg, objective, b=4)
+    params = zoo.init(cfg, jax.random.key(1))
+
+    def run(c):
+        def objective_(p):
+            s = loss_sums(p, c, batch, jax.random.key(2), remat=remat)
+            return s["objective"], s
+        return jax.jit(jax.value_and_grad(objective_, has_aux=True))(params)
+
+    (scanned, _), g_scanned = run(cfg)
+    (unrolled, _), g_unrolled = run(cfg.replace(scan_layers=False))
+    np.testing.assert_allclose(unrolled, scanned, rtol=1e-6)
+    assert jax.tree.structure(g_unrolled) == jax.tree.structure(g_scanned)
+    assert _max_diff(g_unrolled, g_scanned) < 1e-6

@@ -27,7 +27,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
 ROPE_SCALINGS = (None, "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,13 @@ class Config:
     type_vocab_size: int = 0  # BERT token types; 0: none
     # Attention.
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
-    attention: str = "xla"  # xla (einsum, any device) | cudnn (fused kernel, NVIDIA GPUs, bf16/fp16)
+    # auto: cudnn where it applies (NVIDIA GPU, bf16/fp16, no additive bias, not decoding from
+    # a cache), else xla | xla: einsums, any device | cudnn: NVIDIA's fused kernel, bf16/fp16
+    attention: str = "auto"
+    # Run a stack's layers as one lax.scan (compile time flat in depth) or, False, unrolled
+    # (no per-layer slicing and stacking of weights, activations and gradients: faster steps
+    # on GPUs, compile time growing with depth). Parameters keep the stacked layout either way.
+    scan_layers: bool = True
     # Embeddings and heads.
     tie_embeddings: bool = True
     embed_scale: float = 1.0  # multiplies token embeddings (BART scale_embedding: sqrt(d))

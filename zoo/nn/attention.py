@@ -93,22 +93,24 @@ def project_kv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           bias: jax.Array | None, scale: float, implementation: str = "xla",
+           bias: jax.Array | None, scale: float, implementation: str = "auto",
            causal: bool = False, cache_layout: bool = False) -> jax.Array:
     """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
 
     cache_layout: k [B*K, S, H] and v [B*K, H, S] as a KV cache stores them (`zoo.nn.cache`).
     implementation "cudnn" runs NVIDIA's fused kernel through `jax.nn.dot_product_attention`
-    (`causal` lets it skip masked blocks); "xla" is the einsum below, on any device."""
-    b, t, n, h = q.shape
+    (`causal` lets it skip masked blocks); "xla" is the einsum below, on any device; "auto"
+    is cudnn where `cudnn_applies` and the kernel accepts the shapes, else xla."""
+    if implementation == "auto":
+        if cudnn_applies(q.dtype, bias is not None, cache_layout):
+            try:
+                return _attend_cudnn(q, k, v, mask, bias, scale, causal, cache_layout)
+            except NotImplementedError:  # shapes the kernel rejects (head size, odd lengths)
+                pass
+        implementation = "xla"
     if implementation == "cudnn":
-        if cache_layout:
-            k = jnp.swapaxes(k.reshape(b, -1, *k.shape[1:]), 1, 2)
-            v = jnp.transpose(v.reshape(b, -1, *v.shape[1:]), (0, 3, 1, 2))
-        full_bias = None if bias is None else bias.astype(q.dtype)
-        return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=mask[:, None],
-                                            scale=scale, is_causal=causal,
-                                            implementation="cudnn")
+        return _attend_cudnn(q, k, v, mask, bias, scale, causal, cache_layout)
+    b, t, n, h = q.shape
     if not cache_layout and _by_rows():
         return _attend_by_rows(q, k, v, mask, bias, scale)
     kv = k.shape[0] // b if cache_layout else k.shape[2]
@@ -130,6 +132,36 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     else:
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+def cudnn_applies(dtype: jnp.dtype, has_bias: bool, cache_layout: bool,
+                  platform: str | None = None) -> bool:
+    """Whether `attention="auto"` tries the cuDNN kernel: on an NVIDIA GPU, for bf16/fp16,
+    without an additive bias (ALiBi, T5's relative buckets: the kernel would have to return
+    its gradient) and outside cached decoding, whose one-token queries over a short cache are
+    launch-bound either way. platform: "cuda", "rocm", "cpu", ... (default: the first device's)."""
+    platform = _platform() if platform is None else platform
+    return (platform == "cuda" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and not has_bias and not cache_layout)
+
+
+def _platform() -> str:
+    device = jax.devices()[0]
+    if device.platform == "gpu":  # CUDA and ROCm both report "gpu"; the client knows which
+        return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
+    return device.platform
+
+
+def _attend_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  bias: jax.Array | None, scale: float, causal: bool,
+                  cache_layout: bool) -> jax.Array:
+    b = q.shape[0]
+    if cache_layout:
+        k = jnp.swapaxes(k.reshape(b, -1, *k.shape[1:]), 1, 2)
+        v = jnp.transpose(v.reshape(b, -1, *v.shape[1:]), (0, 3, 1, 2))
+    full_bias = None if bias is None else bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=full_bias, mask=mask[:, None], scale=scale,
+                                        is_causal=causal, implementation="cudnn")
 
 
 # On CPU, attention runs one batch row at a time: a row's scores ([N, T, S] fp32) stay in

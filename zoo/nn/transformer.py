@@ -8,6 +8,8 @@ positions, the embedding norm, the T5 relative-bias table, the layers (stacked o
 
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import jax
@@ -215,6 +217,9 @@ def run_stack_cached(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
     loop. Returns (hidden [B, T, D], mean MoE loss, updated kv in its layout, or None)."""
     if isinstance(p_stack["layers"], tuple):
         return _run_unrolled(p_stack, x, ctx, cfg, memory, cross_ctx, kv, plan, cross_kv, key)
+    if not cfg.scan_layers and kv is None and cross_kv is None:
+        stack = {**p_stack, "layers": split_layers(p_stack["layers"])}
+        return _run_unrolled(stack, x, ctx, cfg, memory, cross_ctx, None, plan, None, key, remat)
     num_layers = layers_count(p_stack["layers"])
     keys = jax.random.split(key, num_layers) if key is not None else None
     kv = None if kv is None else kv_stacked(kv)
@@ -235,20 +240,34 @@ def run_stack_cached(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
     return x, jnp.mean(aux), new_kv
 
 
+def split_layers(layers: dict) -> tuple[dict, ...]:
+    """A stack's layers [L, ...] as L per-layer trees, through one `split` per array: its
+    gradient is one concatenate back into the stacked layout (indexing layer by layer would
+    pad each layer's gradient to the full stack and add them up)."""
+    leaves, tree = jax.tree.flatten(layers)
+    n = leaves[0].shape[0]
+    parts = [jnp.split(a, n) for a in leaves]
+    return tuple(tree.unflatten([jnp.squeeze(p[i], 0) for p in parts]) for i in range(n))
+
+
 def _run_unrolled(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
                   memory: jax.Array | None, cross_ctx: Context | None,
                   kv: LayerKV | tuple[LayerKV, ...] | None, plan: Plan | None,
-                  cross_kv: LayerKV | tuple[LayerKV, ...] | None, key: jax.Array | None
+                  cross_kv: LayerKV | tuple[LayerKV, ...] | None, key: jax.Array | None,
+                  remat: bool | str = False
                   ) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...] | None]:
     layers = p_stack["layers"]
     keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
     kv = None if kv is None else kv_per_layer(kv)
     cross_kv = None if cross_kv is None else kv_per_layer(cross_kv)
+    layer = functools.partial(_layer, ctx=ctx, cfg=cfg, memory=memory, cross_ctx=cross_ctx, plan=plan)
+    policy = remat_policy(remat)
+    if policy is not None:
+        layer = jax.checkpoint(layer, policy=policy)
     auxes, new_kv = [], []
     for i, layer_p in enumerate(layers):
-        x, aux, layer_kv = _layer(layer_p, x, ctx, cfg, memory, cross_ctx, keys[i],
-                                  None if kv is None else kv[i], plan,
-                                  None if cross_kv is None else cross_kv[i])
+        x, aux, layer_kv = layer(layer_p, x, key=keys[i], kv=None if kv is None else kv[i],
+                                 cross_kv=None if cross_kv is None else cross_kv[i])
         auxes.append(aux)
         new_kv.append(layer_kv)
     if "final_norm" in p_stack:
