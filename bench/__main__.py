@@ -38,6 +38,8 @@ def model_config(args: argparse.Namespace) -> zoo.Config:
         changes["attention"] = args.attention
     if args.layers:
         changes["num_layers"] = args.layers
+    if args.no_scan_layers:
+        changes["scan_layers"] = False
     if base.positions in ("learned", "sinusoidal"):
         changes["max_len"] = max(base.max_len, args.seq_len + args.new_tokens + 1)
     return base.replace(**changes)
@@ -63,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="train: output head and loss this many positions at a time (0: all)")
     p.add_argument("--layers", type=int, default=None, help="override the depth (compile-time scaling)")
+    p.add_argument("--no-scan-layers", action="store_true",
+                   help="run the layers unrolled (Config.scan_layers=False) instead of a scan")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
     return p
@@ -72,10 +76,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.family is None:
         args.family = "encoder" if args.bench == "encode" else "decoder"
     cfg = model_config(args)
+    # Peers first: on a GPU, JAX keeps the memory pool it grows, and PyTorch's would be left
+    # with the rest; PyTorch hands its cache back when done (`peer_torch.release`).
+    got = {peer: peers.run(peer, args, cfg) for peer in args.vs}
     peak = hardware.matmul_peak(cfg.dtype)
     bandwidth = hardware.stream_bandwidth()
     common = {"device": hardware.device_description(), "date": datetime.date.today().isoformat(),
-              "jax": jax.__version__, "peak_tflops": peak / 1e12, "bandwidth_gbs": bandwidth / 1e9}
+              "jax": jax.__version__, "peak_tflops": peak / 1e12, "bandwidth_gbs": bandwidth / 1e9,
+              "attention": cfg.attention, "scan_layers": cfg.scan_layers}
     if args.bench == "train":
         row = model_bench.train_row(cfg, args.batch_size, args.seq_len, peak, args.iters, args.remat,
                                     args.loss_chunk)
@@ -89,10 +97,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     else:
         row = model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters)
     rows = [{**common, **row}]
-    for peer in args.vs:
-        got = peers.run(peer, args, cfg)
-        rows.append({**common, **row, "peer": peer, "peer_tokens_per_s": got["tokens_per_s"],
-                     "ratio": row["tokens_per_s"] / got["tokens_per_s"], "peer_detail": got})
+    for peer, detail in got.items():
+        theirs = detail["tokens_per_s"]
+        rows.append({**common, **row, "peer": peer, "peer_tokens_per_s": theirs,
+                     "ratio": row["tokens_per_s"] / theirs if theirs else None, "peer_detail": detail})
     return rows
 
 

@@ -1,5 +1,6 @@
 """On a GPU: the cuDNN attention path agrees with the XLA path (forward and gradients) for
-causal, padded, packed and sliding-window batches. `python -m bench.attention_check`."""
+causal, padded, packed and sliding-window batches, and `attention="auto"` picks cuDNN there
+(and XLA on a CPU, in fp32 and with a bias). `python -m bench.attention_check`."""
 
 from __future__ import annotations
 
@@ -31,14 +32,23 @@ def main() -> None:
         for name in names:
             kw = cases[name]
             out = {}
-            for impl in ("xla", "cudnn"):
+            impls = ("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",)
+            for impl in impls:
                 cfg = base.replace(attention=impl, sliding_window=window)
                 f = jax.jit(lambda p, t: zoo.decoder.forward(p, cfg, t, **kw).logits.astype(jnp.float32))
                 g = jax.jit(jax.grad(lambda p, t: jnp.mean(
                     zoo.decoder.forward(p, cfg, t, **kw).logits.astype(jnp.float32) ** 2)))
                 out[impl] = (f(params, toks), g(params, toks)["decoder"]["layers"]["attn"]["q"])
-            print(f"window={window} {name:13s} logits rel err {rel(out['cudnn'][0], out['xla'][0]):.2e}"
-                  f"  dq rel err {rel(out['cudnn'][1], out['xla'][1]):.2e}")
+            if "cudnn" in out:
+                print(f"window={window} {name:13s} logits rel err {rel(out['cudnn'][0], out['xla'][0]):.2e}"
+                      f"  dq rel err {rel(out['cudnn'][1], out['xla'][1]):.2e}")
+    for name, cfg in (("bf16, RoPE", base), ("fp32, RoPE", base.replace(dtype="float32")),
+                      ("bf16, ALiBi", base.replace(positions="alibi"))):
+        cfg = cfg.replace(attention="auto")
+        hlo = jax.jit(jax.grad(lambda p, t: jnp.mean(
+            zoo.decoder.forward(p, cfg, t).logits.astype(jnp.float32)))).lower(params, toks).as_text()
+        print(f"attention='auto', {name:12s} on {jax.default_backend()}: "
+              f"{'cudnn' if 'cudnn' in hlo else 'xla'}")
 
 
 if __name__ == "__main__":

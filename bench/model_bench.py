@@ -3,7 +3,7 @@ each returning one result row (a dict)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +31,10 @@ def synthetic_batch(cfg: zoo.Config, batch: int, seq_len: int, seed: int = 0) ->
     return out
 
 
-def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5,
-              remat: str = "none", loss_chunk: int = 0) -> dict[str, Any]:
-    """Median step time of `train.step` (AdamW, jitted with shardings, donated state)."""
+def train_runner(cfg: zoo.Config, batch: int, seq_len: int, remat: str = "none",
+                 loss_chunk: int = 0) -> tuple[Callable[[], Any], Any, float]:
+    """(one step: advances the state and returns the loss, the compiled step, compile
+    seconds) of `train.step` on one device: AdamW, jitted with shardings, donated state."""
     mesh = zoo.sharding.make_mesh({"data": 1}, jax.devices()[:1])
     hp = Hparams(total_steps=1000, warmup_steps=10, remat=remat, loss_chunk=loss_chunk)
     state = create_state(cfg, hp, 0, mesh)
@@ -42,15 +43,21 @@ def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int
     data = jax.device_put(host, bsh)
     ssh = jax.tree.map(lambda x: x.sharding, state)
     with zoo.sharding.use(mesh):
-        step = jit_step(ssh, bsh, mesh)
-        compiled, compile_s = timing.compile_seconds(step, state, data)
-        holder = {"state": state}
+        compiled, compile_s = timing.compile_seconds(jit_step(ssh, bsh, mesh), state, data)
+    holder = {"state": state}
 
-        def one() -> Any:
-            holder["state"], metrics = compiled(holder["state"], data)
-            return metrics["loss"]
+    def one() -> Any:
+        holder["state"], metrics = compiled(holder["state"], data)
+        return metrics["loss"]
 
-        seconds = timing.median_time(one, iters=iters, warmup=2)
+    return one, compiled, compile_s
+
+
+def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5,
+              remat: str = "none", loss_chunk: int = 0) -> dict[str, Any]:
+    """Median step time of `train.step` (`train_runner`)."""
+    one, compiled, compile_s = train_runner(cfg, batch, seq_len, remat, loss_chunk)
+    seconds = timing.median_time(one, iters=iters, warmup=2)
     tokens = batch * seq_len
     achieved = flops.train_flops_per_token(cfg, seq_len) * tokens / seconds
     return {"bench": "train", "family": cfg.family, "dtype": cfg.dtype, "batch": batch,

@@ -1,0 +1,116 @@
+"""Where the time goes: a `jax.profiler` trace of a few decode calls or train steps, summed
+per kernel (GPU) or XLA op (CPU).
+
+    python -m bench.profile decode|train [--preset NAME] [--dtype bfloat16] [--batch-size 8]
+        [--seq-len 2048] [--remat minimal] [--loss-chunk 512] [--calls 3] [--top 25]
+
+Prints the wall time per call, the device's busy time (kernel durations summed), the
+number of kernels per call, and the kernels taking the most time (names with their
+numeric suffix dropped, so the 16 layers' copies of one fusion add up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import zoo
+from bench import model_bench
+from bench.__main__ import model_config
+from zoo.decoding import unstacked
+
+# Host-side events of the runtime (not XLA ops) in a CPU trace.
+_HOST_NOISE = ("$", "Thunk", "end:", "PjRt", "pjrt", "Pjit", "pjit", "Execute", "Common")
+_ENCLOSING = ("while", "call", "conditional")  # CPU ops that contain other ops
+
+
+def device_events(trace_dir: str) -> list[dict[str, Any]]:
+    """Complete events of the device's kernels (GPU/TPU), or of the XLA ops on a CPU."""
+    path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+    events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in names.items() if "/device:" in name and "CPU" not in name}
+    complete = [e for e in events if e.get("ph") == "X"]
+    if devices:
+        return [e for e in complete if e["pid"] in devices]
+    return [e for e in complete if not e["name"].startswith(_HOST_NOISE)
+            and re.sub(r"[._]\d+$", "", e["name"]) not in _ENCLOSING]
+
+
+def profile(fn: Callable[[], Any], calls: int, top: int) -> dict[str, Any]:
+    jax.block_until_ready(fn())
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(calls):
+                jax.block_until_ready(fn())
+            wall = (time.perf_counter() - start) / calls
+        events = device_events(d)
+    total: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for e in events:
+        key = re.sub(r"[._]\d+$", "", e["name"])
+        total[key] += e.get("dur", 0)
+        count[key] += 1
+    busy = sum(total.values()) / calls / 1e6
+    print(f"wall {wall * 1e3:.3f} ms per call (traced), device busy {busy * 1e3:.3f} ms "
+          f"({busy / wall:.0%}), {len(events) / calls:.0f} kernels per call")
+    print("| ms per call | share | kernels per call | kernel |")
+    print("|---|---|---|---|")
+    for name, us in total.most_common(top):
+        print(f"| {us / calls / 1e3:.3f} | {us / calls / 1e6 / busy:.1%} | {count[name] / calls:.0f} "
+              f"| {name[:90]} |")
+    return {"wall_s": wall, "busy_s": busy, "kernels": len(events) / calls,
+            "top": [(n, us / calls / 1e6, count[n] / calls) for n, us in total.most_common(top)]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.profile")
+    p.add_argument("bench", choices=("train", "decode"))
+    p.add_argument("--preset", default=None)
+    p.add_argument("--family", default="decoder")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--param-dtype", default=None)
+    p.add_argument("--attention", default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--remat", default="none")
+    p.add_argument("--loss-chunk", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--no-scan-layers", action="store_true")
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    cfg = model_config(args)
+    if args.bench == "train":
+        fn, _, _ = model_bench.train_runner(cfg, args.batch_size, args.seq_len, args.remat, args.loss_chunk)
+    else:
+        params = unstacked(zoo.init(cfg, jax.random.key(0)))
+        prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, args.prompt_len)),
+                             jnp.int32)
+        fn = lambda: zoo.generate(params, cfg, prompt, max_new_tokens=args.new_tokens, stop_tokens=())
+    print(f"device: {jax.devices()[0].device_kind}  {args.bench} {args.preset or 'default'} {args.dtype}")
+    result = profile(fn, args.calls, args.top)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), **result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
