@@ -39,7 +39,6 @@ step 80 train-unrolled-chunk $py -m bench train "${llama[@]}" --seq-len "$seq" -
 step 80 train-scan $py -m bench train "${llama[@]}" --seq-len "$seq" --batch-size 8 \
     --json "$out/h100_train_scan_b8.json"
 step 100 decode $py -m bench decode "${llama[@]}" --vs hf --json "$out/h100_decode_bf16.json"
-step 80 decode-loop $py -m bench.decode_loop "${llama[@]}" --steps 1 8 32
 step 60 profile-decode $py -m bench.profile decode "${llama[@]}" --calls 2 --top 12
 step 90 profile-train $py -m bench.profile train "${llama[@]}" --seq-len "$seq" --batch-size 8 \
     --no-scan-layers --calls 2 --top 16

@@ -93,51 +93,30 @@ def _run(params: dict, prompt: jax.Array, prompt_mask: jax.Array | None, key: ja
     return _sample(params, cfg, prompt, prompt_mask, key, opts)
 
 
-# Token steps per trip of the outer loop (None: 8 on accelerators, 1 on CPU). Each trip ends
-# with a test of "all rows done", which a GPU answers by copying a flag to the host and
-# waiting for it; the steps of a trip run in an inner loop of static length that the host
-# enqueues without waiting. `python -m bench.decode_loop` measures the choice.
-_STEPS_PER_CHECK: int | None = None
-
-
-def _steps_per_check(n: int) -> int:
-    k = _STEPS_PER_CHECK
-    if k is None:
-        k = 1 if jax.default_backend() == "cpu" else 8
-    return max(1, min(k, n - 1))
-
-
 def _sample(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
             key: jax.Array, opts: Options) -> jax.Array:
-    """Greedy or sampled decoding: one token per step, `_steps_per_check` steps per loop
-    trip. Steps past the last token (fewer than a trip's, also once every row stopped) write
-    padding into spare columns and discarded cache slots."""
+    """Greedy or sampled decoding: one token per loop step."""
     batch, n, s = prompt.shape[0], opts.max_new_tokens, opts.sampler
-    per_trip = _steps_per_check(n)
     cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts), opts)
     logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)
     key, first_key = jax.random.split(key)
     first = choose(logits, s, first_key)
-    out = jnp.full((batch, n + per_trip - 1), opts.pad_id, jnp.int32).at[:, 0].set(first)
+    out = jnp.full((batch, n), opts.pad_id, jnp.int32).at[:, 0].set(first)
 
     def cond(carry: tuple) -> jax.Array:
         i, _, done = carry[:3]
         return (i < n) & ~jnp.all(done)
 
-    def one(carry: tuple) -> tuple:
+    def body(carry: tuple) -> tuple:
         i, out, done, cache, key = carry
         key, step_key = jax.random.split(key)
         logits, cache = step(params, cfg, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1), cache)
-        done = done | (i >= n)
         token = jnp.where(done, opts.pad_id, choose(logits[:, 0], s, step_key))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         return i + 1, out, done | is_stop(token, opts.stop_tokens), cache, key
 
-    def trip(carry: tuple) -> tuple:
-        return jax.lax.fori_loop(0, per_trip, lambda _, c: one(c), carry)
-
     start = (jnp.ones((), jnp.int32), out, is_stop(first, opts.stop_tokens), cache, key)
-    return jax.lax.while_loop(cond, one if per_trip == 1 else trip, start)[1][:, :n]
+    return jax.lax.while_loop(cond, body, start)[1]
 
 
 # --- argument checks (static, before tracing) ----------------------------------------------
