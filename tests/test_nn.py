@@ -285,3 +285,23 @@ def test_auto_attention_is_the_xla_path_on_cpu():
     auto = zoo.forward(params, cfg, toks).logits
     xla = zoo.forward(params, cfg.replace(attention="xla"), toks).logits
     assert jnp.array_equal(auto, xla)
+
+
+def test_auto_attention_falls_back_to_xla_when_cudnn_refuses_the_shapes(monkeypatch):
+    # As on a CUDA device whose kernel rejects the call at trace time (head size, odd lengths).
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args[0].shape)
+        raise NotImplementedError("unsupported head dim")
+
+    monkeypatch.setattr(attention, "_platform", lambda: "cuda")
+    monkeypatch.setattr(attention, "_attend_cudnn", refuse)
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 8, 4, 16), jnp.bfloat16) for i in range(3))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((8, 8), bool)), (2, 8, 8))
+    auto = attention.attend(q, k, v, mask, None, 0.25, "auto", causal=True)
+    xla = attention.attend(q, k, v, mask, None, 0.25, "xla", causal=True)
+    assert calls == [(2, 8, 4, 16)]
+    assert jnp.array_equal(auto, xla)
+    with pytest.raises(NotImplementedError):  # asked for by name, the refusal is the user's error
+        attention.attend(q, k, v, mask, None, 0.25, "cudnn", causal=True)
