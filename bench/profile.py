@@ -11,7 +11,6 @@ numeric suffix dropped, so the 16 layers' copies of one fusion add up).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -27,11 +26,12 @@ import numpy as np
 
 import zoo
 from bench import model_bench
-from bench.__main__ import model_config
+from bench import __main__ as bench_cli
 from zoo.decoding import unstacked
 
 # Host-side events of the runtime (not XLA ops) in a CPU trace.
-_HOST_NOISE = ("$", "Thunk", "end:", "PjRt", "pjrt", "Pjit", "pjit", "Execute", "Common")
+_HOST_NOISE = ("$", "Thunk", "end:", "PjRt", "pjrt", "Pjit", "pjit", "Execute", "Common",
+               "DevicePut", "ParseArguments")
 _ENCLOSING = ("while", "call", "conditional")  # CPU ops that contain other ops
 
 
@@ -78,26 +78,14 @@ def profile(fn: Callable[[], Any], calls: int, top: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.profile")
-    p.add_argument("bench", choices=("train", "decode"))
-    p.add_argument("--preset", default=None)
-    p.add_argument("--family", default="decoder")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--param-dtype", default=None)
-    p.add_argument("--attention", default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--remat", default="none")
-    p.add_argument("--loss-chunk", type=int, default=0)
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--no-scan-layers", action="store_true")
-    p.add_argument("--calls", type=int, default=3)
-    p.add_argument("--top", type=int, default=25)
-    p.add_argument("--json", default=None)
+    p = bench_cli.parser()  # the bench's own flags and shapes; --vs is ignored here
+    p.prog = "python -m bench.profile"
+    p.add_argument("--calls", type=int, default=3, help="traced calls")
+    p.add_argument("--top", type=int, default=25, help="kernels listed")
     args = p.parse_args()
-    cfg = model_config(args)
+    if args.bench == "encode":
+        p.error("profile: train or decode")
+    cfg = bench_cli.model_config(args)
     if args.bench == "train":
         fn, _, _ = model_bench.train_runner(cfg, args.batch_size, args.seq_len, args.remat, args.loss_chunk)
     else:
@@ -109,7 +97,7 @@ def main() -> None:
     result = profile(fn, args.calls, args.top)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), **result}, f, indent=1)
+            json.dump({"args": vars(args), **result}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -138,8 +138,8 @@ def cudnn_applies(dtype: jnp.dtype, has_bias: bool, cache_layout: bool,
                   platform: str | None = None) -> bool:
     """Whether `attention="auto"` tries the cuDNN kernel: on an NVIDIA GPU, for bf16/fp16,
     without an additive bias (ALiBi, T5's relative buckets: the kernel would have to return
-    its gradient) and outside cached decoding, whose one-token queries over a short cache are
-    launch-bound either way. platform: "cuda", "rocm", "cpu", ... (default: the first device's)."""
+    its gradient) and outside cached decoding (queries over the cache layout; the kernel is
+    unmeasured there). platform: "cuda", "rocm", "cpu", ... (default: the first device's)."""
     platform = _platform() if platform is None else platform
     return (platform == "cuda" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and not has_bias and not cache_layout)
