@@ -23,6 +23,9 @@ SMALL = dict(d_model=512, num_layers=8, num_heads=8, d_ff=2048, vocab_size=32000
              pad_id=0, eos_id=1, bos_id=None)
 
 
+REMAT_CHOICES = ("none", "full", "dots", "minimal")  # zoo.nn.transformer.REMAT_POLICIES + none
+
+
 def model_config(args: argparse.Namespace) -> zoo.Config:
     if args.preset:
         base = zoo.preset(args.preset)
@@ -60,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--param-dtype", default=None, help="default: float32 for train, else --dtype")
     p.add_argument("--attention", default=None, help="attention implementation (xla, cudnn)")
-    p.add_argument("--remat", default="none", choices=("none", "full", "dots", "minimal"),
+    p.add_argument("--remat", default="none", choices=REMAT_CHOICES,
                    help="train: what the backward recomputes (zoo.nn.transformer.REMAT_POLICIES)")
     p.add_argument("--loss-chunk", type=int, default=0,
                    help="train: output head and loss this many positions at a time (0: all)")
@@ -81,9 +84,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     got = {peer: peers.run(peer, args, cfg) for peer in args.vs}
     peak = hardware.matmul_peak(cfg.dtype)
     bandwidth = hardware.stream_bandwidth()
-    common = {"device": hardware.device_description(), "date": datetime.date.today().isoformat(),
-              "jax": jax.__version__, "peak_tflops": peak / 1e12, "bandwidth_gbs": bandwidth / 1e9,
-              "attention": cfg.attention, "scan_layers": cfg.scan_layers}
+    common = {**environment(cfg, peak), "bandwidth_gbs": bandwidth / 1e9}
     if args.bench == "train":
         row = model_bench.train_row(cfg, args.batch_size, args.seq_len, peak, args.iters, args.remat,
                                     args.loss_chunk)
@@ -104,21 +105,31 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    cols = ("bench", "family", "dtype", "tokens_per_s", "mfu", "bound_tokens_per_s",
-            "compile_s", "peak_bytes", "peer", "peer_tokens_per_s", "ratio")
-    cols = tuple(c for c in cols if any(r.get(c) is not None for r in rows))
+def environment(cfg: zoo.Config, peak: float) -> dict[str, Any]:
+    """The fields every row carries: where and with what it ran."""
+    return {"device": hardware.device_description(), "date": datetime.date.today().isoformat(),
+            "jax": jax.__version__, "peak_tflops": peak / 1e12, "attention": cfg.attention,
+            "scan_layers": cfg.scan_layers}
 
-    def fmt(v: Any) -> str:
+
+COLUMNS = ("bench", "family", "dtype", "tokens_per_s", "mfu", "bound_tokens_per_s",
+           "compile_s", "peak_bytes", "peer", "peer_tokens_per_s", "ratio")
+
+
+def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
+    """A markdown table of the rows' columns (those no row has are left out)."""
+    cols = tuple(c for c in columns if any(r.get(c) is not None for r in rows))
+
+    def fmt(col: str, v: Any) -> str:
         if v is None:
             return "-"
+        if col.endswith("_bytes"):
+            return f"{v / 2 ** 20:,.1f} MiB" if v < 2 ** 24 else f"{v / 2 ** 20:,.0f} MiB"
         if isinstance(v, float):
             return f"{v:.3f}" if abs(v) < 10 else f"{v:,.0f}"
-        if isinstance(v, int) and v > 10 ** 6:
-            return f"{v / 2 ** 20:,.0f} MiB"
         return str(v)
 
-    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    cells = [[fmt(c, r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths)) + " |"
     out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

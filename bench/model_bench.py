@@ -63,8 +63,8 @@ def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int
     return {"bench": "train", "family": cfg.family, "dtype": cfg.dtype, "batch": batch,
             "seq_len": seq_len, "params": zoo.param_count(cfg), "step_s": seconds,
             "tokens_per_s": tokens / seconds, "tflops": achieved / 1e12, "mfu": achieved / peak,
-            "compile_s": compile_s, "peak_bytes": timing.memory_bytes(compiled), "remat": remat,
-            "loss_chunk": loss_chunk}
+            "compile_s": compile_s, "peak_bytes": timing.memory_bytes(compiled),
+            "program_bytes": timing.program_bytes(compiled), "remat": remat, "loss_chunk": loss_chunk}
 
 
 def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: float,

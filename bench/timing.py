@@ -40,12 +40,19 @@ def compile_seconds(jitted: Any, *args: Any) -> tuple[Any, float]:
 
 
 def memory_bytes(compiled: Any) -> int | None:
-    """Peak device bytes: the allocator's peak on accelerators, else XLA's estimate of the
-    program's arguments, outputs and temporaries."""
+    """Peak device bytes: the allocator's peak on accelerators (over the whole process), else
+    `program_bytes`."""
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
+    return program_bytes(compiled)
+
+
+def program_bytes(compiled: Any) -> int | None:
+    """XLA's estimate of one compiled program's footprint: arguments, outputs and
+    temporaries, donated outputs counted once. Unlike the allocator's peak it does not carry
+    over from earlier programs of the process, so it compares variants run side by side."""
     try:
         m = compiled.memory_analysis()
         return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

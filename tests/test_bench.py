@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench import __main__ as bench_cli
-from bench import profile
+from bench import profile, sweep
 
 TINY = ["--preset", "tiny-decoder", "--iters", "1"]
 
@@ -45,3 +45,21 @@ def test_profile_lists_the_ops_of_a_step(capsys):
     result = profile.profile(lambda: jnp.tanh(jnp.ones((64, 64))) @ jnp.ones((64, 64)), calls=2, top=5)
     assert result["kernels"] > 0 and result["wall_s"] > 0 and result["top"]
     assert "kernels per call" in capsys.readouterr().out
+
+
+def test_sweep_measures_each_variant_with_its_own_program_memory(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    argv = ["--preset", "tiny-decoder", "--iters", "1", "--batch-size", "2", "--seq-len", "16",
+            "--variants", "none:scan,dots:unrolled", "--json", str(out)]
+    assert sweep.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["none:scan", "dots:unrolled"]
+    assert [r["scan_layers"] for r in rows] == [True, False] and rows[1]["remat"] == "dots"
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["program_bytes"] > 0
+    assert "dots:unrolled" in capsys.readouterr().out
+
+
+def test_sweep_names_a_bad_variant():
+    with pytest.raises(ValueError, match="'dots:sideways' is not REMAT:LAYOUT"):
+        sweep.parse_variants("none:scan,dots:sideways")

@@ -1,6 +1,8 @@
 """The three families: causality, bidirectionality, padding, packing, scan == loop, and
 every transformation (jit, grad, vmap, pmap) in fp32 and bf16."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,7 +192,9 @@ def test_transformations(name, dtype):
     vmapped = jax.jit(jax.vmap(lambda t: run(params, cfg, t[None]).logits[0]))(toks)
     np.testing.assert_allclose(vmapped.astype(jnp.float32), jitted.astype(jnp.float32),
                                atol=1e-4 if dtype == "float32" else 0.1)
-    pmapped = jax.pmap(lambda t: run(params, cfg, t).logits)(toks.reshape(8, 1, 8))
+    # One shard per device: 8 on the CPU test mesh, 1 on a single accelerator.
+    shards = math.gcd(8, jax.local_device_count())
+    pmapped = jax.pmap(lambda t: run(params, cfg, t).logits)(toks.reshape(shards, 8 // shards, 8))
     np.testing.assert_allclose(pmapped.reshape(jitted.shape).astype(jnp.float32),
                                jitted.astype(jnp.float32), atol=1e-4 if dtype == "float32" else 0.1)
 
