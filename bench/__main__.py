@@ -17,6 +17,7 @@ import jax
 
 import zoo
 from bench import hardware, model_bench, peers
+from train.hostmem import restart_with_huge_pages
 
 # Default CPU shapes (issue: GPT-2 architecture at width 512, 8 layers, 8 heads, vocab 32000).
 SMALL = dict(d_model=512, num_layers=8, num_heads=8, d_ff=2048, vocab_size=32000,
@@ -150,4 +151,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # zoo and the peers alike run under it (train/hostmem.py)
     sys.exit(main())

@@ -27,6 +27,7 @@ import numpy as np
 import zoo
 from bench import model_bench
 from bench import __main__ as bench_cli
+from train.hostmem import restart_with_huge_pages
 from zoo.decoding import unstacked
 
 # Host-side events of the runtime (not XLA ops) in a CPU trace.
@@ -101,4 +102,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as `python -m bench` runs (train/hostmem.py)
     main()

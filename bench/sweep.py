@@ -22,6 +22,7 @@ import jax
 
 from bench import hardware, model_bench
 from bench import __main__ as bench_cli
+from train.hostmem import restart_with_huge_pages
 
 LAYOUTS = {"scan": True, "unrolled": False}
 DEFAULT = "none:scan,dots:scan,minimal:scan,full:scan,none:unrolled,dots:unrolled"
@@ -81,4 +82,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as `python -m bench` runs (train/hostmem.py)
     raise SystemExit(main())

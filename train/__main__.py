@@ -3,6 +3,10 @@
 
 import sys
 
+from train.hostmem import restart_with_huge_pages
+
+restart_with_huge_pages()  # XLA:CPU's per-step temporaries in 2 MiB pages (train/hostmem.py)
+
 if sys.argv[1:2] == ["sample"]:  # `python -m train sample --run DIR --prompt ...`
     from train.sample import main as sample_main
 
