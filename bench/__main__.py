@@ -18,13 +18,14 @@ import jax
 import zoo
 from bench import hardware, model_bench, peers
 from train.hostmem import restart_with_huge_pages
+from zoo.nn.transformer import REMAT_POLICIES
 
 # Default CPU shapes (issue: GPT-2 architecture at width 512, 8 layers, 8 heads, vocab 32000).
 SMALL = dict(d_model=512, num_layers=8, num_heads=8, d_ff=2048, vocab_size=32000,
              pad_id=0, eos_id=1, bos_id=None)
 
 
-REMAT_CHOICES = ("none", "full", "dots", "minimal")  # zoo.nn.transformer.REMAT_POLICIES + none
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
 
 def model_config(args: argparse.Namespace) -> zoo.Config:
