@@ -191,21 +191,24 @@ def test_moe_layer_matches_explicit_per_token_mixture():
 @pytest.mark.parametrize("kv_heads,with_bias", [(4, False), (2, True), (1, False)])
 @pytest.mark.parametrize("max_unrolled", [32, 1])
 def test_row_by_row_attention_equals_the_batched_einsum(monkeypatch, kv_heads, with_bias, max_unrolled):
-    """The CPU path (one batch row at a time, unrolled or under lax.map) computes the same
-    attention and gradients as the batched einsum used on accelerators and meshes."""
+    """The CPU path (one batch row at a time, unrolled or under lax.map, with its own
+    backward pass) computes the same attention and gradients (queries, keys, values, bias)
+    as the autodiffed batched einsum used on accelerators and meshes."""
     b, t, s, n, h = 3, 5, 7, 4, 8
     keys = jax.random.split(jax.random.key(3), 5)
     q = jax.random.normal(keys[0], (b, t, n, h))
     k = jax.random.normal(keys[1], (b, s, kv_heads, h))
     v = jax.random.normal(keys[2], (b, s, kv_heads, h))
-    mask = jax.random.bernoulli(keys[3], 0.7, (b, t, s)).at[:, :, 0].set(True)
-    bias = jax.random.normal(keys[4], (1, n, t, s)) if with_bias else None
+    # Every query sees key 0, except one padding query that sees nothing.
+    mask = jax.random.bernoulli(keys[3], 0.7, (b, t, s)).at[:, :, 0].set(True).at[0, 1, :].set(False)
+    args = (q, k, v) + ((jax.random.normal(keys[4], (1, n, t, s)),) if with_bias else ())
 
     def run(by_rows: bool):
         monkeypatch.setattr(attention, "_by_rows", lambda: by_rows)
         monkeypatch.setattr(attention, "_MAX_UNROLLED_ROWS", max_unrolled)
-        f = lambda q, k, v: attention.attend(q, k, v, mask, bias, 0.3)
-        return f(q, k, v), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+        f = lambda q, k, v, *bias: attention.attend(q, k, v, mask, bias[0] if bias else None, 0.3)
+        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args))))(*args)
+        return f(*args), grads
 
     (rows, rows_grad), (batched, batched_grad) = run(True), run(False)
     assert float(jnp.max(jnp.abs(rows - batched))) < 1e-5
