@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_variants(args.variants)
     except ValueError as e:
         p.error(str(e))
+    if args.vs or args.no_scan_layers:  # flags of `python -m bench` that the sweep would ignore
+        p.error("the sweep runs zoo only, each variant naming its layout: drop --vs and --no-scan-layers")
     rows = run(args)
     print(f"device: {rows[0]['device']}  jax {rows[0]['jax']}  matmul peak "
           f"{rows[0]['peak_tflops']:.2f} TFLOP/s ({args.dtype})")

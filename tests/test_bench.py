@@ -63,3 +63,9 @@ def test_sweep_measures_each_variant_with_its_own_program_memory(tmp_path, capsy
 def test_sweep_names_a_bad_variant():
     with pytest.raises(ValueError, match="'dots:sideways' is not REMAT:LAYOUT"):
         sweep.parse_variants("none:scan,dots:sideways")
+
+
+def test_sweep_refuses_the_bench_flags_it_would_ignore(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--vs", "hf"])
+    assert "drop --vs" in capsys.readouterr().err
