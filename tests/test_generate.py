@@ -146,6 +146,19 @@ def test_int8_cache_generates_like_the_full_precision_cache():
 
 
 # --- sampling -------------------------------------------------------------------------------
+def test_greedy_argmax_matches_jnp_argmax_on_ties_nans_and_infinities():
+    from zoo.sampling import argmax
+    rows = np.array([[1.0, 3.0, 3.0, 2.0],  # tie: the first wins
+                     [-np.inf, -np.inf, -np.inf, -np.inf],
+                     [0.0, np.nan, 5.0, np.nan],  # NaN wins, the first one
+                     [np.inf, 1.0, np.inf, 0.0]], np.float32)
+    rng = np.random.default_rng(0).standard_normal((2, 3, 1000)).astype(np.float32)
+    for x in (jnp.asarray(rows), jnp.asarray(rows, jnp.bfloat16), jnp.asarray(rng)):
+        got = jax.jit(argmax)(x)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+
+
 def test_top_k_and_top_p_never_leave_the_allowed_set():
     cfg, params = _model("tiny-decoder", head_scale=30.0)
     prompt = tokens(jax.random.key(6), 16, 4)

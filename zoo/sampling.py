@@ -64,15 +64,26 @@ def _top_p(logits: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(keep, logits, _NEG_INF)
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """logits [..., V] -> int32 [...]: the first index of the largest value (of the first NaN,
+    if any), as `jnp.argmax`. Written as two plain reductions (the maximum, then the smallest
+    index holding it) because XLA's CPU backend runs argmax's paired value-and-index
+    reduction unvectorized: 110 vs 20 us over a 32k vocabulary, 1 % of a decoding step."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if any is NaN
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def choose(logits: jax.Array, s: Sampler, key: jax.Array | None) -> jax.Array:
     """logits [..., V] -> token ids [...] int32: argmax, or a sample of process(logits)."""
     if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     return jax.random.categorical(key, process(logits, s), axis=-1).astype(jnp.int32)
 
 
 def probs(logits: jax.Array, s: Sampler) -> jax.Array:
     """The distribution `choose` draws from, [..., V] fp32 (greedy: one-hot argmax)."""
     if s.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(process(logits, s), axis=-1)

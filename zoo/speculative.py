@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.decoding import Options, is_stop, new_cache, pad_after_stop, prefill, reach, step
 from zoo.nn import cache as kv_cache
-from zoo.sampling import Sampler, choose, probs
+from zoo.sampling import Sampler, argmax, choose, probs
 
 
 def _propose(draft_params: dict, draft_cfg: Config, last: jax.Array, cache: kv_cache.Cache,
@@ -45,7 +45,7 @@ def _accepted(drafts: jax.Array, draft_probs: jax.Array, target_logits: jax.Arra
               key: jax.Array, s: Sampler) -> jax.Array:
     """How many leading draft tokens each row keeps, [B] in 0..k."""
     if s.greedy:
-        keep = drafts == jnp.argmax(target_logits[:, :-1], axis=-1)
+        keep = drafts == argmax(target_logits[:, :-1])
     else:
         p = jnp.take_along_axis(probs(target_logits[:, :-1], s), drafts[..., None], axis=-1)[..., 0]
         q = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
@@ -59,7 +59,7 @@ def _next_token(drafts: jax.Array, draft_probs: jax.Array, target_logits: jax.Ar
     m, else a draw from the residual max(0, p - q) (from p itself after k accepted)."""
     logits_m = jax.lax.dynamic_index_in_dim(target_logits, m, axis=1, keepdims=False)
     if s.greedy:
-        return jnp.argmax(logits_m, axis=-1).astype(jnp.int32)
+        return argmax(logits_m)
     b, k, vocab = draft_probs.shape
     q_all = jnp.concatenate([draft_probs, jnp.zeros((b, 1, vocab), draft_probs.dtype)], axis=1)
     p_m = probs(logits_m, s)
