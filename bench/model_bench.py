@@ -71,17 +71,18 @@ def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: flo
                iters: int = 5) -> dict[str, Any]:
     """Batch-1 greedy decoding through `zoo.generate`; bound = bandwidth / parameter bytes.
     The parameters are unstacked once, as a server would (`zoo.decoding.unstacked`); the
-    row also reports the rate when each call unstacks a stacked tree itself."""
+    row also reports the rate when each call unstacks a stacked tree itself. No stop tokens:
+    every call makes all new_tokens (the peers set min_new_tokens), whatever the weights."""
     stacked = zoo.init(cfg, jax.random.key(0))
     params = timing.block(unstacked(stacked))
     prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)), jnp.int32)
-    run = lambda: zoo.generate(params, cfg, prompt, max_new_tokens=new_tokens)
+    run = lambda: zoo.generate(params, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=())
     compile_start = timing.time.perf_counter()
     timing.block(run())
     compile_s = timing.time.perf_counter() - compile_start
     seconds = timing.median_time(run, iters=iters, warmup=1)
-    per_call = timing.median_time(lambda: zoo.generate(stacked, cfg, prompt, max_new_tokens=new_tokens),
-                                  iters=iters, warmup=1)
+    run_stacked = lambda: zoo.generate(stacked, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=())
+    per_call = timing.median_time(run_stacked, iters=iters, warmup=1)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bound = bandwidth / param_bytes
     return {"bench": "decode", "family": cfg.family, "dtype": cfg.param_dtype, "batch": 1,
