@@ -269,6 +269,29 @@ def test_flattened_matmul_equals_the_einsum_with_gradients():
     assert linear.matmul(x.astype(jnp.bfloat16), w).dtype == jnp.bfloat16
 
 
+def test_bf16_matmul_is_the_fp32_accumulated_product_rounded_with_bf16_gradients():
+    ks = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(ks[0], (4, 8, 256)).astype(jnp.bfloat16)
+    w = jax.random.normal(ks[1], (256, 96))   # fp32 master weights, cast inside
+    e = jax.random.normal(ks[2], (50, 256))
+    w16, e16 = w.astype(jnp.bfloat16), e.astype(jnp.bfloat16)
+    if jax.default_backend() == "cpu":  # the form XLA:CPU gives to its bf16 matrix units
+        assert "xbf16>) -> tensor<32x96xf32>" in jax.jit(linear.matmul).lower(x, w).as_text()
+    exact = lambda a, b: (a.astype(jnp.float32) @ b.astype(jnp.float32)).astype(jnp.bfloat16)
+    for got, want in ((jax.jit(linear.matmul)(x, w), exact(x, w16)),
+                      (jax.jit(linear.matmul_transposed)(x, e), exact(x, e16.T))):
+        assert got.dtype == jnp.bfloat16
+        # fp32 accumulation: at most one bf16 rounding step from the exact product
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
+                                   rtol=2 ** -7, atol=1e-6)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(linear.matmul(x, w).astype(jnp.float32) ** 2),
+                      argnums=(0, 1))(x, w)
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+    y = exact(x, w16).astype(np.float32)
+    np.testing.assert_allclose(gw, np.einsum("btd,btn->dn", x.astype(np.float32), 2 * y),
+                               rtol=2e-2, atol=2e-2 * float(np.abs(gw).max()))
+
+
 def test_auto_attention_chooses_cudnn_only_where_the_kernel_applies():
     assert attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=False, platform="cuda")
     assert attention.cudnn_applies(jnp.float16, has_bias=False, cache_layout=False, platform="cuda")
