@@ -93,14 +93,21 @@ def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: flo
             "param_bytes": param_bytes}
 
 
-def encode_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5) -> dict[str, Any]:
-    """Encoder inference: jitted `zoo.encoder.forward` (hidden states and MLM logits)."""
+def encode_runner(cfg: zoo.Config, batch: int, seq_len: int) -> tuple[Callable[[], Any], Any, float]:
+    """(one call: hidden states [batch, seq_len, D] of jitted `zoo.encoder.forward`, the
+    compiled program, compile seconds)."""
     params = zoo.init(cfg, jax.random.key(0))
     toks = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, seq_len)), jnp.int32)
     mask = jnp.ones((batch, seq_len), bool)
     f = jax.jit(lambda p, t, m: zoo.encoder.forward(p, cfg, t, mask=m).hidden)
     compiled, compile_s = timing.compile_seconds(f, params, toks, mask)
-    seconds = timing.median_time(lambda: compiled(params, toks, mask), iters=iters, warmup=2)
+    return (lambda: compiled(params, toks, mask)), compiled, compile_s
+
+
+def encode_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5) -> dict[str, Any]:
+    """Encoder inference: the hidden states of jitted `zoo.encoder.forward` (no MLM head)."""
+    one, compiled, compile_s = encode_runner(cfg, batch, seq_len)
+    seconds = timing.median_time(one, iters=iters, warmup=2)
     tokens = batch * seq_len
     fwd = (flops.forward_flops_per_token(cfg, seq_len)
            - 2.0 * cfg.vocab_size * cfg.d_model)  # hidden states only: no vocabulary projection

@@ -1,7 +1,7 @@
-"""Where the time goes: a `jax.profiler` trace of a few decode calls or train steps, summed
-per kernel (GPU) or XLA op (CPU).
+"""Where the time goes: a `jax.profiler` trace of a few train steps, decode calls or
+encoder forwards, summed per kernel (GPU) or XLA op (CPU).
 
-    python -m bench.profile decode|train [--preset NAME] [--dtype bfloat16] [--batch-size 8]
+    python -m bench.profile train|decode|encode [--preset NAME] [--dtype bfloat16] [--batch-size 8]
         [--seq-len 2048] [--remat minimal] [--loss-chunk 512] [--calls 3] [--top 25]
 
 Prints the wall time per call, the device's busy time (kernel durations summed), the
@@ -78,17 +78,19 @@ def profile(fn: Callable[[], Any], calls: int, top: int) -> dict[str, Any]:
             "top": [(n, us / calls / 1e6, count[n] / calls) for n, us in total.most_common(top)]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = bench_cli.parser()  # the bench's own flags and shapes; --vs is ignored here
     p.prog = "python -m bench.profile"
     p.add_argument("--calls", type=int, default=3, help="traced calls")
     p.add_argument("--top", type=int, default=25, help="kernels listed")
-    args = p.parse_args()
-    if args.bench == "encode":
-        p.error("profile: train or decode")
+    args = p.parse_args(argv)
+    if args.family is None:
+        args.family = "encoder" if args.bench == "encode" else "decoder"
     cfg = bench_cli.model_config(args)
     if args.bench == "train":
         fn, _, _ = model_bench.train_runner(cfg, args.batch_size, args.seq_len, args.remat, args.loss_chunk)
+    elif args.bench == "encode":
+        fn, _, _ = model_bench.encode_runner(cfg, args.batch_size, args.seq_len)
     else:
         params = unstacked(zoo.init(cfg, jax.random.key(0)))
         prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, args.prompt_len)),

@@ -47,6 +47,16 @@ def test_profile_lists_the_ops_of_a_step(capsys):
     assert "kernels per call" in capsys.readouterr().out
 
 
+def test_profile_runs_each_bench(tmp_path, capsys):
+    for bench, preset in (("encode", "tiny-encoder"), ("decode", "tiny-decoder")):
+        out = tmp_path / f"{bench}.json"
+        profile.main([bench, "--preset", preset, "--batch-size", "2", "--seq-len", "16",
+                      "--prompt-len", "4", "--new-tokens", "4", "--calls", "1", "--top", "3",
+                      "--json", str(out)])
+        assert json.loads(out.read_text())["kernels"] > 0
+    assert "encode tiny-encoder" in capsys.readouterr().out
+
+
 def test_sweep_measures_each_variant_with_its_own_program_memory(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     argv = ["--preset", "tiny-decoder", "--iters", "1", "--batch-size", "2", "--seq-len", "16",
