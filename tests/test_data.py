@@ -158,3 +158,13 @@ def test_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "bad.model")
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(["abc"], vocab_size=200)
+
+
+def test_a_corpus_without_text_is_one_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match=r"data: the corpus has no text \(2 file\(s\), all empty") as e:
+        D.read_texts(D.resolve_files([str(tmp_path)]))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="no text to train on"):  # the tokenizer on its own
+        train_tokenizer(["", " \n"], vocab_size=400)

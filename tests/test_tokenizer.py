@@ -4,7 +4,9 @@ sentinels (appended after the vocabulary, <extra_id_0> highest)."""
 import importlib
 import json
 import os
+import re
 import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,7 @@ def test_sentinels_follow_the_vocabulary(tmp_path):
     assert tok.is_sentinel(1000) and not tok.is_sentinel(999)
     ids = tok.encode("The cat <extra_id_0> walks <extra_id_3>home.")
     assert ids.count(1009) == 1 and ids.count(1006) == 1
-    assert tok.decode(ids) == "The cat<extra_id_0> walks<extra_id_3> home."
+    assert tok.decode(ids) == "The cat <extra_id_0> walks <extra_id_3> home."
     assert tok.piece(1009) == "<extra_id_0>"
     # Beyond this tokenizer's sentinels the marker is plain text.
     assert all(i < 1000 for i in tok.encode("<extra_id_10>"))
@@ -74,7 +76,15 @@ def test_matches_transformers_t5_tokenizer(tmp_path):
     for text in [*TEXTS[:3], "The cat <extra_id_0> walks <extra_id_1> home <extra_id_9>."]:
         ids = tok.encode(text, add_eos=True)
         assert ids == hf(text).input_ids
-        assert tok.decode(ids[:-1]) == hf.decode(ids[:-1])
+        # The one deliberate difference: zoo writes a space before a sentinel, transformers not.
+        assert tok.decode(ids[:-1]) == hf.decode(ids[:-1]).replace("<extra_id", " <extra_id")
+
+
+def test_decode_keeps_the_spaces_around_sentinels(tmp_path):
+    tok = zoo.tokenizer.load(_t5_dir(tmp_path), extra_ids=10)
+    for text in ["The <extra_id_0> walks", "The cat <extra_id_0> walks <extra_id_1> home",
+                 "<extra_id_0> the cat <extra_id_1><extra_id_2> home"]:
+        assert tok.decode(tok.encode(text)) == text
 
 
 def test_missing_model(tmp_path):
@@ -106,3 +116,31 @@ def test_train_options_and_errors(corpus):
         zoo.tokenizer.train(corpus, vocab_size=200, model_type="wordpiece")
     with pytest.raises(ValueError, match="vocab_size must be an int >= 4"):
         zoo.tokenizer.train(corpus, vocab_size=2)
+
+
+def _largest_stdlib_files(n: int) -> list[str]:
+    """Whole documents far longer than SentencePiece's default max_sentence_length (4192 bytes)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"), key=lambda p: (-p.stat().st_size, p.name))[:n]
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+def test_train_on_whole_documents_drops_nothing():
+    docs = _largest_stdlib_files(2)
+    assert min(len(d.encode()) for d in docs) > 4192
+    # Without byte fallback, a character of a skipped document would encode as unk.
+    tok = zoo.tokenizer.train(["short text"] + docs, vocab_size=1000, model_type="bpe")
+    assert tok.unk_id not in [i for doc in docs for i in tok.encode(doc)]
+
+
+def test_train_refuses_a_vocabulary_the_corpus_cannot_fill():
+    tiny = ["hello world, the cat sat on the mat"] * 3
+    with pytest.raises(ValueError, match=r"vocab_size 8000 is more than this corpus \(3 lines\) "
+                                         r"allows; the largest it allows is (\d+)") as e:
+        zoo.tokenizer.train(tiny, vocab_size=8000)
+    largest = int(re.search(r"allows is (\d+)", str(e.value)).group(1))
+    assert zoo.tokenizer.train(tiny, vocab_size=largest).base_size == largest
+    with pytest.raises(ValueError, match="raise it or lower character_coverage"):
+        zoo.tokenizer.train(["abcdefghijklmnopqrstuvwxyz"], vocab_size=10)
+    with pytest.raises(ValueError, match="no text to train on"):
+        zoo.tokenizer.train(["", "  \n"], vocab_size=100)

@@ -55,9 +55,15 @@ def resolve_files(data: Sequence[str] | None) -> list[Path]:
 
 
 def read_texts(files: Sequence[Path]) -> list[str]:
-    """Each file as text (undecodable bytes replaced); empty files are skipped."""
+    """Each file as text (undecodable bytes replaced); empty files are skipped, and a corpus
+    with no text at all is a ValueError (before a tokenizer is trained on nothing)."""
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
-    return [t for t in texts if t.strip()]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise ValueError(f"data: the corpus has no text ({len(files)} file(s), all empty or "
+                         f"whitespace: {names}); --data needs files with text")
+    return texts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,5 +153,5 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str = 
         extra_ids=num_sentinels, hard_vocab_limit=False, user_defined_symbols=[_MASK],
         byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        max_sentence_length=1 << 14, shuffle_input_sentence=False)
+        shuffle_input_sentence=False)
     return _build(base)

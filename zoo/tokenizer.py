@@ -3,7 +3,7 @@ train new ones in-process, and T5-style sentinel tokens.
 
     tok = zoo.tokenizer.load("path/to/t5_dir")              # spiece.model, extra ids from its config
     ids = tok.encode("The <extra_id_0> walks")              # sentinels in text become their ids
-    tok.decode(ids)                                         # -> "The<extra_id_0> walks"
+    tok.decode(ids)                                         # -> "The <extra_id_0> walks"
     tok = zoo.tokenizer.train(texts, vocab_size=8000, extra_ids=100)
 
 Sentinels (`extra_ids`) are appended after the SentencePiece vocabulary, as Hugging Face's T5
@@ -97,12 +97,17 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int] | Any) -> str:
-        """ids -> text; control ids (pad, eos, bos) vanish, sentinels print as `<extra_id_N>`."""
+        """ids -> text; control ids (pad, eos, bos) vanish, sentinels print as `<extra_id_N>`.
+
+        A sentinel stands as a word: a space before it (after text) and the space SentencePiece
+        marks on the next piece after it, so `decode(encode("The <extra_id_0> walks"))` gives
+        the text back. The ids do not record spaces around a sentinel (transformers' T5
+        tokenizer encodes to the same ids and decodes without the space before it)."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"decode: id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        out, run = [], []
+        out, run, after_text = [], [], False
         for i in ids + [None]:
             if i is not None and not self.is_sentinel(i):
                 run.append(i)
@@ -113,9 +118,11 @@ class Tokenizer:
                 if out and self.sp.id_to_piece(run[0]).startswith("\u2581"):
                     text = " " + text
                 out.append(text)
+                after_text = bool(text) and not text[-1].isspace()
                 run = []
             if i is not None:
-                out.append(f"<extra_id_{self.vocab_size - 1 - i}>")
+                out.append((" " if after_text else "") + self.piece(i))
+                after_text = False
         return "".join(out)
 
     def piece(self, token_id: int) -> str:
@@ -177,24 +184,66 @@ def load(path: str | os.PathLike, extra_ids: int | None = None) -> Tokenizer:
     return from_bytes(path.read_bytes(), extra_ids)
 
 
+# SentencePiece's default max_sentence_length: it silently skips longer training sentences.
+_SP_MAX_SENTENCE_BYTES = 4192
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def training_lines(texts: Iterable[str]) -> list[str]:
+    """Every non-empty line of every text: SentencePiece's unit of training (what it reads
+    from a file), so a whole document is never one oversized "sentence"."""
+    return [line for text in texts for line in text.splitlines() if line.strip()]
+
+
 def train(texts: Iterable[str], vocab_size: int, model_type: str = "unigram", extra_ids: int = 0,
           **options: Any) -> Tokenizer:
     """Trains a SentencePiece model in memory (no files) on an iterable of strings.
 
+    texts: documents or sentences; each is split into lines (`training_lines`) and
+    max_sentence_length defaults to the longest line in bytes, so no text is skipped (an
+    explicit, smaller max_sentence_length makes SentencePiece skip the longer lines).
     vocab_size: pieces in the SentencePiece model (sentinels come on top: the Tokenizer's
-    vocab_size is vocab_size + extra_ids). model_type: "unigram", "bpe", "char" or "word".
+    vocab_size is vocab_size + extra_ids); more than the corpus allows is a ValueError that
+    names the largest size it allows. model_type: "unigram", "bpe", "char" or "word".
     Ids follow T5: pad 0, eos 1, unk 2, no bos; `options` are passed to
     SentencePieceTrainer and override these (e.g. bos_id=3, character_coverage=0.9995,
-    input_sentence_size=1_000_000, shuffle_input_sentence=True).
+    input_sentence_size=1_000_000, shuffle_input_sentence=True, hard_vocab_limit=False to
+    accept fewer pieces than asked).
     """
     if model_type not in ("unigram", "bpe", "char", "word"):
         raise ValueError(f"train: model_type must be unigram, bpe, char or word, got {model_type!r}")
     if not isinstance(vocab_size, int) or vocab_size < 4:
         raise ValueError(f"train: vocab_size must be an int >= 4, got {vocab_size!r}")
+    lines = training_lines(texts)
+    if not lines:
+        raise ValueError("train: texts hold no text to train on (every text is empty or whitespace)")
+    longest = max(len(line.encode("utf-8")) for line in lines)
     settings = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-                    num_threads=os.cpu_count() or 1, minloglevel=2)
+                    num_threads=os.cpu_count() or 1, minloglevel=2,
+                    max_sentence_length=max(_SP_MAX_SENTENCE_BYTES, longest))
     settings.update(options)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
-                                   vocab_size=vocab_size, model_type=model_type, **settings)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
+                                       vocab_size=vocab_size, model_type=model_type, **settings)
+    except RuntimeError as e:
+        clear = _vocab_error(str(e), vocab_size, len(lines))
+        if clear is None:
+            raise
+        raise clear from None
     return from_bytes(model.getvalue(), extra_ids)
+
+
+def _vocab_error(message: str, vocab_size: int, num_lines: int) -> ValueError | None:
+    """SentencePiece's vocabulary-size failures as one clear line (None: another failure)."""
+    high, low = _TOO_HIGH.search(message), _TOO_LOW.search(message)
+    if high:
+        return ValueError(f"train: vocab_size {vocab_size} is more than this corpus ({num_lines} "
+                          f"lines) allows; the largest it allows is {high.group(2)} (or pass "
+                          f"hard_vocab_limit=False to accept fewer pieces)")
+    if low:
+        return ValueError(f"train: vocab_size {vocab_size} is below the {low.group(2)} pieces "
+                          f"the corpus's characters and the special tokens need; raise it "
+                          f"or lower character_coverage")
+    return None
