@@ -177,6 +177,48 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
     assert len(set(p_out.reshape(-1).tolist())) > 1  # it did sample
 
 
+def _truncated(probs: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The law top-k then top-p sampling draws from, written out over sorted probabilities
+    [V]: keep the k best, renormalise, keep a token while the better ones hold < top_p."""
+    order = np.argsort(-probs, kind="stable")
+    p = probs[order].copy()
+    if top_k:
+        p[top_k:] = 0.0
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    # A cut within float noise of top_p would make the reference itself ambiguous.
+    assert np.all(np.abs(before[1:] - top_p) > 0.02) or top_p == 1.0
+    p = np.where(before < top_p, p, 0.0)
+    out = np.zeros_like(p)
+    out[order] = p / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(3, 1.0, 1.0), (0, 0.75, 1.0), (4, 0.8, 1.3)])
+def test_top_k_and_top_p_sample_the_truncated_renormalised_distribution(top_k, top_p, temperature):
+    """Statistical test, fixed seeds. Vocabulary 8: the first new token's law is written
+    out from the full forward's logits and estimated from 4000 samples. Sampling noise gives
+    a total-variation distance of about 0.5 * sqrt(2 / pi) * sum_i sqrt(p_i / n) <= 0.02;
+    we allow 0.05. Keeping one token fewer (down to only the best) or one more is > 0.1 away
+    (asserted on the reference itself)."""
+    n = 4000
+    cfg, params = _model("tiny-decoder", head_scale=12.0, vocab_size=8)
+    prompt = jnp.array([[3, 5, 7, 4]], jnp.int32)
+    probs = np.asarray(jax.nn.softmax(FWD(params, cfg, prompt).logits[0, -1] / temperature), np.float64)
+    want = _truncated(probs, top_k, top_p)
+    kept = int(np.sum(want > 0))
+    assert 2 <= kept < 8 and want.max() < 0.85  # neither greedy nor untruncated in disguise
+    tv = lambda a, b: 0.5 * float(np.abs(a - b).sum())
+    assert tv(want, _truncated(probs, kept - 1, 1.0)) > 0.1
+    assert tv(want, _truncated(probs, kept + 1, 1.0)) > 0.1
+
+    kw = dict(top_k=top_k or None, top_p=top_p if top_p < 1.0 else None, temperature=temperature)
+    draw = lambda k: zoo.generate(params, cfg, prompt, 1, key=k, stop_tokens=(), **kw)[0, 0]
+    samples = np.asarray(jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(21), n)))
+    got = np.bincount(samples, minlength=8) / n
+    assert tv(got, want) < 0.05, (got.round(3), want.round(3))
+
+
 def test_sampling_depends_on_the_key_only():
     cfg, params = _model("tiny-decoder", head_scale=5.0)
     prompt = tokens(jax.random.key(9), 4, 4)
@@ -423,3 +465,18 @@ def test_matches_transformers_generate(hf_models, name, num_beams):
     theirs = _hf_generate(model, cfg, prompt, mask, num_beams, eos)
     for a, b in zip(np.asarray(ours), theirs):
         assert _until(a, eos) == _until(b, eos)
+
+
+@pytest.mark.parametrize("pad_id,eos_id,want", [(None, 1, 1), (None, None, "stop")])
+def test_a_model_without_pad_id_fills_stopped_rows_with_eos_or_the_stop_token(pad_id, eos_id, want):
+    """As transformers' generate: no pad token -> eos after a stop; neither -> the stop token."""
+    cfg, params = _model("tiny-decoder")
+    prompt = tokens(jax.random.key(3), 2, 5)
+    free = zoo.generate(params, cfg, prompt, 10, stop_tokens=())
+    stop = int(free[0, 3])
+    bare = cfg.replace(pad_id=pad_id, eos_id=eos_id)
+    out = zoo.generate(params, bare, prompt, 10, stop_tokens=(stop,)).tolist()
+    fill = stop if want == "stop" else want
+    end = free[0].tolist().index(stop) + 1
+    assert out[0][:end] == free[0].tolist()[:end] and out[0][end:] == [fill] * (10 - end)
+    assert zoo.generate(params, bare, prompt, 10, num_beams=2, stop_tokens=(stop,)).shape == (2, 10)
