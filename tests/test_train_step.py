@@ -71,6 +71,10 @@ def test_schedule_warms_up_then_decays():
     lr = [float(train.schedule(hp)(s)) for s in (0, 5, 10, 55, 100)]
     assert lr[0] == 0 and lr[1] == pytest.approx(0.5) and lr[2] == pytest.approx(1.0)
     assert lr[3] == pytest.approx(0.55, abs=0.01) and lr[4] == pytest.approx(0.1)
+    # Off the midpoint, where a linear decay differs from the cosine: the formula by hand.
+    for s in (20, 32, 70, 90):
+        cosine = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (s - 10) / 90))
+        assert float(train.schedule(hp)(s)) == pytest.approx(cosine, abs=1e-6), s
 
 
 def test_step_metrics_and_eval():
@@ -152,7 +156,7 @@ def test_bad_batches_are_clear_errors():
         train.step(_state(encdec), _batch(dec))
     with pytest.raises(ValueError, match="'decoder_inputs' is for encdec"):
         train.step(_state(dec), {**_batch(dec), "decoder_inputs": jnp.zeros((8, 32), jnp.int32)})
-    with pytest.raises(ValueError, match="accum_steps=3 must divide the batch size 8"):
+    with pytest.raises(ValueError, match="--batch-size 8 does not split over the 1 data-parallel device x accum_steps 3"):
         train.step(_state(dec, accum_steps=3), _batch(dec))
     with pytest.raises(ValueError, match="learning_rate"):
         train.Hparams(learning_rate=-1.0)
