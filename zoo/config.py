@@ -103,7 +103,7 @@ class Config:
     dtype: str = "float32"  # compute
     param_dtype: str = "float32"
     # Special tokens (used by objectives and generation).
-    pad_id: int = 0
+    pad_id: int | None = 0  # None: no pad token (zoo.generate then fills with eos_id)
     bos_id: int | None = None
     eos_id: int | None = 1
     decoder_start_id: int | None = None  # encdec: first decoder input (T5: pad, BART: eos)

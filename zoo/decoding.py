@@ -34,7 +34,7 @@ class Options(NamedTuple):
     max_new_tokens: int
     sampler: Sampler = Sampler()
     stop_tokens: tuple[int, ...] = ()
-    pad_id: int = 0
+    pad_id: int = 0  # written after a row's stop token (generate.filler)
     cache_len: int | None = None  # slots to reach; None: just what the call needs
     quantize: bool = False  # int8 cache
     num_beams: int = 1

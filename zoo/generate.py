@@ -11,7 +11,9 @@ encdec families, each a single `jax.jit` program around one `lax.while_loop`.
 The prompt is int [B, T]; rows of different lengths come with prompt_mask (bool [B, T], True
 on real tokens; any padding side). For encdec the prompt is the source and decoding starts
 from cfg.decoder_start_id. The result is the new tokens only, int32 [B, max_new_tokens]; a
-row that emits a stop token (default: cfg.eos_id) keeps it and is padded with cfg.pad_id after.
+row that emits a stop token (default: cfg.eos_id) keeps it and is filled after it with
+cfg.pad_id, or with cfg.eos_id when pad_id is None (as transformers does), else with the first
+stop token (`filler`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def generate(params: dict, cfg: Config, prompt: jax.Array, max_new_tokens: int =
     prompt: int [B, T] (encdec: the source); prompt_mask: bool [B, T], True on real tokens.
     key: sample instead of taking the argmax, with temperature (default 1), top_k and top_p.
     num_beams > 1: beam search (deterministic) scoring sum log p / length ** length_penalty.
-    stop_tokens: ids that end a row (default: (cfg.eos_id,); () never stops early).
+    stop_tokens: ids that end a row (default: (cfg.eos_id,); () never stops early). A row
+    that stopped is filled with `filler(cfg, stop_tokens)`: cfg.pad_id, else cfg.eos_id, else
+    the first stop token.
     draft_params, draft_cfg: a draft model for speculative decoding, num_speculative tokens
     proposed per round (same vocabulary; greedy or sampled like the plain call).
     cache_len: slots of the KV cache (default: exactly what the call needs; a larger one
@@ -68,7 +72,7 @@ def generate(params: dict, cfg: Config, prompt: jax.Array, max_new_tokens: int =
     if cache_dtype not in (None, "int8"):
         raise ValueError(f"cache_dtype: expected None (compute dtype) or 'int8', got {cache_dtype!r}")
     opts = Options(max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stops,
-                   pad_id=cfg.pad_id, cache_len=cache_len, quantize=cache_dtype == "int8",
+                   pad_id=filler(cfg, stops), cache_len=cache_len, quantize=cache_dtype == "int8",
                    num_beams=num_beams, length_penalty=float(length_penalty),
                    num_speculative=num_speculative if speculate else 0)
     _check_length(cfg, prompt.shape[1], opts, draft_cfg if speculate else None)
@@ -154,6 +158,16 @@ def _sampler(key: jax.Array | None, temperature: float | None, top_k: int | None
     temperature = 1.0 if temperature is None else temperature
     sampling.check(temperature, top_k, top_p)
     return Sampler(False, float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
+
+
+def filler(cfg: Config, stop_tokens: tuple[int, ...]) -> int:
+    """The id written after a row's stop token: cfg.pad_id; a model without one (pad_id=None)
+    gets cfg.eos_id, as transformers' generate does, else the first stop token. With no stop
+    tokens no row stops, and the 0 returned is never written."""
+    for candidate in (cfg.pad_id, cfg.eos_id, *stop_tokens):
+        if candidate is not None:
+            return candidate
+    return 0
 
 
 def _stop_tokens(cfg: Config, stop_tokens: Sequence[int] | None) -> tuple[int, ...]:
