@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 import train
 import zoo
 from conftest import compiles, tiny
-from train.step import loss_sums
+from train.step import forward as train_forward, loss_sums
 from train_util import ordinary, small_tokenizer, shakespeare_texts, vocab
 
 V = vocab(128, sentinels=20)
@@ -108,6 +108,39 @@ def test_z_loss_and_moe_balance_loss_enter_the_gradient():
     np.testing.assert_allclose(m["grad_norm"], expected, rtol=1e-5)
     # ... and both extra terms change it.
     assert abs(float(without) - float(expected)) > 1e-4
+
+
+def test_prefix_lm_training_attends_bidirectionally_over_the_prefix():
+    """The step reads the batch's prefix_mask: its loss is the decoder's loss with that mask
+    (optax cross entropy on zoo.decoder.forward), which differs from the causal one in value
+    and gradient, and in training a prefix token sees the prefix tokens after it."""
+    cfg = tiny("tiny-decoder")
+    batch = _batch(cfg, "prefix_lm", b=4)
+    params = zoo.init(cfg, jax.random.key(1))
+    seg, prefix = batch["segment_ids"], batch["prefix_mask"]
+    decoder = jax.jit(zoo.decoder.forward, static_argnums=1)
+    logits = decoder(params, cfg, batch["inputs"], mask=seg > 0, segment_ids=seg,
+                     positions=batch["positions"], prefix_mask=prefix).logits
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    want = float(jnp.sum(ce * batch["weights"]) / jnp.sum(batch["weights"]))
+    causal = {k: v for k, v in batch.items() if k != "prefix_mask"}
+
+    def loss(p, b):
+        s = loss_sums(p, cfg, b, None)
+        return s["ce"] / s["weight"]
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    (got, g_prefix), (plain, g_causal) = value_and_grad(params, batch), value_and_grad(params, causal)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert abs(float(got) - float(plain)) > 1e-4 and _max_diff(g_prefix, g_causal) > 1e-4
+
+    # A row whose first document has a prefix of >= 2 tokens: its first token sees the last.
+    row = int(np.argmax(np.sum(np.asarray(prefix & (seg == 1)), axis=1)))
+    last = int(np.sum(np.asarray(prefix[row] & (seg[row] == 1)))) - 1
+    assert last >= 1
+    changed = {**batch, "inputs": batch["inputs"].at[row, last].set((batch["inputs"][row, last] + 1) % cfg.vocab_size)}
+    fwd = jax.jit(lambda b: train_forward(params, cfg, b).hidden)
+    assert float(jnp.abs(fwd(batch)[row, 0] - fwd(changed)[row, 0]).max()) > 1e-4
 
 
 def test_bf16_compute_keeps_fp32_params():
