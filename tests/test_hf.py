@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import tracemalloc
+import weakref
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -225,6 +226,26 @@ def test_load_reads_one_tensor_at_a_time(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 1.5 * size, f"peak {peak} bytes for a {size}-byte checkpoint"
+
+
+def test_load_frees_each_host_buffer_once_it_is_on_the_device(tmp_path, monkeypatch):
+    """tracemalloc does not see device copies, and on the CPU `jax.device_put` aliases the
+    numpy buffer instead of copying it. An accelerator copies: stand in a device_put that
+    copies, and check with weak references that every host buffer already sent is freed
+    before the next one goes, so host memory never holds the model next to its device copy."""
+    _hf_model("gpt2").save_pretrained(tmp_path)
+    real_put, sent, alive = jax.device_put, [], []
+
+    def copying_put(x, *args, **kwargs):
+        if isinstance(x, np.ndarray):
+            alive.append(sum(r() is not None for r in sent))
+            sent.append(weakref.ref(x))
+            x = x.copy()
+        return real_put(x, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "device_put", copying_put)
+    zoo.load_hf(tmp_path)
+    assert len(sent) > 10 and max(alive) == 0, alive
 
 
 # --- real weights ---------------------------------------------------------------------------------
