@@ -333,3 +333,33 @@ def test_auto_attention_falls_back_to_xla_when_cudnn_refuses_the_shapes(monkeypa
     assert jnp.array_equal(auto, xla)
     with pytest.raises(NotImplementedError):  # asked for by name, the refusal is the user's error
         attention.attend(q, k, v, mask, None, 0.25, "cudnn", causal=True)
+
+
+@pytest.mark.parametrize("name,scheme", [
+    ("tiny-encoder", "learned"), ("tiny-encoder", "rope"), ("tiny-decoder", "sinusoidal"),
+    ("tiny-decoder", "alibi"), ("tiny-encdec", "learned"), ("tiny-encdec", "relative")])
+def test_max_len_bounds_position_tables_only(name, scheme):
+    """learned/sinusoidal: no embedding past max_len, a longer input is a ValueError in every
+    family; rope/alibi/relative compute positions: max_len is the trained length, longer runs."""
+    cfg = tiny(name, positions=scheme, max_len=8, **({"position_offset": 0} if scheme != "learned" else {}))
+    params = jax.eval_shape(lambda k: zoo.init(cfg, k), jax.random.key(0))  # traced, not run
+    toks = jax.ShapeDtypeStruct((1, 12), jnp.int32)
+    args = (toks, jax.ShapeDtypeStruct((1, 10), jnp.int32)) if cfg.family == "encdec" else (toks,)
+    run = lambda: jax.eval_shape(lambda p, *a: zoo.forward(p, cfg, *a), params, *args)
+    if scheme in ("learned", "sinusoidal"):
+        with pytest.raises(ValueError, match="length 12 exceeds the model's max_len 8"):
+            run()
+    else:
+        assert run().logits.shape == (1, args[-1].shape[1], cfg.vocab_size)
+
+
+def test_positions_past_a_table_are_a_value_error():
+    """Given positions, or a cache continued past max_len, are checked when concrete."""
+    cfg = tiny("tiny-decoder", positions="learned", max_len=8)
+    params = zoo.init(cfg, jax.random.key(0))
+    toks = jnp.full((1, 4), 5, jnp.int32)
+    with pytest.raises(ValueError, match="positions: position 9 is beyond the model's max_len 8"):
+        zoo.forward(params, cfg, toks, positions=jnp.arange(6, 10)[None])
+    cache = zoo.init_cache(cfg, 1, 12).replace(lengths=jnp.array([8], jnp.int32))  # 8 seen
+    with pytest.raises(ValueError, match="positions: position 8 is beyond"):
+        zoo.forward(params, cfg, toks[:, :1], cache=cache)

@@ -66,6 +66,8 @@ class Config:
     mlp_bias: bool = True
     # Positions.
     positions: str = "learned"
+    # learned/sinusoidal: the size of the position table, a longer input is a ValueError;
+    # rope/alibi/relative/none: the trained length, longer inputs run.
     max_len: int = 512
     position_offset: int = 0  # learned tables have max_len + offset rows (BART, RoBERTa: 2)
     rope_theta: float = 10000.0

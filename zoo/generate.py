@@ -29,7 +29,7 @@ from zoo import sampling
 from zoo.beam_search import beam_search
 from zoo.config import Config
 from zoo.decoding import Options, is_stop, new_cache, prefill, reach, step, unstacked
-from zoo.nn.checks import check_mask, check_tokens
+from zoo.nn.checks import TABLE_POSITIONS, check_mask, check_tokens
 from zoo.sampling import Sampler, choose
 from zoo.speculative import speculative
 
@@ -208,6 +208,6 @@ def _check_length(cfg: Config, prompt_len: int, opts: Options, draft_cfg: Config
                              f"{' + num_speculative' if opts.num_speculative else ''}); "
                              f"raise cache_len or lower max_new_tokens")
     for name, c in (("cfg", cfg), ("draft_cfg", draft_cfg)):
-        if c is not None and c.positions in ("learned", "sinusoidal") and needed > c.max_len:
+        if c is not None and c.positions in TABLE_POSITIONS and needed > c.max_len:
             raise ValueError(f"max_new_tokens: prompt length {prompt_len} + {opts.max_new_tokens} new "
                              f"tokens needs {needed} positions, beyond {name}.max_len={c.max_len}")

@@ -61,7 +61,9 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Confi
 
     Weights: model.safetensors, sharded *.safetensors with model.safetensors.index.json, or
     (only when torch is installed) pytorch_model.bin, unpickled with weights_only=True.
-    dtype: parameter dtype ("float32", "bfloat16", "float16"); default: the stored dtype.
+    dtype: the dtype the parameters are held in ("float32", "bfloat16", "float16"): it sets
+    `cfg.param_dtype`, not the compute dtype `cfg.dtype`, which stays "float32"; default: the
+    checkpoint's stored dtype. For bf16 compute too: `cfg = cfg.replace(dtype="bfloat16")`.
     Returns (Config, params) with params a nested dict of jax.Array, layers stacked.
     Raises ValueError for an unsupported model_type, a config field zoo cannot reproduce, a
     missing or misshapen weight, or a stored weight zoo has no place for.
@@ -77,7 +79,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Confi
         cfg = model_type.read_config(d, weights)
         stored = dtype or _DTYPE_NAMES.get(weights.float_dtype().name, "float32")
         if stored not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"load_hf: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+            raise ValueError(f"load_hf: dtype (the parameter dtype) must be float32, bfloat16 or "
+                             f"float16, got {dtype!r}")
         cfg = cfg.replace(param_dtype=stored)
 
         def get(key: str) -> np.ndarray:

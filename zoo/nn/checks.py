@@ -11,6 +11,12 @@ import numpy as np
 from zoo.config import Config
 
 
+# Position schemes with one embedding per position up to max_len: a longer sequence is an
+# error. rope, alibi, relative (T5) and none compute positions, so max_len is only the
+# length the model was trained at and longer sequences run.
+TABLE_POSITIONS = ("learned", "sinusoidal")
+
+
 def _is_concrete(x: jax.Array) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -27,14 +33,25 @@ def check_tokens(name: str, tokens: jax.Array, cfg: Config, max_len: int | None 
     if shape[1] == 0:
         raise ValueError(f"{name}: expected at least one token, got length 0")
     limit = cfg.max_len if max_len is None else max_len
-    if shape[1] > limit and cfg.positions in ("learned", "sinusoidal"):
-        raise ValueError(f"{name}: length {shape[1]} exceeds the model's max_len {limit}")
+    if shape[1] > limit and cfg.positions in TABLE_POSITIONS:
+        raise ValueError(f"{name}: length {shape[1]} exceeds the model's max_len {limit} "
+                         f"({cfg.positions} positions have no embedding beyond it)")
     if _is_concrete(tokens):
         values = np.asarray(tokens)
         low, high = int(values.min()), int(values.max())
         if low < 0 or high >= cfg.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def check_positions(positions: jax.Array, cfg: Config) -> None:
+    """positions int [B, T] (given, or continuing a cache) inside a position table: every
+    value < max_len. Checked when concrete; under jit a table lookup clamps."""
+    if cfg.positions in TABLE_POSITIONS and _is_concrete(positions) and positions.size:
+        last = int(np.max(np.asarray(positions)))
+        if last >= cfg.max_len:
+            raise ValueError(f"positions: position {last} is beyond the model's max_len "
+                             f"{cfg.max_len} ({cfg.positions} positions have no embedding there)")
 
 
 def _check_like(name: str, x: jax.Array, like_name: str, like: jax.Array) -> None:

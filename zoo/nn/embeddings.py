@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import Config
+from zoo.nn.checks import check_positions
 from zoo.nn.linear import matmul, matmul_transposed
 from zoo.nn.param import Spec, param
 from zoo.nn.positions import sinusoidal_table
@@ -50,7 +51,9 @@ def position_spec(cfg: Config) -> Spec:
 
 
 def add_positions(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config) -> jax.Array:
-    """Adds learned or sinusoidal absolute position embeddings; x: [B, T, D]."""
+    """Adds learned or sinusoidal absolute position embeddings; x: [B, T, D],
+    positions [B, T] < max_len (`check_positions`)."""
+    check_positions(positions, cfg)
     if cfg.positions == "learned":
         table = p_stack["positions"]
         return x + jnp.take(table, positions + cfg.position_offset, axis=0, mode="clip").astype(x.dtype)
