@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-import zoo
+from zoo.flops import train_flops  # noqa: F401  the one FLOP counter, for the MFU
 
 # Peak dense bf16 FLOP/s per device, by a substring of `device.device_kind`.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
@@ -38,34 +38,6 @@ def peak_flops(devices: list[jax.Device], override: float | None = None) -> tupl
             note = f"{d.device_kind} bf16 peak {flops / 1e12:.0f} TFLOP/s x {len(devices)}"
             return flops * len(devices), note
     return None, f"unknown peak for {d.device_kind}; pass --peak-flops"
-
-
-def _layer_matmul_params(cfg: zoo.Config, cross: bool) -> int:
-    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
-    attn = 2 * d * n * h + 2 * d * k * h
-    width = 3 if cfg.gated else 2
-    mlp = cfg.num_experts * (width * d * cfg.d_ff + d) if cfg.moe else width * d * cfg.d_ff
-    return attn * (2 if cross else 1) + mlp
-
-
-def train_flops(cfg: zoo.Config, inputs_len: int, targets_len: int = 0) -> float:
-    """Training FLOPs of one example: 3 x forward, forward = 2 x matmul params x tokens
-    (the "6N" rule, embedding lookups excluded, the vocabulary head included; every MoE
-    expert counted, as zoo's MoE runs every expert) + attention scores and values
-    (4 x keys x heads x head_dim per query and layer, the masked half included)."""
-    nh, d, v = cfg.num_heads * cfg.head_size, cfg.d_model, cfg.vocab_size
-
-    def stack(layers: int, tokens: int, keys: int, cross_keys: int = 0) -> float:
-        matmul = 2 * layers * _layer_matmul_params(cfg, cross_keys > 0) * tokens
-        attention = layers * 4 * tokens * (keys + cross_keys) * nh
-        return matmul + attention
-
-    if cfg.family == "encdec":
-        fwd = stack(cfg.num_layers, inputs_len, inputs_len)
-        fwd += stack(cfg.decoder_layers, targets_len, targets_len, inputs_len) + 2 * d * v * targets_len
-    else:
-        fwd = stack(cfg.num_layers, inputs_len, inputs_len) + 2 * d * v * inputs_len
-    return 3.0 * fwd
 
 
 def _duration(seconds: float) -> str:

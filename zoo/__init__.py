@@ -1,6 +1,6 @@
 """zoo: encoder, decoder and encoder-decoder transformers as pure functions of pytrees."""
 
-from zoo import decoder, encdec, encoder, heads, nn, presets, sharding, tokenizer
+from zoo import decoder, encdec, encoder, flops, heads, nn, presets, sharding, tokenizer
 from zoo.config import Config, ConfigError
 from zoo.encoder import encode
 from zoo.generate import generate
@@ -11,5 +11,5 @@ from zoo.nn.output import Output
 from zoo.presets import preset
 
 __all__ = ["Cache", "Config", "ConfigError", "Output", "axes", "decoder", "encdec", "encode",
-           "encoder", "forward", "generate", "heads", "init", "init_cache", "load_hf", "nn",
+           "encoder", "flops", "forward", "generate", "heads", "init", "init_cache", "load_hf", "nn",
            "param_count", "preset", "presets", "save_hf", "sharding", "spec", "tokenizer"]

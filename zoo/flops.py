@@ -1,0 +1,91 @@
+"""Model FLOPs of one example, derived from the parameter spec: the counter behind the MFU
+that `python -m train` prints and that `python -m bench` reports.
+
+forward = matmuls + attention, 2 FLOPs per multiply-add:
+- matmuls: every weight that multiplies activations (rank >= 2 without the `layers` axis)
+  costs 2 x its size x the rows it is applied to. Rows: the source tokens for the encoder
+  stack, the MLM transform and the decoder's cross-attention keys/values (they project the
+  encoder's output); the target tokens for the rest of an encdec decoder and its vocabulary
+  head; the tokens for a decoder or an encoder; one row per example for the BERT pooler.
+  Tables that are gathered, not multiplied (axes starting with `vocab`, `types`, `length`,
+  `buckets`: token, type and position embeddings, T5's relative bias), cost nothing, except
+  a tied token table, which is also the vocabulary head. Biases and norms (rank 1) are left
+  out, as in the "6N" rule.
+- mixture of experts: the router runs on every token, each expert weight counts
+  experts_per_token / num_experts of its size: the FLOPs of the experts a token is routed
+  to (model FLOPs; zoo's MoE runs every expert and gates, `zoo.nn.moe`).
+- attention, per layer: 4 x queries x keys x num_heads x head_dim (scores and values over
+  the full T x T square, the masked half included, as PaLM's 12 L H Q T per token counts).
+
+train = 3 x forward (the backward costs two forwards), rematerialisation not counted.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from zoo.config import Config
+from zoo.model import spec
+from zoo.nn.param import Param
+
+GATHERED = ("vocab", "types", "length", "buckets")  # first axis of a looked-up table
+
+
+def matmul_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
+    """Forward FLOPs of every weight matmul for one example (see the module docstring).
+
+    inputs_len: tokens of a decoder/encoder row, or the source length of encdec;
+    targets_len: the target length of encdec (ignored for the other families)."""
+    src, tgt = inputs_len, (targets_len if cfg.family == "encdec" else inputs_len)
+    total = 0.0
+    for path, p in jax.tree_util.tree_leaves_with_path(spec(cfg), is_leaf=lambda x: isinstance(x, Param)):
+        names = tuple(k.key for k in path)
+        total += 2.0 * _weights(p, cfg) * _rows(names, src, tgt)
+    if cfg.tie_embeddings:
+        total += 2.0 * cfg.vocab_size * cfg.d_model * tgt
+    return total
+
+
+def _weights(p: Param, cfg: Config) -> float:
+    """Multiply-adds one row makes with this tensor (0 for gathered tables, biases, norms)."""
+    axes = [a for a in p.axes if a != "layers"]
+    if len(axes) < 2 or axes[0] in GATHERED:
+        return 0.0
+    size = 1.0
+    for s in p.shape:
+        size *= s
+    if "experts" in p.axes:
+        size *= cfg.experts_per_token / cfg.num_experts
+    return size
+
+
+def _rows(names: tuple[str, ...], src: int, tgt: int) -> int:
+    """Rows one example applies the tensor at `names` to."""
+    if names[0] == "pooler":
+        return 1
+    if names[0] in ("encoder", "mlm"):
+        return src
+    if names[0] == "decoder" and "cross" in names and names[-1] in ("k", "v"):
+        return src
+    return tgt
+
+
+def attention_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
+    """Forward FLOPs of attention scores and values for one example, every layer."""
+    width = cfg.num_heads * cfg.head_size
+    square = lambda queries, keys: 4.0 * queries * keys * width
+    if cfg.family == "encdec":
+        encoder = cfg.num_layers * square(inputs_len, inputs_len)
+        decoder = square(targets_len, targets_len) + square(targets_len, inputs_len)
+        return encoder + cfg.decoder_layers * decoder
+    return cfg.num_layers * square(inputs_len, inputs_len)
+
+
+def forward_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
+    """Forward FLOPs of one example: matmuls + attention."""
+    return matmul_flops(cfg, inputs_len, targets_len) + attention_flops(cfg, inputs_len, targets_len)
+
+
+def train_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
+    """Training FLOPs of one example (forward and backward): 3 x forward."""
+    return 3.0 * forward_flops(cfg, inputs_len, targets_len)
