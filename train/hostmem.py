@@ -1,12 +1,12 @@
 """Huge pages for the host memory of XLA:CPU programs.
 
-XLA allocates an execution's temporaries afresh on every call, as one block (0.9 GiB for the
-CPU benchmark's training step). glibc serves a block that size with `mmap` and unmaps it on
-free, so every step the kernel faults it in and zeroes it again, 4 KiB at a time: 230k page
-faults and 0.5 s of kernel time in a 3.1 s step on the 2-core benchmark machine. glibc's
-`hugetlb` tunable advises its mappings for transparent huge pages, so the same block comes in
-2 MiB at a time (~1,000 faults per step): the step drops to 2.8 s, for any JAX program, zoo's
-or not. Tunables are read when a process starts, so the command-line entry points
+XLA allocates an execution's temporaries afresh on every call, as one block (close to a
+gigabyte for the CPU benchmark's training step). glibc serves a block that size with `mmap`
+and unmaps it on free, so every step the kernel faults it in and zeroes it again, 4 KiB at a
+time. glibc's `hugetlb` tunable advises its mappings for transparent huge pages, so the same
+block comes in 2 MiB at a time: far fewer faults and a shorter step, for any JAX program,
+zoo's or not (measured in bench/RESULTS.md, "Huge pages for XLA's host temporaries").
+Tunables are read when a process starts, so the command-line entry points
 (`python -m train`, `python -m bench`) restart themselves with it first thing; elsewhere
 (notebooks, your own scripts) set it before starting Python:
 

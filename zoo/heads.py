@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.nn.mlp import dense, dense_spec
 from zoo.nn.output import Output
-from zoo.nn.param import Spec, logical_axes, materialize
+from zoo.nn.param import Spec, materialize
 
 KINDS = ("sequence", "token")
 
@@ -38,10 +38,6 @@ def spec(cfg: Config, num_labels: int, kind: str = "sequence") -> Spec:
 def init(cfg: Config, key: jax.Array, num_labels: int, kind: str = "sequence") -> dict[str, Any]:
     """Random head params: {"out": {kernel [D, L], bias [L]}, "dense"?: {...}}."""
     return materialize(spec(cfg, num_labels, kind), key, jnp.dtype(cfg.param_dtype))
-
-
-def axes(cfg: Config, num_labels: int, kind: str = "sequence") -> dict[str, Any]:
-    return logical_axes(spec(cfg, num_labels, kind))
 
 
 def apply(head: dict, cfg: Config, out: Output, kind: str = "sequence") -> jax.Array:

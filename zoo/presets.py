@@ -19,7 +19,7 @@ _LLAMA = dict(family="decoder", activation="swiglu", norm="rmsnorm", norm_bias=F
               attn_bias=False, mlp_bias=False, positions="rope")
 _LLAMA3 = dict(_LLAMA, vocab_size=128256, rope_theta=500000.0, rope_scaling="llama3",
                rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
-               max_len=131072, num_heads=32, num_kv_heads=8, head_dim=64 * 2,
+               max_len=131072, num_heads=32, num_kv_heads=8,
                pad_id=128004, bos_id=128000, eos_id=128001)
 _MISTRAL = dict(_LLAMA, vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
                 num_kv_heads=8, d_ff=14336, max_len=32768, tie_embeddings=False,

@@ -68,7 +68,7 @@ def argmax(logits: jax.Array) -> jax.Array:
     """logits [..., V] -> int32 [...]: the first index of the largest value (of the first NaN,
     if any), as `jnp.argmax`. Written as two plain reductions (the maximum, then the smallest
     index holding it) because XLA's CPU backend runs argmax's paired value-and-index
-    reduction unvectorized: 110 vs 20 us over a 32k vocabulary, 1 % of a decoding step."""
+    reduction unvectorized (measured in bench/RESULTS.md, decoding, session 6)."""
     top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if any is NaN
     hit = (logits == top) | jnp.isnan(logits)
     index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)

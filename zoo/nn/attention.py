@@ -166,8 +166,8 @@ def _attend_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 # On CPU, attention runs one batch row at a time: a row's scores ([N, T, S] fp32) stay in
 # the core's cache through mask, softmax and the second matmul, the rows run on both cores at
-# once, and single-batch-axis matmuls avoid XLA's slow multi-batch-axis path. Measured on the
-# benchmark encoder (8 x 256 tokens, 8 heads): 47 -> 15 ms forward, 98 -> 56 ms with grads.
+# once, and single-batch-axis matmuls avoid XLA's slow multi-batch-axis path (measured in
+# bench/RESULTS.md, "Attention on CPU, row by row").
 # Beyond _MAX_UNROLLED_ROWS the rows run under lax.map (one compiled row, a loop).
 _MAX_UNROLLED_ROWS = 32
 

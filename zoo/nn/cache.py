@@ -73,8 +73,8 @@ class Cache:
     positions: [B, R] int32 position of the token in each slot, -1 if empty or padding.
     index: [] int32, tokens written so far (padding included); the next goes to index % R.
     lengths: [B] int32, real tokens seen per row: the position of the row's next token.
-    cross: encdec cross-attention keys/values in the layout of kv (S source slots),
-        or None.
+    cross: encdec cross-attention keys/values in the layout of kv (S source slots): LayerKV
+        with a leading [L] axis or a tuple of L LayerKV, or None.
     cross_valid: [B, S] bool, the source mask, or None.
     ring: slots wrap around (sliding window shorter than the cache's reach).
     """
@@ -83,7 +83,7 @@ class Cache:
     positions: jax.Array
     index: jax.Array
     lengths: jax.Array
-    cross: LayerKV | None = None
+    cross: LayerKV | tuple[LayerKV, ...] | None = None
     cross_valid: jax.Array | None = None
     ring: bool = flax.struct.field(pytree_node=False, default=False)
 
@@ -259,7 +259,7 @@ def rewind(cache: Cache, n: jax.Array) -> Cache:
     return cache.replace(index=cache.index - n, lengths=cache.lengths - n)
 
 
-def with_cross(cache: Cache, cross: LayerKV, valid: jax.Array | None) -> Cache:
+def with_cross(cache: Cache, cross: LayerKV | tuple[LayerKV, ...], valid: jax.Array | None) -> Cache:
     """Adds encdec cross-attention keys/values (either layout; stored in the cache's) and
     the source mask [B, S]."""
     if valid is None:

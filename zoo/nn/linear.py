@@ -29,9 +29,9 @@ def matmul_transposed(x: jax.Array, w: jax.Array) -> jax.Array:
 def _dot(x: jax.Array, w: jax.Array, contract: tuple[tuple[int, ...], tuple[int, ...]]) -> jax.Array:
     """x [M, K], w contracted over `contract` -> [M, N] in x's dtype. bf16 on the CPU backend
     accumulates to an fp32 product, then rounds: that is the form XLA:CPU hands to the
-    AMX/AVX-512 bf16 units (on Sapphire Rapids a bf16 -> bf16 product ran at 0.19 TFLOP/s,
-    bf16 -> fp32 at 1.15; the benchmark encoder in bf16 went 3,024 -> 6,029-7,259 tokens/s).
-    Accelerators accumulate in fp32 whatever the output type, so they get the plain product."""
+    AMX/AVX-512 bf16 units, several times faster than a bf16 -> bf16 product (measured in
+    bench/RESULTS.md, "bf16 on this CPU"). Accelerators accumulate in fp32 whatever the
+    output type, so they get the plain product."""
     dims = (contract, ((), ()))
     if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
         return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)

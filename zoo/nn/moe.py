@@ -4,7 +4,8 @@ load-balancing loss returned to the caller.
 Every expert runs on every token and the gate zeroes the unselected ones. That is exact (no
 capacity, no dropped tokens, the same numbers as Mixtral), works under vmap/grad/pmap and
 shards over the `experts` mesh axis as a plain einsum; it costs num_experts/k times the
-FLOPs of a sorted dispatch, which the benchmarks issue may replace.
+FLOPs of a sorted dispatch (`jax.lax.ragged_dot`). MFU counts only the routed experts
+(`zoo.flops`).
 """
 
 from __future__ import annotations
