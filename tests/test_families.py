@@ -3,6 +3,7 @@ every transformation (jit, grad, vmap, pmap) in fp32 and bf16."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,10 +205,19 @@ def test_transformations(name, dtype):
 
 
 def test_pure_and_deterministic(tiny_name):
+    """The forward leaves its params untouched, and eager dispatch, a freshly traced jit and
+    a second call of it agree: no hidden state, no dependence on the cached program."""
     cfg = tiny(tiny_name)
     params = zoo.init(cfg, KEY)
+    before = jax.tree.map(np.array, params)  # host copies
     toks = tokens(jax.random.key(1), 2, 6)
-    np.testing.assert_array_equal(run(params, cfg, toks).logits, run(params, cfg, toks).logits)
+    tgt = (toks[:, :3],) if cfg.family == "encdec" else ()
+    eager = zoo.forward(params, cfg, toks, *tgt).logits
+    fresh = jax.jit(lambda p, t: zoo.forward(p, cfg, t, *tgt).logits)  # a new trace, compiled now
+    first = fresh(params, toks)
+    chex.assert_trees_all_equal(first, fresh(params, toks))
+    chex.assert_trees_all_close(eager, first, atol=1e-5, rtol=0)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, params), before)
 
 
 def test_dropout_needs_a_key(tiny_name):
@@ -221,20 +231,42 @@ def test_dropout_needs_a_key(tiny_name):
     np.testing.assert_array_equal(a, run(params, cfg, toks, key=jax.random.key(3)).logits)
 
 
+def _perturbed(tree, seed: int):
+    """tree + N(0, 0.5): biases and norms leave their trivial init, so a swapped or skipped
+    tensor changes the numbers."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([x + 0.5 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
 def test_encoder_pooler_and_heads():
+    """zoo.heads.apply against the heads written out in numpy: BERT's pooler (tanh dense on
+    the first token) then a linear layer, RoBERTa's own dense+tanh on the first token when
+    the encoder has no pooler, and a per-token linear layer."""
+    dense = lambda x, p: np.asarray(x) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+    toks = tokens(jax.random.key(1), 3, 6)
     cfg = tiny("tiny-encoder")
-    params = zoo.init(cfg, KEY)
-    out = forward(params, cfg, tokens(jax.random.key(1), 3, 6))
-    assert out.pooled.shape == (3, cfg.d_model)
-    seq = zoo.heads.init(cfg, jax.random.key(2), num_labels=5)
-    assert zoo.heads.apply(seq, cfg, out).shape == (3, 5)
-    tok = zoo.heads.init(cfg, jax.random.key(2), num_labels=4, kind="token")
-    assert zoo.heads.apply(tok, cfg, out, kind="token").shape == (3, 6, 4)
+    params = _perturbed(zoo.init(cfg, KEY), 1)
+    out = forward(params, cfg, toks)
+    chex.assert_shape(out.pooled, (3, cfg.d_model))
+    pooled = np.tanh(dense(np.asarray(out.hidden)[:, 0], params["pooler"]))
+    chex.assert_trees_all_close(out.pooled, pooled, atol=1e-5, rtol=0)
+    seq = _perturbed(zoo.heads.init(cfg, jax.random.key(2), num_labels=5), 2)
+    got = zoo.heads.apply(seq, cfg, out)
+    chex.assert_shape(got, (3, 5))
+    chex.assert_trees_all_close(got, dense(pooled, seq["out"]), atol=1e-5, rtol=0)
+    tok = _perturbed(zoo.heads.init(cfg, jax.random.key(2), num_labels=4, kind="token"), 3)
+    got = zoo.heads.apply(tok, cfg, out, kind="token")
+    chex.assert_shape(got, (3, 6, 4))
+    chex.assert_trees_all_close(got, dense(out.hidden, tok["out"]), atol=1e-5, rtol=0)
+
     nopool = tiny("tiny-encoder", pooler=False)
-    head = zoo.heads.init(nopool, jax.random.key(2), num_labels=2)
+    head = _perturbed(zoo.heads.init(nopool, jax.random.key(2), num_labels=2), 4)
     assert "dense" in head
-    out = forward(zoo.init(nopool, KEY), nopool, tokens(jax.random.key(1), 3, 6))
-    assert zoo.heads.apply(head, nopool, out).shape == (3, 2)
+    out = forward(zoo.init(nopool, KEY), nopool, toks)
+    assert out.pooled is None
+    want = dense(np.tanh(dense(np.asarray(out.hidden)[:, 0], head["dense"])), head["out"])
+    chex.assert_trees_all_close(zoo.heads.apply(head, nopool, out), want, atol=1e-5, rtol=0)
 
 
 def test_bf16_compute_keeps_fp32_params():
