@@ -20,7 +20,7 @@ import zoo
 from train.checkpoint import Checkpointer
 from train.cli import resolve
 from train.hosts import Launch, launch_from
-from train.loop import hparams, main
+from train.loop import main
 from train.report import read_metrics
 from train_util import SHAKESPEARE, small_tokenizer
 
@@ -126,7 +126,7 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(inputs, reference, 
     # One process (this one, on one device) restores what the two saved together.
     rc = resolve(["--resume", "--run-dir", str(run_dir)])
     cfg = zoo.Config.from_json((run_dir / "config.json").read_text())
-    like = train.abstract_state(cfg, hparams(rc))
+    like = train.abstract_state(cfg, rc.hparams)
     one = zoo.sharding.make_mesh({"data": 1}, jax.devices()[:1])
     restored = []
     for directory in (run_dir, reference):

@@ -1,8 +1,11 @@
 """`python -m train`: flags, config files and key=value overrides -> a `RunConfig`.
 
 Precedence, lowest first: the main job's defaults, the run dir's saved run config (with
---resume), a --config file (JSON or YAML), flags, key=value overrides. A key=value names a
-RunConfig field (`steps=50`) or a model Config field (`d_model=256`, or `model.d_model=256`).
+--resume), a --config file (JSON or YAML), flags, key=value overrides. A key names a
+RunConfig field (`batch_size=8`), an `Hparams` field (`warmup_steps=50`, `b2=0.99`, or a
+short name: `lr`, `warmup`, `steps`) or a model Config field (`d_model=256`, or
+`model.d_model=256`). Each setting is declared once, with its help and check, as a field of
+`RunConfig` or `Hparams` (train/settings.py); the flags are made from those fields.
 """
 
 from __future__ import annotations
@@ -11,81 +14,90 @@ import argparse
 import dataclasses
 import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
 import zoo
-from zoo.nn.transformer import remat_policy
+from train.objectives import DEFAULT_OBJECTIVE, FAMILY_OF, check_objective
+from train.optim import Hparams
+from train.parallel import PARALLEL
+from train.rundir import read_json
+from train.settings import MAPPING, POSITIVE, POSITIVE_INT, add_flags, check_fields, declared, keys, one_of, setting
 
-# The main job (no arguments): a small Llama-style decoder on the standard library.
+# The main job (no arguments): a small Llama-style decoder on the standard library, trained
+# for a few minutes on a CPU: a higher peak rate and a shorter schedule than Hparams' defaults.
 MAIN_MODEL_OVERRIDES = {"d_model": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
                         "d_ff": 512, "max_len": 256}
+MAIN_HPARAMS = {"learning_rate": 2e-3, "total_steps": 300}
+SEQ_LEN = 128  # the default tokens per row, where the model's max_len allows
+# Commands besides training (train/__main__.py dispatches them), for --help.
+SUBCOMMANDS = {"sample": "python -m train sample --run DIR --prompt TEXT: text from a trained run",
+               "check": "python -m train check --run DIR: verifies every checkpoint of a run"}
+
+_OBJECTIVES = ", ".join(f"{name} ({family})" for name, family in FAMILY_OF.items())
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Everything a run needs. `model` is a zoo preset name; `overrides` replace fields of
-    its Config (vocab_size and the special ids always come from the tokenizer)."""
+    its Config (vocab_size and the special ids always come from the tokenizer); `hparams`
+    holds the optimizer and step settings. `objective` and `seq_len` resolve to the model's
+    defaults when the RunConfig is made, and every usage error surfaces then."""
 
-    model: str = "tiny-decoder"
-    overrides: dict = dataclasses.field(default_factory=lambda: dict(MAIN_MODEL_OVERRIDES))
-    objective: str | None = None  # None: the family's (clm, mlm, span_corruption)
-    steps: int = 300
-    batch_size: int = 16  # global, in rows
-    seq_len: int = 128
-    lr: float = 2e-3
-    warmup: int | None = None  # None: min(100, steps // 10)
-    end_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    z_loss: float = 0.0
-    aux_weight: float = 0.01
-    accum_steps: int = 1
-    remat: bool | str = False  # none, full (True), dots, minimal
-    loss_chunk: int = 0  # > 0: output head and loss this many positions at a time
-    seed: int = 0
-    data: list = dataclasses.field(default_factory=list)  # empty: the standard library
-    tokenizer: str | None = None  # a SentencePiece .model; None: train one
-    vocab_size: int = 2048  # for a trained tokenizer
-    checkpoint_every: int = 100
-    keep: int = 3
-    eval_every: int | None = None  # None: 5 evaluations per run
-    eval_batches: int = 4
-    log_every: int | None = None  # None: 1 up to 1000 steps, then steps // 1000
-    run_dir: str = "runs/main"
-    resume: bool = False
-    mesh: str = "data=-1"  # AXIS=SIZE,...; -1 takes the rest (default: every device on data)
-    parallel: str = "jit"  # "jit": the mesh-sharded step; "pmap": data parallel jax.pmap
-    rules: dict = dataclasses.field(default_factory=dict)  # logical axis -> mesh axes, over the defaults
-    peak_flops: float | None = None  # per device; None: a table by device kind
+    model: str = setting("tiny-decoder", f"zoo preset: {', '.join(zoo.presets.names())} (default: "
+                         "tiny-decoder in the main job's shape)", one_of(zoo.presets.names()))
+    overrides: dict = setting(factory=lambda: dict(MAIN_MODEL_OVERRIDES), check=MAPPING,
+                              help="model Config fields over the preset's")
+    objective: str | None = setting(None, f"pretraining objective: {_OBJECTIVES} (default: the "
+                                    f"family's: {', '.join(DEFAULT_OBJECTIVE.values())})")
+    batch_size: int = setting(16, "global batch, in rows", POSITIVE_INT)
+    seq_len: int | None = setting(None, f"tokens per row, the encoder's for encdec (default: "
+                                  f"{SEQ_LEN}, or the model's max_len if smaller)", POSITIVE_INT)
+    hparams: Hparams = setting(factory=lambda: Hparams(**MAIN_HPARAMS), help="train.Hparams")
+    seed: int = setting(0, "seed of init, dropout, data order and masking")
+    data: list = setting(factory=list, help="text files, globs or directories (default: the "
+                         "Python standard library)")
+    tokenizer: str | None = setting(None, "a SentencePiece .model (default: one trained on the "
+                                    "corpus and saved in the run dir)")
+    vocab_size: int = setting(2048, "pieces of a trained tokenizer", POSITIVE_INT)
+    checkpoint_every: int = setting(100, "save a checkpoint every N steps (and at the end and on "
+                                    "SIGTERM/SIGINT)", POSITIVE_INT)
+    keep: int = setting(3, "keep the latest K checkpoints", POSITIVE_INT)
+    eval_every: int | None = setting(None, "evaluate on held-out rows every N steps (default: 5 "
+                                     "evaluations per run)", POSITIVE_INT)
+    eval_batches: int = setting(4, "held-out batches per evaluation", POSITIVE_INT)
+    log_every: int | None = setting(None, "a metrics row every N steps (default: 1 up to 1000 steps, "
+                                    "then steps // 1000)", POSITIVE_INT)
+    run_dir: str = setting("runs/main", "where the run's files go")
+    resume: bool = setting(False, "continue the latest checkpoint in --run-dir, with its saved "
+                           "settings under the ones given")
+    mesh: str = setting("data=-1", "device mesh, AXIS=SIZE,... over axes data, fsdp, tensor, expert; "
+                        "-1 takes the rest (default: every device on data)")
+    parallel: str = setting("jit", "jit (the mesh-sharded step) or pmap (data parallel jax.pmap)",
+                            flag={"choices": PARALLEL})
+    rules: dict = setting(factory=dict, check=MAPPING,
+                          help="logical axis -> mesh axes, over zoo.sharding.DEFAULT_RULES")
+    peak_flops: float | None = setting(None, "peak FLOP/s per device, for MFU (default: a table by "
+                                       "device kind)", POSITIVE)
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "seq_len", "accum_steps", "checkpoint_every", "keep",
-                    "eval_batches", "vocab_size")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr: expected a positive learning rate, got {self.lr!r}")
-        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
-            raise ValueError(f"--loss-chunk: expected a non-negative integer, got {self.loss_chunk!r}")
-        if self.batch_size % self.accum_steps:
-            raise ValueError(f"accum_steps={self.accum_steps} must divide --batch-size {self.batch_size}")
-        try:
-            remat_policy(self.remat)
-        except ValueError as e:
-            raise ValueError(f"--{e}") from None
-        if self.parallel not in ("jit", "pmap"):
-            raise ValueError(f"--parallel: expected 'jit' or 'pmap', got {self.parallel!r}")
-        if not isinstance(self.rules, dict):
-            raise ValueError(f"rules: expected a mapping of logical axis -> mesh axes, got {self.rules!r}")
-        if self.model not in zoo.presets.names():
-            raise ValueError(f"--model: unknown preset {self.model!r}; expected one of {zoo.presets.names()}")
+        check_fields(self)
+        base = self.base_config()
+        self.objective = self.objective or DEFAULT_OBJECTIVE[base.family]
+        check_objective(self.objective, base.family)
+        self.seq_len = self.seq_len or min(SEQ_LEN, base.max_len)
+        if base.positions in ("learned", "sinusoidal") and self.seq_len > base.max_len:
+            raise ValueError(f"--seq-len {self.seq_len} exceeds the model's max_len {base.max_len} "
+                             f"(raise it with max_len=...)")
+
+    def base_config(self) -> zoo.Config:
+        """The preset with the overrides (before the tokenizer sets vocab_size and ids)."""
+        return zoo.preset(self.model, **self.overrides)
 
     @property
-    def warmup_steps(self) -> int:
-        return self.warmup if self.warmup is not None else min(100, self.steps // 10)
+    def steps(self) -> int:
+        return self.hparams.total_steps
 
     @property
     def log_interval(self) -> int:
@@ -99,19 +111,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+RUN_KEYS = keys(RunConfig)
+HPARAM_KEYS = keys(Hparams)
 MODEL_FIELDS = {f.name for f in dataclasses.fields(zoo.Config)}
-_FLAGS = ("model", "objective", "steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer",
-          "vocab_size", "checkpoint_every", "keep", "eval_every", "log_every", "run_dir", "mesh",
-          "accum_steps", "loss_chunk", "peak_flops", "parallel")
-_TYPES = {"steps": int, "batch_size": int, "seq_len": int, "lr": float, "seed": int,
-          "vocab_size": int, "checkpoint_every": int, "keep": int, "eval_every": int,
-          "log_every": int, "accum_steps": int, "loss_chunk": int, "peak_flops": float}
-_HELP = {"mesh": "device mesh, e.g. data=2,fsdp=2,tensor=2 (axes data, fsdp, tensor, expert; "
-                 "-1 takes the rest; default: every device on data)",
-         "parallel": "jit (default: the mesh-sharded step) or pmap (data parallel jax.pmap)",
-         "loss_chunk": "compute the output head and loss this many target positions at a time "
-                       "(must divide the target length; 0, the default: all at once)"}
 # How this process joins a multi-process job (train/hosts.py): not run settings, never saved.
 LAUNCH_FLAGS = {"coordinator": ("HOST:PORT of process 0's coordinator, or 'auto' on a cluster "
                                 "(default: $JAX_COORDINATOR_ADDRESS)", str),
@@ -120,27 +122,32 @@ LAUNCH_FLAGS = {"coordinator": ("HOST:PORT of process 0's coordinator, or 'auto'
                 "local_devices": ("CPU devices per process (tests and demos on one machine)", int)}
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text at spaces only, so names such as bert-large-uncased stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train",
+        prog="python -m train", formatter_class=_HelpFormatter,
         description="Pretrain a zoo model with its objective. No arguments: the main job "
                     "(a small decoder on the Python standard library, CLM, a few minutes on CPU).",
-        epilog="Extra KEY=VALUE arguments override run fields (steps=50) or model Config "
-               "fields (d_model=256, dtype=bfloat16, dropout=0.1).")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--config", help="JSON or YAML file of run fields (and `overrides:` model fields)")
-    for name in _FLAGS:
-        flag = "--" + name.replace("_", "-")
-        if name == "data":
-            p.add_argument(flag, nargs="+", default=None, help="text files, globs or directories")
-        else:
-            p.add_argument(flag, type=_TYPES.get(name, str), default=None, help=_HELP.get(name))
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue the latest checkpoint in --run-dir")
-    p.add_argument("--remat", nargs="?", const="full", default=None,
-                   choices=("none", "full", "dots", "minimal"),
-                   help="recompute activations in the backward pass: full (the flag alone), "
-                        "dots (keep only matmul outputs), minimal (keep weight matmuls)")
+        epilog="Extra KEY=VALUE arguments set any run or optimizer field (steps=50, b2=0.99) or "
+               "model Config field (d_model=256, dtype=bfloat16, dropout=0.1). Other commands (each "
+               "with its own --help): " + "; ".join(SUBCOMMANDS.values()) + ".")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="a run, optimizer or model Config field and its value (JSON or a string)")
+    p.add_argument("--config", help="JSON or YAML file of settings: the keys KEY=VALUE takes, and "
+                                    "`overrides:` / `hparams:` mappings")
+    add_flags(p.add_argument_group("run"), RunConfig, declared(RunConfig))
+    add_flags(p.add_argument_group("optimizer and step (train.Hparams)"), Hparams,
+              {**declared(Hparams), **MAIN_HPARAMS})
     hosts = p.add_argument_group("multi-process")
     for name, (help_text, kind) in LAUNCH_FLAGS.items():
         hosts.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
@@ -186,55 +193,79 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _set(base: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """One setting into `base`: a run field, an Hparams field (or short name) or a model
+    Config field; a `hparams.` or `model.` prefix says which of the last two."""
+    scope, name = key.split(".", 1) if key.startswith(("hparams.", "model.")) else ("", key)
+    if not scope and name in RUN_KEYS:
+        base[RUN_KEYS[name]] = value
+    elif scope in ("", "hparams") and name in HPARAM_KEYS:
+        base["hparams"][HPARAM_KEYS[name]] = value
+    elif scope in ("", "model") and name in MODEL_FIELDS:
+        base["overrides"][name] = value
+    else:
+        raise ValueError(f"{source}: unknown setting {key!r}; run fields are {sorted(RUN_KEYS)}, "
+                         f"optimizer fields {sorted(HPARAM_KEYS)}, model fields {sorted(MODEL_FIELDS)}")
+
+
 def _merge(base: dict[str, Any], layer: dict[str, Any], source: str) -> None:
-    """Applies one layer of settings onto base; model Config fields go to overrides."""
+    """Applies one layer of settings onto base (see `_set`); `overrides` and `hparams` may
+    also come as mappings."""
     if "model" in layer:  # first: the main job's shape applies only to its own model
         base["model"], base["overrides"] = layer["model"], {}
     for key, value in layer.items():
-        name = key[len("model."):] if key.startswith("model.") else key
-        if key == "model":
-            continue
-        if key == "overrides":
+        if key in ("overrides", "hparams"):
             if not isinstance(value, dict):
-                raise ValueError(f"{source}: 'overrides' must be a mapping of model fields")
-            for k in value:
-                if k not in MODEL_FIELDS:
-                    raise ValueError(f"{source}: unknown model field {k!r}")
-            base["overrides"].update(value)
-        elif key in RUN_FIELDS:
-            base[key] = value
-        elif name in MODEL_FIELDS:
-            base["overrides"][name] = value
-        else:
-            raise ValueError(f"{source}: unknown setting {key!r}; run fields are "
-                             f"{sorted(RUN_FIELDS)}, model fields {sorted(MODEL_FIELDS)}")
+                raise ValueError(f"{source}: {key!r} must be a mapping of fields, got {value!r}")
+            for name, v in value.items():
+                _set(base, f"{'model' if key == 'overrides' else 'hparams'}.{name}", v, source)
+        elif key != "model":
+            _set(base, key, value, source)
+
+
+def _build(layers: list[tuple[dict[str, Any], str]]) -> RunConfig:
+    """The main job's settings with `layers` ((settings, source) pairs) applied in order.
+    `hparams` stays a mapping of the fields given until the end, so a warmup that defaults
+    from the steps follows the steps finally chosen."""
+    settings = {**declared(RunConfig), "hparams": dict(MAIN_HPARAMS)}
+    for layer, source in layers:
+        _merge(settings, layer, source)
+    if isinstance(settings["data"], str):
+        settings["data"] = [settings["data"]]
+    return RunConfig(**{**settings, "hparams": Hparams(**settings["hparams"])})
+
+
+def run_config(**settings: Any) -> RunConfig:
+    """A RunConfig from settings named as a config file names them, over the main job's:
+    `run_config(model="tiny-encoder", steps=50, lr=1e-3, d_model=64)`."""
+    return _build([(settings, "run_config")])
 
 
 def resolve(argv: Sequence[str]) -> RunConfig:
-    """RunConfig from command-line arguments (see the module docstring for precedence)."""
+    """RunConfig from command-line arguments (see the module docstring for precedence).
+
+    With --resume the run dir's run.json is the lowest layer; one written before the
+    optimizer settings moved into `hparams` (flat `lr`, `warmup`, `steps`) reads the same,
+    since those are the fields' short names."""
     args = parser().parse_intermixed_args(list(argv))
     if args.data:  # `--data a.txt steps=5`: nargs="+" swallowed the KEY=VALUE after it
         extra = [d for d in args.data if re.fullmatch(r"[A-Za-z_][\w.]*=.*", d) and not Path(d).exists()]
         args.data = [d for d in args.data if d not in extra]
         args.overrides = [*args.overrides, *extra]
-    settings = RunConfig().to_dict()
     skip = ("overrides", "config", *LAUNCH_FLAGS)
     flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
-    run_dir = Path(flags.get("run_dir", settings["run_dir"]))
-    if flags.get("resume") and (run_dir / "run.json").is_file():
-        saved = json.loads((run_dir / "run.json").read_text())
-        saved.pop("resume", None)
-        _merge(settings, saved, f"{run_dir / 'run.json'}")
-    if args.config:
-        _merge(settings, load_file(args.config), f"--config {args.config}")
-    _merge(settings, flags, "flags")
     pairs = {}
     for item in args.overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         pairs[key.strip()] = parse_value(value.strip())
-    _merge(settings, pairs, "overrides")
-    if isinstance(settings["data"], str):
-        settings["data"] = [settings["data"]]
-    return RunConfig(**settings)
+    layers = [(load_file(args.config), f"--config {args.config}")] if args.config else []
+    layers += [(flags, "flags"), (pairs, "overrides")]
+    given = {RUN_KEYS.get(k, k): v for layer, _ in layers for k, v in layer.items()}
+    run_json = Path(given.get("run_dir", RunConfig.run_dir)) / "run.json"
+    if given.get("resume") and run_json.is_file():
+        saved = read_json(run_json)  # rundir.Damaged names the file and line
+        saved.pop("resume", None)
+        layers.insert(0, (saved, str(run_json)))
+    return _build(layers)

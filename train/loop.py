@@ -30,7 +30,7 @@ from train import data as data_lib
 from train import hosts
 from train.checkpoint import Checkpointer, CheckpointError, check_record
 from train.cli import RunConfig
-from train.objectives import DEFAULT_OBJECTIVE, Objective, check_objective, make_objective
+from train.objectives import Objective, make_objective
 from train.optim import Hparams
 from train.parallel import Runner, build_mesh, check_fit, make_runner, process_rows, rules_from
 from train.report import (MetricsLog, Progress, Reporter, peak_flops, plot_losses, read_metrics, summary,
@@ -74,13 +74,6 @@ def model_config(base: zoo.Config, tok: Tokenizer) -> zoo.Config:
                         decoder_start_id=start)
 
 
-def hparams(rc: RunConfig) -> Hparams:
-    return Hparams(learning_rate=rc.lr, warmup_steps=rc.warmup_steps, total_steps=rc.steps,
-                   end_lr_ratio=rc.end_lr_ratio, weight_decay=rc.weight_decay,
-                   clip_norm=rc.clip_norm, z_loss=rc.z_loss, aux_weight=rc.aux_weight,
-                   accum_steps=rc.accum_steps, remat=rc.remat, loss_chunk=rc.loss_chunk)
-
-
 @dataclasses.dataclass
 class Setup:
     cfg: zoo.Config
@@ -95,20 +88,16 @@ class Setup:
 
 
 def setup(rc: RunConfig, run_dir: Path) -> Setup:
-    """Everything before the first compile; every user error surfaces here. With several
-    processes, process 0 prepares the tokenizer and token cache and the others read them."""
-    base = zoo.preset(rc.model, **rc.overrides)
-    name = rc.objective or DEFAULT_OBJECTIVE[base.family]
-    check_objective(name, base.family)
-    if base.positions in ("learned", "sinusoidal") and rc.seq_len > base.max_len:
-        raise ValueError(f"--seq-len {rc.seq_len} exceeds the model's max_len {base.max_len} "
-                         f"(raise it with max_len=...)")
+    """Everything before the first compile; every user error surfaces here (those about the
+    settings alone already when `rc` was made). With several processes, process 0 prepares
+    the tokenizer and token cache and the others read them."""
+    base, hp = rc.base_config(), rc.hparams
     mesh, rules = build_mesh(rc.mesh), rules_from(rc.rules)
-    check_fit(rc.batch_size, mesh, rules, rc.parallel, rc.accum_steps)
+    check_fit(rc.batch_size, mesh, rules, rc.parallel, hp.accum_steps)
     texts = data_lib.read_texts(data_lib.resolve_files(rc.data))
     tok = hosts.primary_first("tokenizer", lambda: prepare_tokenizer(rc, base.family, texts, run_dir))
     cfg = model_config(base, tok)
-    objective = make_objective(name, cfg, tok.vocab, rc.seq_len)
+    objective = make_objective(rc.objective, cfg, tok.vocab, rc.seq_len)
     if hosts.is_primary():
         print(f"tokenizing {len(texts)} documents (cached in {run_dir / 'cache'}) ...", flush=True)
     stream = hosts.primary_first("tokens", lambda: data_lib.tokenize(texts, tok, run_dir / "cache"))
@@ -117,8 +106,7 @@ def setup(rc: RunConfig, run_dir: Path) -> Setup:
     rows_sharding = batch_shardings(rows, mesh, rules)
     part, parts = process_rows(rows_sharding["tokens"], rows["tokens"].shape)
     pipeline = data_lib.Pipeline(stream, objective.row_len, rc.batch_size, rc.seed, part, parts)
-    hp = hparams(rc)
-    record = {"config": cfg.to_dict(), "objective": name, "seq_len": rc.seq_len,
+    record = {"config": cfg.to_dict(), "objective": rc.objective, "seq_len": rc.seq_len,
               "batch_size": rc.batch_size, "seed": rc.seed,
               "tokenizer": hashlib.sha256(tok.model_proto).hexdigest()[:16],
               "data_fingerprint": stream.fingerprint, "hparams": dataclasses.asdict(hp)}
@@ -267,11 +255,10 @@ def run(rc: RunConfig) -> dict[str, Any]:
         if latest is not None and not rc.resume:
             raise RunError(f"{run_dir} already holds a run (checkpoints up to step {latest}): pass "
                            f"--resume to continue it, or choose another --run-dir")
-        # Settings that default from --steps are fixed at the start, so `--resume --steps N`
-        # extends the run without changing its warmup.
-        rc = dataclasses.replace(rc, warmup=rc.warmup_steps)
+        # run.json holds the warmup that Hparams derived from the steps (and the objective
+        # and seq_len RunConfig derived from the model), so `--resume --steps N` extends
+        # the run without changing them.
         s = setup(rc, run_dir)
-        rc = dataclasses.replace(rc, objective=s.record["objective"])
         if primary:
             (run_dir / "run.json").write_text(json.dumps(rc.to_dict(), indent=2))
             (run_dir / "config.json").write_text(s.cfg.to_json())

@@ -45,8 +45,8 @@ def check_objective(name: str, family: str) -> None:
         raise ValueError(f"objective: unknown name {name!r}; expected one of {sorted(FAMILY_OF)}")
     if FAMILY_OF[name] != family:
         fits = sorted(k for k, v in FAMILY_OF.items() if v == family)
-        raise ValueError(f"objective: {name!r} trains {FAMILY_OF[name]} models, but the model is "
-                         f"an {family} (family={family!r}); use one of {fits}")
+        raise ValueError(f"objective: {name!r} trains {FAMILY_OF[name]} models, but the model's "
+                         f"family is {family!r}; use one of {fits}")
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -9,54 +9,52 @@ import jax
 import optax
 
 import zoo
-from zoo.nn.transformer import remat_policy
+from train.settings import (DECAY_RATE, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
+                            Check, check_fields, setting)
+from zoo.nn.transformer import REMAT_POLICIES
+
+REMAT_CHOICES = ("none", *REMAT_POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
 class Hparams:
     """Everything the step needs besides the model Config; hashable (static under jit).
+    Each field's help says what it does; `python -m train` makes a flag of each field
+    (train/settings.py) and the checks below run when one is made."""
 
-    accum_steps: micro-batches per step (the batch is split k ways and scanned);
-    z_loss: weight of mean(logsumexp(logits)^2); aux_weight: weight of the MoE balance loss;
-    remat: what the backward pass recomputes instead of storing: "none" (False), "full"
-    (True), "dots" or "minimal" (`zoo.nn.transformer.REMAT_POLICIES`);
-    loss_chunk: > 0 computes the output head and loss that many sequence positions at a
-    time (it must divide the target length), so the [B, T, V] logits are never stored."""
-
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    total_steps: int = 1000
-    end_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-    z_loss: float = 0.0
-    aux_weight: float = 0.01
-    accum_steps: int = 1
-    remat: bool | str = False
-    loss_chunk: int = 0
+    learning_rate: float = setting(3e-4, "peak learning rate (linear warmup from 0, then cosine "
+                                   "decay to end_lr_ratio of it)", POSITIVE, aliases=("lr",))
+    # None resolves once, in __post_init__, so a run extended with more steps keeps its warmup.
+    warmup_steps: int | None = setting(None, "steps of linear warmup (default: min(100, "
+                                       "total_steps // 10))", NON_NEGATIVE_INT, aliases=("warmup",))
+    total_steps: int = setting(1000, "optimizer steps: the run's length and the schedule's",
+                               POSITIVE_INT, aliases=("steps",))
+    end_lr_ratio: float = setting(0.1, "final learning rate, as a fraction of the peak", FRACTION)
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices and embeddings only "
+                                  "(never norms or biases)", NON_NEGATIVE)
+    b1: float = setting(0.9, "AdamW decay rate of the gradient's first moment", DECAY_RATE)
+    b2: float = setting(0.95, "AdamW decay rate of the gradient's second moment", DECAY_RATE)
+    eps: float = setting(1e-8, "AdamW epsilon, added to the second moment's square root", NON_NEGATIVE)
+    clip_norm: float = setting(1.0, "clip the gradient to this global norm (0: no clipping)",
+                               NON_NEGATIVE)
+    z_loss: float = setting(0.0, "weight of the z-loss, mean(logsumexp(logits)^2)", NON_NEGATIVE)
+    aux_weight: float = setting(0.01, "weight of the MoE load-balancing loss", NON_NEGATIVE)
+    accum_steps: int = setting(1, "micro-batches per step: the batch is split k ways and "
+                               "scanned, which gives the update of one big batch", POSITIVE_INT)
+    remat: bool | str = setting(
+        False, "what the backward pass recomputes instead of storing: none (the default), full "
+        "(the flag alone; keeps only each layer's input; True), dots (keeps matmul outputs) or "
+        "minimal (keeps weight-matmul outputs); zoo.nn.transformer.REMAT_POLICIES",
+        Check(lambda v: isinstance(v, bool) or v in REMAT_CHOICES, f"one of {REMAT_CHOICES} or a bool"),
+        flag={"nargs": "?", "const": "full", "choices": REMAT_CHOICES, "metavar": "POLICY"})
+    loss_chunk: int = setting(0, "compute the output head and the loss this many target "
+                              "positions at a time (it must divide the target length), so the "
+                              "[B, T, V] logits are never stored; 0: all at once", NON_NEGATIVE_INT)
 
     def __post_init__(self) -> None:
-        remat_policy(self.remat)  # raises on an unknown policy
-        checks = {
-            "learning_rate": self.learning_rate > 0,
-            "warmup_steps": self.warmup_steps >= 0,
-            "total_steps": self.total_steps >= 1,
-            "end_lr_ratio": 0.0 <= self.end_lr_ratio <= 1.0,
-            "weight_decay": self.weight_decay >= 0,
-            "b1": 0.0 <= self.b1 < 1.0,
-            "b2": 0.0 <= self.b2 < 1.0,
-            "clip_norm": self.clip_norm >= 0,
-            "z_loss": self.z_loss >= 0,
-            "aux_weight": self.aux_weight >= 0,
-            "accum_steps": isinstance(self.accum_steps, int) and self.accum_steps >= 1,
-            "loss_chunk": isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"Hparams: invalid {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}")
+        check_fields(self)
+        if self.warmup_steps is None:  # frozen: set the derived default once
+            object.__setattr__(self, "warmup_steps", min(100, self.total_steps // 10))
 
 
 def schedule(hp: Hparams) -> optax.Schedule:

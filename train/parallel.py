@@ -25,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import zoo
 from train.optim import Hparams
-from train.step import (TrainState, abstract_state, batch_shardings, init_state, jit_eval_step,
-                        jit_step, pmap_eval_step, pmap_step, state_shardings)
+from train.step import (TrainState, abstract_state, batch_shardings, check_split, init_state,
+                        jit_eval_step, jit_step, pmap_eval_step, pmap_step, state_shardings)
 
 PARALLEL = ("jit", "pmap")
 Rules = zoo.sharding.Rules
@@ -190,11 +190,7 @@ def check_fit(batch_size: int, mesh: Mesh, rules: Rules, parallel: str, accum_st
         raise ValueError(f"--parallel pmap is data parallel only: put every device on `data` "
                          f"(--mesh data=-1), got mesh {shape}")
     dp = mesh.size if parallel == "pmap" else data_parallel_size(mesh, rules)
-    if batch_size % (dp * accum_steps):
-        what = f" x accum_steps {accum_steps}" if accum_steps > 1 else ""
-        raise ValueError(f"--batch-size {batch_size} does not split over the {dp} data-parallel "
-                         f"devices{what} of mesh {shape or '{}'} (batch -> "
-                         f"{batch_axes(mesh, rules)}); use a multiple of {dp * accum_steps}")
+    check_split(batch_size, accum_steps, dp, f" of mesh {shape or '{}'} (batch -> {batch_axes(mesh, rules)})")
 
 
 def make_runner(cfg: zoo.Config, hp: Hparams, mesh: Mesh, batch_like: dict[str, Any],

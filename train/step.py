@@ -133,6 +133,16 @@ def _input_tokens(cfg: zoo.Config, batch: Batch) -> jax.Array:
     return n.astype(jnp.float32)
 
 
+def check_split(batch_size: int, accum_steps: int, devices: int = 1, where: str = "") -> None:
+    """The one check that a batch splits evenly over `devices` data-parallel devices and each
+    device's share into `accum_steps` micro-batches; `where` describes the devices."""
+    if batch_size % (devices * accum_steps):
+        each = f" x accum_steps {accum_steps}" if accum_steps > 1 else ""
+        raise ValueError(f"--batch-size {batch_size} does not split over the {devices} data-parallel "
+                         f"device{'s' if devices > 1 else ''}{each}{where}; use a multiple of "
+                         f"{devices * accum_steps}")
+
+
 def _grads(state: TrainState, batch: Batch, key: jax.Array | None,
            norm: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
     """Gradients of (ce + z_loss*z) / norm + aux_weight * mean(aux) and the summed
@@ -150,8 +160,7 @@ def _grads(state: TrainState, batch: Batch, key: jax.Array | None,
     if k == 1:
         return grad_fn(state.params, batch, jax.random.fold_in(key, 0) if dropout else None)
     b = batch["inputs"].shape[0]
-    if b % k:
-        raise ValueError(f"accum_steps={k} must divide the batch size {b}")
+    check_split(b, k)
     # Micro-batch i takes rows i, i+k, ...: the scanned axis is not the sharded one.
     micro = jax.tree.map(lambda x: x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
