@@ -185,7 +185,12 @@ def test_moe_layer_matches_explicit_per_token_mixture():
             want = sum(w[i] * ((jax.nn.silu(x[b, t] @ p["wg"][e]) * (x[b, t] @ p["wi"][e])) @ p["wo"][e])
                        for i, e in enumerate(top))
             np.testing.assert_allclose(y[b, t], want, atol=1e-5)
-    assert np.isfinite(float(aux))
+    # Switch-style balance loss by hand: E * sum_e (share of the 2 * 6 routing slots that
+    # went to e) * (mean router probability of e).
+    top2 = np.argsort(-np.asarray(probs), axis=-1)[..., :2].reshape(-1)
+    share = np.bincount(top2, minlength=cfg.num_experts) / top2.size
+    mean_prob = np.asarray(probs).reshape(-1, cfg.num_experts).mean(0)
+    assert float(aux) == pytest.approx(cfg.num_experts * float(np.sum(share * mean_prob)), rel=1e-5)
 
 
 @pytest.mark.parametrize("kv_heads,with_bias", [(4, False), (2, True), (1, False)])

@@ -95,15 +95,28 @@ def test_z_loss_and_moe_balance_loss_enter_the_gradient():
     hp = train.Hparams(aux_weight=1.0, z_loss=1e-2)
     state = train.init_state(cfg, hp, jax.random.key(0))
 
-    def objective(params, aux_weight, z_loss):
-        s = loss_sums(params, cfg, batch, None)
-        return (s["ce"] + z_loss * s["z"]) / s["weight"] + aux_weight * s["aux"]
+    def terms(params):
+        """CE (optax), z = logsumexp^2 and the model's balance loss, from the forward
+        alone: none of train.loss / loss_sums (the code under test)."""
+        out = train_forward(params, cfg, batch)
+        logits = out.logits.astype(jnp.float32)
+        w = batch["weights"]
+        ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * w)
+        z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * w)
+        return ce / jnp.sum(w), z / jnp.sum(w), out.aux_loss
 
-    grad = jax.jit(jax.grad(objective))
-    expected = optax.tree.norm(grad(state.params, 1.0, 1e-2))
-    without = optax.tree.norm(grad(state.params, 0.0, 0.0))
+    def objective(params, aux_weight, z_loss):
+        ce, z, aux = terms(params)
+        return ce + z_loss * z + aux_weight * aux, (ce, z, aux)
+
+    grad = jax.jit(jax.grad(objective, has_aux=True))
+    g, (ce, z, aux) = grad(state.params, 1.0, 1e-2)
+    expected = optax.tree.norm(g)
+    without = optax.tree.norm(grad(state.params, 0.0, 0.0)[0])
     _, m = train.step(state, batch)  # donates state
     assert float(m["aux_loss"]) > 0.5 and float(m["z_loss"]) > 0
+    for name, want in (("loss", ce), ("z_loss", z), ("aux_loss", aux)):
+        np.testing.assert_allclose(m[name], want, rtol=1e-5, err_msg=name)
     # The step's gradient is that of CE + z_loss * lse^2 + aux_weight * balance loss ...
     np.testing.assert_allclose(m["grad_norm"], expected, rtol=1e-5)
     # ... and both extra terms change it.
