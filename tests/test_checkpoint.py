@@ -1,7 +1,9 @@
-"""Checkpoints (train/checkpoint.py): round trip, retention, another mesh, bad checkpoints."""
+"""Checkpoints (train/checkpoint.py): round trip, retention, another mesh, bad checkpoints:
+every kind of damage is found and passed over for the newest intact checkpoint."""
 
 import contextlib
 import gc
+import shutil
 
 import jax
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 import train
 import zoo
 from conftest import tiny
-from train.checkpoint import Checkpointer, CheckpointError, check_record
+from train.checkpoint import Checkpointer, CheckpointDamaged, CheckpointError, check_record
+from train.rundir import NotFinite
 
 # orbax leaves the reads of a failed restore to the garbage collector: the tests that make
 # one collect it themselves, and its complaints are not this module's failures.
@@ -95,22 +98,78 @@ def test_record_mismatch_lists_every_difference():
     check_record({"format": 1, **RECORD}, longer, "x")
 
 
-def test_corrupt_checkpoint_is_a_clear_error(saved, tmp_path):
-    import shutil
+def _largest_file(step_dir):
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
+
+def _flip_bytes(step_dir):
+    """64 bytes overwritten mid-file, size unchanged: orbax reads it back without a word."""
+    path = _largest_file(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+
+def _truncate(step_dir):
+    path = _largest_file(step_dir)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+DAMAGE = {"a corrupted byte": (_flip_bytes, "digest mismatch"),
+          "a deleted file": (lambda d: _largest_file(d).unlink(), "arrays cannot be read"),
+          "a truncated file": (_truncate, "arrays cannot be read"),
+          "garbage metadata": (lambda d: (d / "state" / "_METADATA").write_text("garbage{"), "arrays cannot be read"),
+          "a garbage record": (lambda d: (d / "record" / "metadata").write_text("[1,"), "record cannot be read")}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damage_falls_back_to_the_newest_intact_checkpoint(saved, tmp_path, damage):
+    cfg, state, directory = saved
+    broken = tmp_path / "ckpt"
+    shutil.copytree(directory, broken)
+    hurt, why = DAMAGE[damage]
+    hurt(broken / "4")
+    with _opened(broken, keep=2) as ckpt:
+        with pytest.raises(CheckpointDamaged, match=f"checkpoint .*4 is damaged: .*{why}"):
+            ckpt.restore(train.abstract_state(cfg, HP), ONE, step=4)
+        restored, step, record, damaged = ckpt.restore_intact(train.abstract_state(cfg, HP), ONE)
+        assert step == 3 and record["data"]["index"] == 24
+        assert [s for s, _ in damaged] == [4] and why in damaged[0][1] and "\n" not in damaged[0][1]
+        assert _equal(restored.params, state.params)
+        # Set aside, the damaged step leaves room to save step 4 again, and rotation
+        # (keep=2) deletes nothing good for it.
+        assert ckpt.set_aside(4).name == "4.damaged" and ckpt.all_steps() == [3]
+        ckpt.save(4, restored, {**RECORD, "data": {"epoch": 0, "index": 32}}, force=True)
+        ckpt.wait()
+        assert ckpt.all_steps() == [3, 4]
+    gc.collect()
+
+
+def test_no_intact_checkpoint_is_one_clear_error(saved, tmp_path):
     cfg, _, directory = saved
     broken = tmp_path / "ckpt"
     shutil.copytree(directory, broken)
-    for f in (broken / "4").rglob("*"):
-        if f.is_file():
-            f.write_bytes(b"\x00garbage")
-    with _opened(broken) as ckpt:
-        with pytest.raises(CheckpointError, match="corrupt"):
-            ckpt.read_record(4)
-        with pytest.raises(CheckpointError, match="corrupt"):
-            ckpt.restore(train.abstract_state(cfg, HP), ONE, step=4)
-        with pytest.raises(CheckpointError, match="no step 7"):
-            ckpt.read_record(7)
+    _flip_bytes(broken / "4")
+    _truncate(broken / "3")
+    with _opened(broken) as ckpt, pytest.raises(CheckpointDamaged) as e:
+        ckpt.restore_intact(train.abstract_state(cfg, HP), ONE)
+    msg = str(e.value)
+    assert msg.startswith(f"no intact checkpoint in {broken}: 4: ") and "3: its arrays cannot be read" in msg
+    assert "\n" not in msg and "python -m train check" in msg
     with _opened(tmp_path / "empty") as ckpt, pytest.raises(CheckpointError, match="no checkpoint"):
         ckpt.read_record()
+    with _opened(broken) as ckpt, pytest.raises(CheckpointError, match="no step 7"):
+        ckpt.read_record(7)
+    assert not (tmp_path / "empty").exists()  # reading creates nothing
     gc.collect()
+
+
+def test_a_non_finite_state_is_never_saved(saved, tmp_path):
+    cfg, state, _ = saved
+    bad = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.nan), state.params))
+    with _opened(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state, {**RECORD, "data": {}}, force=True)
+        with pytest.raises(NotFinite, match=r"state at step 2 holds NaN or inf \(params/.*checkpoint 1 is intact"):
+            ckpt.save(2, bad, {**RECORD, "data": {}}, force=True)
+        ckpt.wait()
+        assert ckpt.all_steps() == [1]

@@ -1,5 +1,6 @@
 """`python -m train [flags] [KEY=VALUE ...]`; no arguments: the main job (see train/cli.py).
-`python -m train sample --run DIR --prompt TEXT`: text from a trained run (train/sample.py)."""
+`python -m train sample --run DIR --prompt TEXT`: text from a trained run (train/sample.py).
+`python -m train check --run DIR`: verifies every checkpoint of a run (train/check.py)."""
 
 import sys
 
@@ -11,6 +12,11 @@ if sys.argv[1:2] == ["sample"]:  # `python -m train sample --run DIR --prompt ..
     from train.sample import main as sample_main
 
     sys.exit(sample_main(sys.argv[2:]))
+
+if sys.argv[1:2] == ["check"]:  # `python -m train check --run DIR`
+    from train.check import main as check_main
+
+    sys.exit(check_main(sys.argv[2:]))
 
 from train.loop import main
 

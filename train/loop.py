@@ -11,14 +11,16 @@ run's files, and every process saves and restores its part of the checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -28,13 +30,15 @@ from jax.sharding import Mesh, NamedSharding
 import zoo
 from train import data as data_lib
 from train import hosts
-from train.checkpoint import Checkpointer, CheckpointError, check_record
+from train.checkpoint import Checkpointer, CheckpointError, check_record, quiet_libraries
 from train.cli import RunConfig
 from train.objectives import Objective, make_objective
 from train.optim import Hparams
 from train.parallel import Runner, build_mesh, check_fit, make_runner, process_rows, rules_from
 from train.report import (MetricsLog, Progress, Reporter, peak_flops, plot_losses, read_metrics, summary,
                           train_flops)
+from train.rundir import (EXIT_DONE, EXIT_USAGE, Locked, NotFinite, RunLock, RunStop, WriteFailed,
+                          is_disk_full, write_atomic)
 from train.step import abstract_state, batch_shardings
 from train.tokens import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -52,17 +56,14 @@ def prepare_tokenizer(rc: RunConfig, family: str, texts: list[str], run_dir: Pat
     SentencePiece trained on the corpus: unigram with sentinels for encdec, BPE otherwise."""
     sentinels = NUM_SENTINELS if family == "encdec" else 0
     cached = run_dir / "tokenizer.model"
-    if rc.tokenizer:
-        tok = load_tokenizer(rc.tokenizer, sentinels)
-        if not cached.exists() or cached.read_bytes() != tok.model_proto:
-            tok.save(cached)
-        return tok
+    if rc.tokenizer:  # copied into the run dir once every check has passed (run below)
+        return load_tokenizer(rc.tokenizer, sentinels)
     if cached.exists():
         return load_tokenizer(cached, sentinels)
     print(f"training a SentencePiece tokenizer on {len(texts)} documents ...", flush=True)
     tok = train_tokenizer(texts, vocab_size=rc.vocab_size, num_sentinels=sentinels,
                           model_type="unigram" if family == "encdec" else "bpe")
-    tok.save(cached)
+    write_atomic(cached, tok.model_proto)  # a kill mid-write must not leave half a model
     return tok
 
 
@@ -177,20 +178,20 @@ def compile_run(rc: RunConfig, s: Setup) -> Compiled:
     return Compiled(jax.jit(s.objective, out_shardings=runner.batch_sh), runner)
 
 
-def initial_state(rc: RunConfig, s: Setup, c: Compiled, ckpt: Checkpointer) -> tuple[Any, int]:
-    """(state, step): the latest checkpoint, checked against this run and placed on this
-    run's mesh (whatever mesh saved it), or a fresh state."""
+def initial_state(rc: RunConfig, s: Setup, c: Compiled,
+                  ckpt: Checkpointer) -> tuple[Any, int, list[tuple[int, str]]]:
+    """(state, step, damaged): the newest intact checkpoint, checked against this run and
+    placed on this run's mesh (whatever mesh saved it), or a fresh state; `damaged` lists
+    the newer checkpoints passed over as (step, why). Changes nothing on disk."""
     if ckpt.latest_step() is None:
         if rc.resume and hosts.is_primary():
-            print(f"no checkpoint in {rc.run_dir}: starting from step 0", flush=True)
-        return c.runner.init(rc.seed), 0
-    start, record = ckpt.read_record()
-    check_record(record, s.record, str(ckpt.directory / str(start)))
-    state = ckpt.restore(abstract_state(s.cfg, s.hp), s.mesh, start, s.rules)
+            print(f"warning: --resume: no checkpoint in {ckpt.directory}; starting a new run at "
+                  f"step 0", file=sys.stderr, flush=True)
+        return c.runner.init(rc.seed), 0, []
+    vet = lambda record, where: check_record(record, s.record, str(where))
+    state, start, record, damaged = ckpt.restore_intact(abstract_state(s.cfg, s.hp), s.mesh, s.rules, vet)
     s.pipeline.set_position(record["data"])
-    if hosts.is_primary():
-        print(f"resumed {rc.run_dir} at step {start}", flush=True)
-    return state, start
+    return state, start, damaged
 
 
 def evaluate(c: Compiled, state: Any, batches: list[dict], key: jax.Array) -> dict[str, float]:
@@ -204,18 +205,36 @@ def evaluate(c: Compiled, state: Any, batches: list[dict], key: jax.Array) -> di
             "eval_accuracy": float(total[1] / max(total[2], 1))}
 
 
+def _check_finite(step: int, metrics: dict[str, Any], ckpt: Checkpointer) -> None:
+    """NotFinite naming `step` when its loss or gradient norm is NaN or inf."""
+    got = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm") if k in metrics})
+    bad = {k: float(v) for k, v in got.items() if not np.isfinite(v)}
+    if bad:
+        what = " and the ".join(f"{k.replace('_', ' ')} is {v}" for k, v in bad.items())
+        last = ckpt.last_saved()
+        kept = f"checkpoint {last} holds the last finite state" if last else "no checkpoint was saved"
+        raise NotFinite(f"the {what} at step {step}: stopped without saving it; {kept}. Resuming would "
+                        f"repeat it: start a new --run-dir with a lower --lr or a longer warmup")
+
+
 def train_loop(rc: RunConfig, s: Setup, c: Compiled, ckpt: Checkpointer, state: Any, start: int,
                reporter: Reporter) -> tuple[Any, int | None]:
-    """Steps start..rc.steps; returns (state, the signal that stopped it or None)."""
+    """Steps start..rc.steps; returns (state, the signal that stopped it or None). Raises
+    NotFinite at the first step whose loss or gradient norm is NaN or inf (checked one step
+    late, and before every save, so no checkpoint holds a non-finite state)."""
     keys = jax.random.split(jax.random.key(rc.seed), 2)  # [train objective, eval objective]
     put = lambda rows: _put(rows, s.rows_sharding, rc.batch_size)
     eval_rows = [put(r) for r in s.pipeline.eval_batches(rc.eval_batches)]
+    unchecked = None  # (step, metrics) of the step before, checked once this one is queued
     with _Signals(jax.process_count()) as signals:
         for step in range(start, rc.steps):
             rows = put(s.pipeline.next_batch())
             state, metrics = c.runner.step(state, c.objective(jax.random.fold_in(keys[0], step), rows))
             reporter.flush()  # the previous step's metrics, now that this step is queued
+            if unchecked is not None:
+                _check_finite(*unchecked, ckpt)
             done = step + 1
+            unchecked = (done, metrics)
             extra = {}
             if done % rc.eval_interval == 0 or done == rc.steps:
                 with reporter.paused(state):
@@ -224,12 +243,18 @@ def train_loop(rc: RunConfig, s: Setup, c: Compiled, ckpt: Checkpointer, state: 
                 reporter.queue(done, metrics, extra)
             stop = signals.stop(done) is not None
             if stop or done % rc.checkpoint_every == 0 or done == rc.steps:
+                # The save waits for this step anyway: its metrics row goes to disk first, so
+                # metrics.jsonl holds every step up to the newest checkpoint.
+                reporter.flush()
+                _check_finite(*unchecked, ckpt)
+                unchecked = None
                 record = {**s.record, "data": s.pipeline.position, "step": done}
                 ckpt.save(done, c.runner.global_state(state), record, force=True)
             if stop:
-                reporter.flush()
                 return state, signals.received
     reporter.flush()
+    if unchecked is not None:
+        _check_finite(*unchecked, ckpt)
     return state, None
 
 
@@ -244,10 +269,67 @@ def _describe(rc: RunConfig, s: Setup, peak_note: str) -> str:
             f"MFU peak: {peak_note}")
 
 
+@contextlib.contextmanager
+def _holding(run_dir: Path) -> Iterator[None]:
+    """The run dir's lock, held by process 0 for the whole job; when it is refused, every
+    process stops (the others learn it from process 0)."""
+    lock, refused = None, None
+    if hosts.is_primary():
+        try:
+            lock = RunLock(run_dir).acquire()
+        except Locked as e:
+            refused = e
+    if jax.process_count() > 1:
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+        if not ok and refused is None:
+            refused = Locked(f"{run_dir}: process 0 could not lock the run dir (its output says who holds it)")
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _start_writing(rc: RunConfig, s: Setup, run_dir: Path, ckpt: Checkpointer, start: int,
+                   damaged: list[tuple[int, str]]) -> None:
+    """Every check has passed: only now does the run dir change. Process 0 writes the run
+    files (atomically); damaged checkpoints are moved aside so the run can save those
+    steps again and rotation never counts them."""
+    primary = hosts.is_primary()
+    if primary:
+        write_atomic(run_dir / "run.json", json.dumps(rc.to_dict(), indent=2))
+        write_atomic(run_dir / "config.json", s.cfg.to_json())
+        cached = run_dir / "tokenizer.model"
+        if rc.tokenizer and (not cached.is_file() or cached.read_bytes() != s.tokenizer.model_proto):
+            write_atomic(cached, s.tokenizer.model_proto)
+    moved = [ckpt.set_aside(step) for step, _ in damaged]
+    if primary and damaged:
+        which = "; ".join(f"checkpoint {step} is damaged ({why})" for step, why in damaged)
+        print(f"warning: {which}; resuming from checkpoint {start}, the newest intact one "
+              f"(moved aside: {', '.join(p.name for p in moved)})", file=sys.stderr, flush=True)
+    if primary and start:
+        print(f"resumed {rc.run_dir} at step {start}", flush=True)
+
+
 def run(rc: RunConfig) -> dict[str, Any]:
-    """Trains as `rc` says; returns {"steps", "loss", "eval_loss", "interrupted", "signal"}."""
+    """Trains as `rc` says; returns {"steps", "loss", "eval_loss", "interrupted", "signal"}.
+    Nothing in the run dir changes until every check has passed (run.json is the first
+    file written then), and a run dir this call created is removed again when the run
+    fails before that."""
     run_dir = Path(rc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    created = not run_dir.exists()
+    try:
+        with _holding(run_dir):
+            return _run_locked(rc, run_dir)
+    except BaseException:
+        if created and hosts.is_primary() and not (run_dir / "run.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_locked(rc: RunConfig, run_dir: Path) -> dict[str, Any]:
     primary = hosts.is_primary()
     ckpt = Checkpointer(run_dir / "checkpoints", rc.checkpoint_every, rc.keep)
     try:
@@ -259,11 +341,9 @@ def run(rc: RunConfig) -> dict[str, Any]:
         # and seq_len RunConfig derived from the model), so `--resume --steps N` extends
         # the run without changing them.
         s = setup(rc, run_dir)
-        if primary:
-            (run_dir / "run.json").write_text(json.dumps(rc.to_dict(), indent=2))
-            (run_dir / "config.json").write_text(s.cfg.to_json())
         compiled = compile_run(rc, s)
-        state, start = initial_state(rc, s, compiled, ckpt)
+        state, start, damaged = initial_state(rc, s, compiled, ckpt)
+        _start_writing(rc, s, run_dir, ckpt, start, damaged)
         flops = train_flops(s.cfg, rc.seq_len, s.objective.target_len) * rc.batch_size
         peak, peak_note = peak_flops(list(s.mesh.devices.flat), rc.peak_flops)
         if primary:
@@ -275,7 +355,7 @@ def run(rc: RunConfig) -> dict[str, Any]:
                   f"{jax.local_device_count()} devices, loads rows {first}..{first + per - 1} of "
                   f"each global batch of {rc.batch_size}", flush=True)
         t0 = time.time()
-        log = MetricsLog(run_dir, start if latest is not None else None, enabled=primary)
+        log = MetricsLog(run_dir, start, enabled=primary)
         reporter = Reporter(log, Progress(rc.steps, flops, peak, enabled=primary), flops, peak, rc.steps)
         try:
             state, stopped_by = train_loop(rc, s, compiled, ckpt, state, start, reporter)
@@ -283,10 +363,20 @@ def run(rc: RunConfig) -> dict[str, Any]:
             log.close()
         ckpt.wait()
         steps_saved = ckpt.all_steps()
-    finally:
-        ckpt.close()
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            ckpt.close()  # the first error is the one to report
+        if isinstance(e, OSError) and is_disk_full(e):
+            raise WriteFailed(f"no space left on device while writing {e.filename or 'the run files'} "
+                              f"in {run_dir}; {ckpt.intact_note()}; free space and --resume") from None
+        raise
+    ckpt.close()
     hosts.barrier("metrics written")  # process 0 has closed metrics.jsonl
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    bad: list = []
+    rows = read_metrics(run_dir / "metrics.jsonl", bad)
+    if bad and primary:
+        print(f"warning: {run_dir / 'metrics.jsonl'}: {len(bad)} lines are not this run's rows "
+              f"(line {bad[0][0]}: {bad[0][1]}); another writer?", file=sys.stderr, flush=True)
     if rows and primary:
         plot_losses(rows, run_dir / "loss.png")
     if stopped_by is not None and primary:
@@ -302,15 +392,21 @@ def run(rc: RunConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: exit 0 when done, 2 on a usage error, 128+signal when stopped by one.
-    The multi-process flags (or JAX_COORDINATOR_ADDRESS ...) join the job first."""
+    """CLI entry; the exit status is one of train.rundir's (README "Stopping and resuming"):
+    0 done, 2 usage error, 3 damaged, 4 run dir in use, 5 write failed (disk full), 6 loss
+    not finite, 128 + signal when stopped by one. Each error is one line on stderr. The
+    multi-process flags (or JAX_COORDINATOR_ADDRESS ...) join the job first."""
     from train.cli import launch_flags, resolve
     argv = sys.argv[1:] if argv is None else argv
+    quiet_libraries()
     try:
         hosts.start(hosts.launch_from(launch_flags(argv)))
         rc = resolve(argv)
         result = run(rc)
+    except RunStop as e:  # before CheckpointError: a damaged checkpoint is not a usage error
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except (ValueError, FileNotFoundError, RunError, CheckpointError, zoo.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 128 + result["signal"] if result["interrupted"] else 0
+        return EXIT_USAGE
+    return 128 + result["signal"] if result["interrupted"] else EXIT_DONE

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from train.rundir import write_atomic
 from zoo.flops import train_flops  # noqa: F401  the one FLOP counter, for the MFU
 
 # Peak dense bf16 FLOP/s per device, by a substring of `device.device_kind`.
@@ -95,27 +96,38 @@ class Progress:
 
 class MetricsLog:
     """metrics.jsonl (one JSON object per logged step) and TensorBoard when installed.
-    With enabled=False (processes other than 0) it writes nothing."""
+    With enabled=False (processes other than 0) it writes nothing.
 
-    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool = True):
+    Opening it keeps the rows up to `start` (the step the run starts from; the run writes
+    the later ones again) and rewrites the file atomically; lines that are not valid rows
+    are moved to metrics.jsonl.bad with one warning, never dropped."""
+
+    def __init__(self, run_dir: Path, start: int, enabled: bool = True, warn: Any = None):
         self.path = run_dir / "metrics.jsonl"
         self._file, self._tb = None, None
         if not enabled:
             return
-        if resume_step is not None:
-            self._truncate(resume_step)
-        elif self.path.exists():
-            self.path.unlink()
+        self._truncate(start, warn or _warn)
         self._file = open(self.path, "a")
         self._tb = _tensorboard(run_dir / "tensorboard")
 
-    def _truncate(self, step: int) -> None:
-        """Keeps the rows up to the restored step: the resumed run rewrites the rest."""
-        rows = read_metrics(self.path)
-        with open(self.path, "w") as f:
-            for row in rows:
-                if row["step"] <= step:
-                    f.write(json.dumps(row) + "\n")
+    def _truncate(self, step: int, warn: Any) -> None:
+        """Keeps the rows up to `step`; bad lines go to metrics.jsonl.bad first, so a kill
+        at any point loses nothing."""
+        if not self.path.exists():
+            return
+        bad: list[tuple[int, str, str]] = []
+        kept = [line for line, row in _scan(self.path, bad) if row["step"] <= step]
+        if bad:
+            aside = self.path.with_name(self.path.name + ".bad")
+            with open(aside, "a") as f:
+                f.writelines(text + "\n" for _, _, text in bad)
+                f.flush()
+                os.fsync(f.fileno())
+            lines = ", ".join(str(n) for n, _, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            warn(f"{self.path} line{'s' if len(bad) > 1 else ''} {lines} cannot be read "
+                 f"(line {bad[0][0]}: {bad[0][1]}); kept in {aside.name}")
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if self._file is None:
@@ -134,6 +146,10 @@ class MetricsLog:
             self._tb.close()
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _tensorboard(path: Path):
     for module in ("tensorboardX", "torch.utils.tensorboard"):
         try:
@@ -144,20 +160,54 @@ def _tensorboard(path: Path):
     return None
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl; a line cut short by a kill is skipped."""
-    rows = []
-    path = Path(path)
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
+def _row_problem(row: Any, previous: int) -> str | None:
+    """Why `row` is not a metrics row following step `previous`, or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    step = row.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        return f'"step" is {step!r}, expected a positive integer'
+    if step <= previous:
+        return f"step {step} after step {previous}: out of order"
+    if "loss" not in row:
+        return 'no "loss"'
+    for k, v in row.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f'"{k}" is {v!r}, expected a number'
+    return None
+
+
+def _scan(path: Path, bad: list | None) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of each valid row of a metrics.jsonl; each other line is appended to
+    `bad` as (line number, why, text)."""
+    text = path.read_text(errors="replace")
+    out, previous = [], 0
+    lines = text.split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+            why = _row_problem(row, previous)
+        except json.JSONDecodeError as e:
+            cut = number == len(lines)  # no newline after it: the writer was stopped mid-line
+            why = "cut off (the run stopped while writing it)" if cut else f"not JSON ({e.msg})"
+        if why is None:
+            out.append((line, row))
+            previous = row["step"]
+        elif bad is not None:
+            bad.append((number, why, line))
+    return out
+
+
+def read_metrics(path: str | Path, bad: list | None = None) -> list[dict[str, Any]]:
+    """The valid rows of a metrics.jsonl, in order; the other lines (a line cut short by a
+    kill, garbage, a row out of order or of the wrong types) are left out and, when `bad`
+    is a list, appended to it as (line number, why, text)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [row for _, row in _scan(path, bad)]
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path) -> bool:
