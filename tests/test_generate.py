@@ -5,6 +5,7 @@ Reference outputs come from full forward passes (teacher forcing) and from Huggi
 transformers' generate on the same random weights (loaded with zoo's HF import)."""
 
 import importlib
+import itertools
 import os
 
 import jax
@@ -309,6 +310,38 @@ def test_beam_search_finds_at_least_the_greedy_score():
     greedy = zoo.generate(params, cfg, prompt, 8, stop_tokens=())
     beams = zoo.generate(params, cfg, prompt, 8, num_beams=4, stop_tokens=(), length_penalty=0.0)
     assert bool(jnp.all(score(beams) >= score(greedy) - 1e-4))
+
+
+def _beam_reference(cumulative: list[np.ndarray], beams: int) -> tuple[int, ...]:
+    """Beam search written out over exhaustive tables: cumulative[t] [V] * (t + 1) holds
+    the log-probability of every length-(t + 1) continuation; keep the `beams` best
+    extensions of the kept prefixes at each step, return the best full one."""
+    kept = [()]
+    for table in cumulative:
+        candidates = [p + (x,) for p in kept for x in range(table.shape[-1])]
+        kept = sorted(candidates, key=lambda c: -table[c])[:beams]
+    return kept[0]
+
+
+def test_beam_search_equals_beam_search_over_the_exhaustive_scores():
+    """Vocabulary 8, 3 new tokens: all 512 continuations are scored by one full forward.
+    4-beam search returns what beam search written over those scores returns, which here
+    is the most probable continuation and not greedy's (so greedy output fails)."""
+    vocab, new, beams = 8, 3, 4
+    cfg, params = _model("tiny-decoder", seed=2, head_scale=3.0, vocab_size=vocab)
+    prompt = jnp.array([[3, 5, 7, 4], [6, 2, 1, 5]], jnp.int32)
+    seqs = jnp.array(list(itertools.product(range(vocab), repeat=new)), jnp.int32)  # [512, 3]
+    got = zoo.generate(params, cfg, prompt, new, num_beams=beams, stop_tokens=(), length_penalty=0.0)
+    greedy = zoo.generate(params, cfg, prompt, new, stop_tokens=())
+    for row in range(2):
+        full = jnp.concatenate([jnp.broadcast_to(prompt[row], (len(seqs), 4)), seqs], axis=1)
+        lp = jax.nn.log_softmax(FWD(params, cfg, full).logits[:, 3:3 + new], axis=-1)
+        steps = np.asarray(jnp.take_along_axis(lp, seqs[..., None], -1)[..., 0])  # [512, 3]
+        cumulative = [np.cumsum(steps, axis=1)[:, t].reshape((vocab,) * new)[(Ellipsis,) + (0,) * (new - 1 - t)]
+                      for t in range(new)]
+        best = tuple(np.unravel_index(np.argmax(cumulative[-1]), cumulative[-1].shape))
+        assert tuple(got[row].tolist()) == _beam_reference(cumulative, beams) == best
+        assert tuple(greedy[row].tolist()) != best
 
 
 # --- errors ---------------------------------------------------------------------------------
