@@ -97,9 +97,13 @@ def _hf_model(name: str, seed: int = 0):
     model = getattr(transformers, model_cls)(config).eval()
     if untie:
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.1)
+    return _perturbed(model)
+
+
+def _perturbed(model):
+    """HF init leaves biases at 0 and norms at 1; perturb everything so a mis-mapped tensor
+    cannot hide."""
     with torch.no_grad():
-        # HF init leaves biases at 0 and norms at 1; perturb everything so a mis-mapped
-        # tensor cannot hide.
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
         for buffer_name, b in model.named_buffers():
@@ -179,7 +183,7 @@ def test_encoder_without_heads_and_bin_checkpoint(tmp_path):
     the TF-era LayerNorm names (gamma/beta) that old BERT checkpoints store."""
     config_cls, kwargs, _, _ = CASES["bert"]
     torch.manual_seed(0)
-    model = transformers.BertModel(getattr(transformers, config_cls)(vocab_size=VOCAB, **kwargs)).eval()
+    model = _perturbed(transformers.BertModel(getattr(transformers, config_cls)(vocab_size=VOCAB, **kwargs)).eval())
     model.config.save_pretrained(tmp_path)  # transformers 5 writes only safetensors: save by hand
     legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
               for k, v in model.state_dict().items()}
