@@ -396,3 +396,20 @@ def test_save_presets_shapes(tmp_path):
         assert cfg2 == cfg
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tiny_moe_export_is_a_mixtral_for_transformers(tmp_path):
+    """transformers reads zoo's tiny-moe export as MixtralForCausalLM and computes zoo's
+    logits (router, top-2 gates, experts, GQA and RoPE all in play), norms perturbed."""
+    cfg = zoo.preset("tiny-moe")
+    params = zoo.init(cfg, jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    assert zoo.save_hf(cfg, params, tmp_path) == "mixtral"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(model).__name__ == "MixtralForCausalLM"
+    src, mask = _batch(cfg)
+    ref, _ = _hf_logits(model, src, mask)
+    assert np.abs(ref[mask]).max() > 0.5
+    assert _max_diff(_zoo_out(params, cfg, src, mask).logits, ref, mask) <= TOL
