@@ -37,8 +37,8 @@ def _max_diff(a, b) -> float:
 @pytest.mark.parametrize("name,overrides", [
     ("tiny-decoder", {}),                                   # rope, GQA 4:2
     ("tiny-decoder", dict(positions="learned", num_kv_heads=1)),  # absolute positions, MQA
-    pytest.param("tiny-decoder", dict(positions="alibi"), marks=pytest.mark.slow),
-    pytest.param("tiny-moe", {}, marks=pytest.mark.slow),
+    ("tiny-decoder", dict(positions="alibi")),
+    ("tiny-moe", {}),                                       # Mixtral-style experts
 ])
 def test_cached_decoding_equals_full_forward(name, overrides):
     cfg = tiny(name, **overrides)
@@ -50,7 +50,7 @@ def test_cached_decoding_equals_full_forward(name, overrides):
     assert int(cache.index) == 14 and cache.lengths.tolist() == [14, 14]
 
 
-@pytest.mark.parametrize("prefill,chunk", [(11, 1), (11, 3), pytest.param(2, 1, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("prefill,chunk", [(11, 1), (11, 3), (2, 1)])  # (2, 1): a prompt shorter than the window
 def test_sliding_window_ring_buffer(prefill, chunk):
     """Window 4 < 20 tokens: the cache is a ring of window + chunk - 1 slots; a prompt longer
     than the ring and chunks that wrap around still give the full forward's logits."""
