@@ -7,9 +7,11 @@ BartForConditionalGeneration (+ its final_logits_bias, which transformers keeps 
 """
 
 import jax
+import numpy as np
 import pytest
 
 import zoo
+from zoo.nn.param import Param
 
 PUBLISHED = {
     "bert-base-uncased": 109_482_240 + 622_650,
@@ -53,3 +55,65 @@ def test_layers_are_stacked():
     assert axes["decoder"]["layers"]["attn"]["q"] == ("layers", "embed", "heads", "head_dim")
     shapes = jax.eval_shape(lambda: zoo.init(cfg, jax.random.key(0)))
     assert shapes["decoder"]["layers"]["attn"]["q"].shape == (12, 768, 12, 64)
+
+
+def _std_ok(x, want):
+    """x ~ N(0, want^2) elementwise: the sample std of n draws has relative standard error
+    1/sqrt(2n) and the mean standard error want/sqrt(n); allow 5 of each."""
+    x = np.asarray(x, np.float64).ravel()
+    n = x.size
+    return abs(x.std() / want - 1) < 5 / np.sqrt(2 * n) and abs(x.mean()) < 5 * want / np.sqrt(n)
+
+
+def _small(name, **shape):
+    """A preset at test size (vocabulary 512, ids remapped into it), initialised."""
+    ids = dict(pad_id=0, bos_id=None, eos_id=1, decoder_start_id=0 if "t5" in name else None)
+    size = dict(vocab_size=512, num_layers=2, d_model=64, num_heads=4, d_ff=128)
+    cfg = zoo.preset(name, **{**ids, **size, **shape})
+    return cfg, jax.jit(lambda k: zoo.init(cfg, k))(jax.random.key(0))
+
+
+def _check_stds(params, want):
+    for path, std in want.items():
+        x = params
+        for k in path.split("/"):
+            x = x[k]
+        assert _std_ok(x, std), (path, float(np.std(np.asarray(x))), std)
+
+
+def test_gpt2_scales_its_residual_projections_by_depth(tmp_path):
+    """GPT-2: N(0, 0.02), the attention and MLP output projections 0.02 / sqrt(2 * layers)."""
+    cfg, params = _small("gpt2", num_layers=8)
+    zoo.save_hf(cfg, params, tmp_path)
+    assert zoo.load_hf(tmp_path)[0].initializer == "gpt2"  # a loaded GPT-2 re-initialises alike
+    residual = 0.02 / np.sqrt(16)
+    _check_stds(params, {"embed/tokens": 0.02, "decoder/positions": 0.02,
+                         "decoder/layers/attn/q": 0.02, "decoder/layers/mlp/wi": 0.02,
+                         "decoder/layers/attn/o": residual, "decoder/layers/mlp/wo": residual})
+
+
+def test_t5_scales_by_fan_in(tmp_path):
+    """T5: 1/sqrt(fan_in); the query also by 1/sqrt(head_dim) (no score scaling); token
+    embeddings N(0, 1); the relative bias 1/sqrt(d_model)."""
+    d, h, n, f = 64, 16, 4, 128
+    cfg, params = _small("flan-t5-base", head_dim=h)
+    zoo.save_hf(cfg, params, tmp_path)
+    assert zoo.load_hf(tmp_path)[0].initializer == "t5"
+    want = {"embed/tokens": 1.0, "head/kernel": d ** -0.5, "encoder/rel_bias": d ** -0.5}
+    for stack, blocks in (("encoder", ("attn",)), ("decoder", ("attn", "cross"))):
+        for b in blocks:
+            want |= {f"{stack}/layers/{b}/q": (d * h) ** -0.5, f"{stack}/layers/{b}/k": d ** -0.5,
+                     f"{stack}/layers/{b}/v": d ** -0.5, f"{stack}/layers/{b}/o": (n * h) ** -0.5}
+        want |= {f"{stack}/layers/mlp/wi": d ** -0.5, f"{stack}/layers/mlp/wg": d ** -0.5,
+                 f"{stack}/layers/mlp/wo": f ** -0.5}
+    _check_stds(params, want)
+
+
+@pytest.mark.parametrize("name", ["bert-base-uncased", "roberta-base", "bart-base",
+                                  "llama-3.2-1b", "mistral-7b", "mixtral-8x7b"])
+def test_other_families_start_from_normal_0_02(name):
+    """BERT, RoBERTa, BART, Llama, Mistral, Mixtral: N(0, 0.02) (pooler, router included),
+    read from the declarations (the draws follow them: the two tests above)."""
+    spec = zoo.spec(zoo.preset(name))
+    stds = {p.std for p in jax.tree.leaves(spec, is_leaf=lambda x: isinstance(x, Param)) if p.init == "normal"}
+    assert stds == {0.02}

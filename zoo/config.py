@@ -27,6 +27,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
 ROPE_SCALINGS = (None, "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+INITIALIZERS = ("normal", "gpt2", "t5")  # zoo.nn.param.init_std
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
@@ -102,6 +103,8 @@ class Config:
     experts_per_token: int = 2
     # Regularisation and numerics.
     dropout: float = 0.0
+    # How `zoo.init` draws the weights: the published scheme of a family (init_std).
+    initializer: str = "normal"
     dtype: str = "float32"  # compute
     param_dtype: str = "float32"
     # Special tokens (used by objectives and generation).
@@ -212,6 +215,8 @@ def _validate(c: Config) -> None:
              f"expected one of {ATTENTION_IMPLEMENTATIONS}, got {c.attention!r}")
     _require(c.attention != "cudnn" or c.dtype != "float32", "attention",
              "the cudnn kernel needs dtype bfloat16 or float16")
+    _require(c.initializer in INITIALIZERS, "initializer",
+             f"expected one of {INITIALIZERS}, got {c.initializer!r}")
     _require(c.dtype in DTYPES, "dtype", f"expected one of {DTYPES}, got {c.dtype!r}")
     _require(c.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}, got {c.param_dtype!r}")
     for name in ("pad_id", "bos_id", "eos_id", "decoder_start_id"):

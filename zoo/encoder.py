@@ -15,20 +15,21 @@ from zoo.nn.embeddings import embed_spec, embed_tokens, head_spec, vocab_logits
 from zoo.nn.mlp import activation, dense, dense_spec
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.output import Output
-from zoo.nn.param import Spec
+from zoo.nn.param import Spec, init_std
 from zoo.nn.transformer import default_positions, embed_for_stack, run_stack, self_context, stack_spec
 
 
 def spec(cfg: Config) -> Spec:
     out = {"embed": embed_spec(cfg), "encoder": stack_spec(cfg, cfg.num_layers)}
+    dense_std = init_std(cfg, "dense", cfg.d_model)
     if cfg.mlm_transform:
-        out["mlm"] = {"dense": dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp")),
+        out["mlm"] = {"dense": dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"), std=dense_std),
                       "norm": norm_spec(cfg)}
     head = head_spec(cfg)
     if head:
         out["head"] = head
     if cfg.pooler:
-        out["pooler"] = dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"))
+        out["pooler"] = dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"), std=dense_std)
     return out
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.nn.mlp import dense, dense_spec
 from zoo.nn.output import Output
-from zoo.nn.param import Spec, materialize
+from zoo.nn.param import Spec, init_std, materialize
 
 KINDS = ("sequence", "token")
 
@@ -29,9 +29,10 @@ def spec(cfg: Config, num_labels: int, kind: str = "sequence") -> Spec:
         raise ValueError(f"heads: kind must be one of {KINDS}, got {kind!r}")
     if num_labels < 1:
         raise ValueError(f"heads: num_labels must be >= 1, got {num_labels}")
-    out = {"out": dense_spec(cfg.d_model, num_labels, ("embed", None))}
+    std = init_std(cfg, "dense", cfg.d_model)
+    out = {"out": dense_spec(cfg.d_model, num_labels, ("embed", None), std=std)}
     if kind == "sequence" and not cfg.pooler:
-        out["dense"] = dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"))
+        out["dense"] = dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"), std=std)
     return out
 
 

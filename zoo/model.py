@@ -22,6 +22,11 @@ def spec(cfg: Config) -> P.Spec:
 def init(cfg: Config, key: jax.Array) -> dict[str, Any]:
     """Random parameters: a nested dict of arrays in `cfg.param_dtype`.
 
+    Weights are drawn as the published models of the family were: `cfg.initializer`
+    "normal" (N(0, 0.02): BERT, RoBERTa, BART, Llama, Mistral, Mixtral), "gpt2" (the same,
+    with the residual output projections scaled by 1/sqrt(2 * num_layers)) or "t5" (fan-in
+    scaling, 1/sqrt(fan_in), token embeddings N(0, 1)); `zoo.nn.param.init_std` holds the
+    rule, each `Param` declaration its std. Norm scales start at 1, biases at 0.
     Runs under `jax.jit` (with out_shardings to create them sharded) and `jax.eval_shape`."""
     if not isinstance(cfg, Config):
         raise TypeError(f"zoo.init: cfg must be a zoo.Config, got {type(cfg).__name__}")

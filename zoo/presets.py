@@ -13,7 +13,7 @@ _BERT = dict(family="encoder", vocab_size=30522, activation="gelu", norm="layern
              positions="learned", max_len=512, type_vocab_size=2, tie_embeddings=True,
              logits_bias=True, mlm_transform=True, pooler=True, pad_id=0, eos_id=None)
 _GPT2 = dict(family="decoder", vocab_size=50257, activation="gelu_tanh", norm="layernorm",
-             positions="learned", max_len=1024, tie_embeddings=True,
+             positions="learned", max_len=1024, tie_embeddings=True, initializer="gpt2",
              pad_id=50256, bos_id=50256, eos_id=50256)
 _LLAMA = dict(family="decoder", activation="swiglu", norm="rmsnorm", norm_bias=False,
               attn_bias=False, mlp_bias=False, positions="rope")
@@ -27,7 +27,7 @@ _MISTRAL = dict(_LLAMA, vocab_size=32000, d_model=4096, num_layers=32, num_heads
 _T5 = dict(family="encdec", vocab_size=32128, activation="relu", norm="rmsnorm", norm_bias=False,
            norm_eps=1e-6, attn_bias=False, mlp_bias=False, positions="relative", max_len=512,
            relative_buckets=32, relative_max_distance=128, attn_scale=1.0, tie_embeddings=True,
-           pad_id=0, eos_id=1, decoder_start_id=0)
+           initializer="t5", pad_id=0, eos_id=1, decoder_start_id=0)
 _BART = dict(family="encdec", vocab_size=50265, activation="gelu", norm="layernorm",
              norm_position="post", embed_norm=True, final_norm=False, positions="learned",
              max_len=1024, position_offset=2, tie_embeddings=True, logits_bias=True,

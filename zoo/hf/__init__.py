@@ -119,7 +119,8 @@ def _canonical(c: Config) -> Config:
     """The same model with every field that cannot change its numbers reset to a default, so
     configs compare by what they compute."""
     # Numerics and kernels: how a model is computed, not which model it is.
-    keep_defaults = [name for name in ("dtype", "param_dtype", "attention") if name in _DEFAULTS]
+    keep_defaults = [name for name in ("dtype", "param_dtype", "attention", "initializer")
+                     if name in _DEFAULTS]
     if c.positions != "rope":
         keep_defaults += ["rope_theta", "rope_fraction", "rope_scaling", "rope_scaling_factor"]
     if c.rope_scaling is None:

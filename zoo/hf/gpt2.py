@@ -49,7 +49,8 @@ def read_config(d: dict, weights: Any) -> Config:
         norm="layernorm", norm_eps=float(d.get("layer_norm_epsilon", 1e-5)), positions="learned",
         max_len=positive(d, name, "n_positions"),
         tie_embeddings=head_is_tied(d, weights, name, "lm_head.weight", "transformer.wte.weight", True),
-        dropout=dropout_of(d, "resid_pdrop"), **special_ids(d, vocab, pad_fallback="eos_token_id"))
+        dropout=dropout_of(d, "resid_pdrop"), initializer="gpt2",
+        **special_ids(d, vocab, pad_fallback="eos_token_id"))
 
 
 def write_config(cfg: Config) -> dict:

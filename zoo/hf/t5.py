@@ -83,7 +83,7 @@ def read_config(d: dict, weights: Any) -> Config:
         attn_bias=False, mlp_bias=False, positions="relative", max_len=d.get("n_positions") or 512,
         relative_buckets=d.get("relative_attention_num_buckets", 32),
         relative_max_distance=d.get("relative_attention_max_distance", 128), attn_scale=1.0,
-        tie_embeddings=tied, logit_scale=width ** -0.5 if scale else 1.0,
+        initializer="t5", tie_embeddings=tied, logit_scale=width ** -0.5 if scale else 1.0,
         dropout=dropout_of(d, "dropout_rate"), decoder_start_id=ids["pad_id"] if start is None else start,
         **ids)
 

@@ -16,7 +16,7 @@ import numpy as np
 from zoo.config import Config
 from zoo.nn.cache import LayerKV, Plan, update as update_cache
 from zoo.nn.linear import matmul
-from zoo.nn.param import Spec, param
+from zoo.nn.param import Spec, init_std, param
 from zoo.nn.positions import apply_rope
 from zoo.sharding import active_devices, constrain
 
@@ -39,11 +39,12 @@ class Context(NamedTuple):
 
 def attention_spec(cfg: Config, cross: bool = False) -> Spec:
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    kv = init_std(cfg, "kv", d)
     spec = {
-        "q": param((d, n, h), ("embed", "heads", "head_dim")),
-        "k": param((d, k, h), ("embed", "kv_heads", "head_dim")),
-        "v": param((d, k, h), ("embed", "kv_heads", "head_dim")),
-        "o": param((n, h, d), ("heads", "head_dim", "embed")),
+        "q": param((d, n, h), ("embed", "heads", "head_dim"), std=init_std(cfg, "q", d)),
+        "k": param((d, k, h), ("embed", "kv_heads", "head_dim"), std=kv),
+        "v": param((d, k, h), ("embed", "kv_heads", "head_dim"), std=kv),
+        "o": param((n, h, d), ("heads", "head_dim", "embed"), std=init_std(cfg, "out", n * h)),
     }
     if cfg.attn_bias:
         spec["q_bias"] = param((n, h), ("heads", "head_dim"), "zeros")

@@ -9,14 +9,15 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.nn.checks import check_positions
 from zoo.nn.linear import matmul, matmul_transposed
-from zoo.nn.param import Spec, param
+from zoo.nn.param import Spec, init_std, param
 from zoo.nn.positions import sinusoidal_table
 
 
 def embed_spec(cfg: Config) -> Spec:
-    spec = {"tokens": param((cfg.vocab_size, cfg.d_model), ("vocab", "embed"))}
+    std = init_std(cfg, "embed", 1)
+    spec = {"tokens": param((cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=std)}
     if cfg.type_vocab_size:
-        spec["types"] = param((cfg.type_vocab_size, cfg.d_model), ("types", "embed"))
+        spec["types"] = param((cfg.type_vocab_size, cfg.d_model), ("types", "embed"), std=std)
     return spec
 
 
@@ -24,7 +25,8 @@ def head_spec(cfg: Config) -> Spec:
     """Output projection [D, V] when untied, and the logits bias [V] when configured."""
     spec = {}
     if not cfg.tie_embeddings:
-        spec["kernel"] = param((cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+        spec["kernel"] = param((cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                               std=init_std(cfg, "head", cfg.d_model))
     if cfg.logits_bias:
         spec["bias"] = param((cfg.vocab_size,), ("vocab",), "zeros")
     return spec
@@ -46,7 +48,7 @@ def embed_tokens(p: dict, tokens: jax.Array, cfg: Config,
 def position_spec(cfg: Config) -> Spec:
     if cfg.positions == "learned":
         rows = cfg.max_len + cfg.position_offset
-        return {"positions": param((rows, cfg.d_model), ("length", "embed"))}
+        return {"positions": param((rows, cfg.d_model), ("length", "embed"), std=init_std(cfg, "embed", 1))}
     return {}
 
 

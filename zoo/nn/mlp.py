@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from zoo.config import ACTIVATIONS, Config
 from zoo.nn.linear import matmul
-from zoo.nn.param import Spec, param
+from zoo.nn.param import Spec, init_std, param
 from zoo.sharding import constrain
 
 _FUNCTIONS = {
@@ -25,9 +25,11 @@ def activation(name: str):
 
 def mlp_spec(cfg: Config) -> Spec:
     d, f = cfg.d_model, cfg.d_ff
-    spec = {"wi": param((d, f), ("embed", "mlp")), "wo": param((f, d), ("mlp", "embed"))}
+    std_in = init_std(cfg, "in", d)
+    spec = {"wi": param((d, f), ("embed", "mlp"), std=std_in),
+            "wo": param((f, d), ("mlp", "embed"), std=init_std(cfg, "out", f))}
     if cfg.gated:
-        spec["wg"] = param((d, f), ("embed", "mlp"))
+        spec["wg"] = param((d, f), ("embed", "mlp"), std=std_in)
     if cfg.mlp_bias:
         spec["bi"] = param((f,), ("mlp",), "zeros")
         spec["bo"] = param((d,), ("embed",), "zeros")
@@ -87,8 +89,10 @@ def dense(x: jax.Array, p: dict) -> jax.Array:
     return y
 
 
-def dense_spec(din: int, dout: int, axes: tuple[str, str], bias: bool = True) -> Spec:
-    spec = {"kernel": param((din, dout), axes)}
+def dense_spec(din: int, dout: int, axes: tuple[str, str], bias: bool = True,
+               std: float = 0.02) -> Spec:
+    """kernel [din, dout] ~ N(0, std) (`init_std(cfg, "dense", din)`), bias [dout] zeros."""
+    spec = {"kernel": param((din, dout), axes, std=std)}
     if bias:
         spec["bias"] = param((dout,), (axes[1],), "zeros")
     return spec

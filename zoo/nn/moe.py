@@ -15,19 +15,20 @@ import jax.numpy as jnp
 
 from zoo.config import Config
 from zoo.nn.mlp import activation
-from zoo.nn.param import Spec, param
+from zoo.nn.param import Spec, init_std, param
 from zoo.sharding import constrain
 
 
 def moe_spec(cfg: Config) -> Spec:
     d, f, e = cfg.d_model, cfg.d_ff, cfg.num_experts
+    std_in = init_std(cfg, "in", d)
     spec = {
-        "router": param((d, e), ("embed", None)),
-        "wi": param((e, d, f), ("experts", "embed", "mlp")),
-        "wo": param((e, f, d), ("experts", "mlp", "embed")),
+        "router": param((d, e), ("embed", None), std=init_std(cfg, "dense", d)),
+        "wi": param((e, d, f), ("experts", "embed", "mlp"), std=std_in),
+        "wo": param((e, f, d), ("experts", "mlp", "embed"), std=init_std(cfg, "out", f)),
     }
     if cfg.gated:
-        spec["wg"] = param((e, d, f), ("experts", "embed", "mlp"))
+        spec["wg"] = param((e, d, f), ("experts", "embed", "mlp"), std=std_in)
     return spec
 
 

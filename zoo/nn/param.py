@@ -7,11 +7,14 @@ declaration gives the initialized arrays (`materialize`), the logical axis names
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from zoo.config import Config
 
 Spec = dict[str, Any]  # nested dict whose leaves are Param
 
@@ -29,6 +32,41 @@ def param(shape: tuple[int, ...], axes: tuple[str, ...], init: str = "normal", s
     if len(shape) != len(axes):
         raise ValueError(f"param: shape {shape} and axes {axes} differ in rank")
     return Param(tuple(int(s) for s in shape), tuple(axes), init, std)
+
+
+# Roles of randomly initialised tensors, for `init_std`.
+ROLES = ("embed", "q", "kv", "out", "in", "head", "dense", "rel_bias")
+
+
+def init_std(cfg: Config, role: str, fan_in: int) -> float:
+    """Standard deviation of a normal-initialised tensor under `cfg.initializer`, the
+    published scheme of each model family (as transformers' `_init_weights` writes it):
+
+    - "normal" (BERT, RoBERTa, BART, Llama, Mistral, Mixtral): N(0, 0.02) everywhere.
+    - "gpt2": N(0, 0.02), except the projections that add into the residual stream
+      (role "out": attention output, MLP/expert output), 0.02 / sqrt(2 * num_layers), the
+      GPT-2 paper's scaling for the 2 residual branches per layer.
+    - "t5" (Mesh TensorFlow's T5): fan-in scaling, 1 / sqrt(fan_in) for every projection;
+      the query also by 1 / sqrt(head_dim), because T5 attends without the 1/sqrt(head_dim)
+      score scale (attn_scale=1.0); token embeddings N(0, 1); the relative bias table
+      1 / sqrt(d_model). An untied vocabulary head is fan-in scaled like the other
+      projections (transformers' T5 uses N(0, 1) there, which starts with logits of
+      scale sqrt(d_model)).
+
+    role: one of ROLES ("in": MLP/expert input and gate; "out": a projection into the
+    residual stream; "dense": pooler, MLM transform, router, task heads); fan_in: the
+    number of inputs summed per output (the contracted size)."""
+    if role not in ROLES:
+        raise ValueError(f"init_std: role must be one of {ROLES}, got {role!r}")
+    if cfg.initializer == "t5":
+        if role == "embed":
+            return 1.0
+        if role == "q":
+            return (fan_in * cfg.head_size) ** -0.5
+        return fan_in ** -0.5
+    if cfg.initializer == "gpt2" and role == "out":
+        return 0.02 / math.sqrt(2 * cfg.num_layers)
+    return 0.02
 
 
 def _is_param(x: Any) -> bool:

@@ -24,7 +24,7 @@ from zoo.nn.embeddings import add_positions, position_spec
 from zoo.nn.mlp import apply_mlp, mlp_spec
 from zoo.nn.moe import apply_moe, moe_spec
 from zoo.nn.norms import apply_norm, norm_spec
-from zoo.nn.param import Spec, param, stacked
+from zoo.nn.param import Spec, init_std, param, stacked
 from zoo.nn.positions import alibi_bias, relative_bias, rope_inv_freq
 from zoo.sharding import constrain
 
@@ -43,7 +43,8 @@ def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
     if cfg.embed_norm:
         spec["embed_norm"] = norm_spec(cfg)
     if cfg.positions == "relative":
-        spec["rel_bias"] = param((cfg.relative_buckets, cfg.num_heads), ("buckets", "heads"))
+        spec["rel_bias"] = param((cfg.relative_buckets, cfg.num_heads), ("buckets", "heads"),
+                                 std=init_std(cfg, "rel_bias", cfg.d_model))
     if cfg.final_norm:
         spec["final_norm"] = norm_spec(cfg)
     return spec
