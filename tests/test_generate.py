@@ -503,7 +503,6 @@ def test_matches_transformers_generate(hf_models, name, num_beams):
         assert _until(a, eos) == _until(b, eos)
 
 
-
 def test_a_model_without_pad_id_fills_stopped_rows_with_eos_or_the_stop_token():
     """As transformers' generate: no pad token -> eos after a stop; neither -> the stop token."""
     cfg, params = _model("tiny-decoder")
