@@ -2,10 +2,12 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import zoo
 from zoo.nn import attention, linear, mlp, moe, norms, positions
@@ -108,17 +110,6 @@ def _reference_attention(q, k, v, mask, scale):
     return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), v)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
-def test_grouped_attention_equals_repeated_keys(kv_heads):
-    ks = jax.random.split(jax.random.key(2), 3)
-    q = jax.random.normal(ks[0], (2, 5, 8, 16))
-    k = jax.random.normal(ks[1], (2, 7, kv_heads, 16))
-    v = jax.random.normal(ks[2], (2, 7, kv_heads, 16))
-    mask = jax.random.bernoulli(ks[0], 0.7, (2, 5, 7)).at[..., 0].set(True)
-    np.testing.assert_allclose(attention.attend(q, k, v, mask, None, 0.25),
-                               _reference_attention(q, k, v, mask, 0.25), atol=1e-5)
-
-
 def test_gqa_with_all_kv_heads_is_mha():
     mha = tiny("tiny-decoder", num_kv_heads=None)
     gqa = tiny("tiny-decoder", num_kv_heads=4)
@@ -146,15 +137,6 @@ def test_masks():
 
 
 # --- norms and MoE ----------------------------------------------------------------------
-def test_norms():
-    x = jax.random.normal(jax.random.key(3), (2, 3, 32)) * 5 + 2
-    ln = norms.apply_norm({"scale": jnp.ones(32), "bias": jnp.zeros(32)}, x, tiny("tiny-encoder"))
-    np.testing.assert_allclose(ln.mean(-1), 0, atol=1e-5)
-    np.testing.assert_allclose(ln.std(-1), 1, atol=1e-3)
-    rms = norms.apply_norm({"scale": jnp.ones(32)}, x, tiny("tiny-decoder"))
-    np.testing.assert_allclose(jnp.sqrt(jnp.mean(rms ** 2, -1)), 1, atol=1e-3)
-
-
 def test_moe_routes_each_token_to_k_experts():
     logits = jax.random.normal(jax.random.key(4), (3, 11, 8))
     gates, chosen, probs = moe.route(logits, 2)
@@ -172,25 +154,83 @@ def test_moe_balance_loss():
     assert float(moe.balance_loss(skewed, jnp.zeros((4, 8, 2), jnp.int32), 4)) == pytest.approx(4.0)
 
 
-def test_moe_layer_matches_explicit_per_token_mixture():
-    cfg = tiny("tiny-moe")
-    p = jax.tree.map(lambda a: a[0], zoo.init(cfg, jax.random.key(5))["decoder"]["layers"]["moe"])
-    x = jax.random.normal(jax.random.key(6), (2, 3, cfg.d_model))
-    y, aux = moe.apply_moe(p, x, cfg)
-    probs = jax.nn.softmax(x @ p["router"], -1)
-    for b in range(2):
-        for t in range(3):
-            top = np.argsort(-np.asarray(probs[b, t]))[:2]
-            w = probs[b, t, top] / probs[b, t, top].sum()
-            want = sum(w[i] * ((jax.nn.silu(x[b, t] @ p["wg"][e]) * (x[b, t] @ p["wi"][e])) @ p["wo"][e])
-                       for i, e in enumerate(top))
-            np.testing.assert_allclose(y[b, t], want, atol=1e-5)
-    # Switch-style balance loss by hand: E * sum_e (share of the 2 * 6 routing slots that
-    # went to e) * (mean router probability of e).
-    top2 = np.argsort(-np.asarray(probs), axis=-1)[..., :2].reshape(-1)
-    share = np.bincount(top2, minlength=cfg.num_experts) / top2.size
-    mean_prob = np.asarray(probs).reshape(-1, cfg.num_experts).mean(0)
-    assert float(aux) == pytest.approx(cfg.num_experts * float(np.sum(share * mean_prob)), rel=1e-5)
+class BlocksEagerAndJitted(chex.TestCase):
+    """Each block against a reference, run eagerly and under jit (`chex.variants`): a block
+    that only works traced, or only eagerly, fails one of the two."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(1, 2, 4, 8)
+    def test_grouped_attention_equals_repeated_keys(self, kv_heads):
+        ks = jax.random.split(jax.random.key(2), 3)
+        q = jax.random.normal(ks[0], (2, 5, 8, 16))
+        k = jax.random.normal(ks[1], (2, 7, kv_heads, 16))
+        v = jax.random.normal(ks[2], (2, 7, kv_heads, 16))
+        mask = jax.random.bernoulli(ks[0], 0.7, (2, 5, 7)).at[..., 0].set(True)
+        got = self.variant(attention.attend, static_argnums=5)(q, k, v, mask, None, 0.25)
+        chex.assert_shape(got, q.shape)
+        chex.assert_trees_all_close(got, _reference_attention(q, k, v, mask, 0.25), atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_norms(self):
+        norm = self.variant(norms.apply_norm, static_argnums=2)
+        x = jax.random.normal(jax.random.key(3), (2, 3, 32)) * 5 + 2
+        ln = norm({"scale": jnp.ones(32), "bias": jnp.zeros(32)}, x, tiny("tiny-encoder"))
+        np.testing.assert_allclose(ln.mean(-1), 0, atol=1e-5)
+        np.testing.assert_allclose(ln.std(-1), 1, atol=1e-3)
+        rms = norm({"scale": jnp.ones(32)}, x, tiny("tiny-decoder"))
+        np.testing.assert_allclose(jnp.sqrt(jnp.mean(rms ** 2, -1)), 1, atol=1e-3)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_moe_layer_matches_explicit_per_token_mixture(self):
+        cfg = tiny("tiny-moe")
+        p = jax.tree.map(lambda a: a[0], zoo.init(cfg, jax.random.key(5))["decoder"]["layers"]["moe"])
+        x = jax.random.normal(jax.random.key(6), (2, 3, cfg.d_model))
+        y, aux = self.variant(moe.apply_moe, static_argnums=2)(p, x, cfg)
+        chex.assert_shape(y, x.shape)
+        probs = jax.nn.softmax(x @ p["router"], -1)
+        for b in range(2):
+            for t in range(3):
+                top = np.argsort(-np.asarray(probs[b, t]))[:2]
+                w = probs[b, t, top] / probs[b, t, top].sum()
+                want = sum(w[i] * ((jax.nn.silu(x[b, t] @ p["wg"][e]) * (x[b, t] @ p["wi"][e])) @ p["wo"][e])
+                           for i, e in enumerate(top))
+                np.testing.assert_allclose(y[b, t], want, atol=1e-5)
+        # Switch-style balance loss by hand: E * sum_e (share of the 2 * 6 routing slots that
+        # went to e) * (mean router probability of e).
+        top2 = np.argsort(-np.asarray(probs), axis=-1)[..., :2].reshape(-1)
+        share = np.bincount(top2, minlength=cfg.num_experts) / top2.size
+        mean_prob = np.asarray(probs).reshape(-1, cfg.num_experts).mean(0)
+        assert float(aux) == pytest.approx(cfg.num_experts * float(np.sum(share * mean_prob)), rel=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(dict(), dict(positions="learned", attn_bias=True, num_kv_heads=1))
+    def test_fused_qkv_attention_equals_separate_projections(self, **overrides):
+        """The decoding layout's one [D, (N + 2K) * H] projection gives the same attention."""
+        cfg = tiny("tiny-decoder", **overrides)
+        params = zoo.init(cfg, jax.random.key(4))
+        p = jax.tree.map(lambda a: a[0], params["decoder"]["layers"])["attn"]
+        fused = attention.fuse_qkv(p)
+        assert "qkv" in fused and "q" not in fused and ("qkv_bias" in fused) == cfg.attn_bias
+        x = jax.random.normal(jax.random.key(5), (2, 6, cfg.d_model))
+        pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+        ctx = attention.Context(attention.attention_mask(pos, pos, causal=True), None, pos)
+        rope = positions.rope_inv_freq(cfg) if cfg.positions == "rope" else None
+        apply = self.variant(attention.apply_attention, static_argnums=3)
+        chex.assert_trees_all_close(apply(fused, x, ctx, cfg, rope), apply(p, x, ctx, cfg, rope), atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(False, True)
+    def test_fused_gate_mlp_equals_separate_matrices(self, mlp_bias):
+        cfg = tiny("tiny-decoder", mlp_bias=mlp_bias)
+        assert cfg.gated
+        p = jax.tree.map(lambda a: a[0], zoo.init(cfg, jax.random.key(6))["decoder"]["layers"])["mlp"]
+        if mlp_bias:  # non-zero biases, so their order in the fused vector matters
+            p = {**p, "bg": p["bg"] + 0.3, "bi": p["bi"] - 0.2, "bo": p["bo"] + 0.1}
+        fused = mlp.fuse_gate(p)
+        assert "wgi" in fused and "wg" not in fused and "wi" not in fused
+        x = jax.random.normal(jax.random.key(7), (2, 3, cfg.d_model))
+        apply = self.variant(mlp.apply_mlp, static_argnums=2)
+        chex.assert_trees_all_close(apply(fused, x, cfg), apply(p, x, cfg), atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_heads,with_bias", [(4, False), (2, True), (1, False)])
@@ -219,36 +259,6 @@ def test_row_by_row_attention_equals_the_batched_einsum(monkeypatch, kv_heads, w
     assert float(jnp.max(jnp.abs(rows - batched))) < 1e-5
     for a, c in zip(rows_grad, batched_grad):
         assert float(jnp.max(jnp.abs(a - c))) < 1e-5
-
-
-@pytest.mark.parametrize("overrides", [dict(), dict(positions="learned", attn_bias=True, num_kv_heads=1)])
-def test_fused_qkv_attention_equals_separate_projections(overrides):
-    """The decoding layout's one [D, (N + 2K) * H] projection gives the same attention."""
-    cfg = tiny("tiny-decoder", **overrides)
-    params = zoo.init(cfg, jax.random.key(4))
-    p = jax.tree.map(lambda a: a[0], params["decoder"]["layers"])["attn"]
-    fused = attention.fuse_qkv(p)
-    assert "qkv" in fused and "q" not in fused and ("qkv_bias" in fused) == cfg.attn_bias
-    x = jax.random.normal(jax.random.key(5), (2, 6, cfg.d_model))
-    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
-    ctx = attention.Context(attention.attention_mask(pos, pos, causal=True), None, pos)
-    rope = positions.rope_inv_freq(cfg) if cfg.positions == "rope" else None
-    want = attention.apply_attention(p, x, ctx, cfg, rope)
-    got = attention.apply_attention(fused, x, ctx, cfg, rope)
-    assert float(jnp.max(jnp.abs(got - want))) < 1e-5
-
-
-@pytest.mark.parametrize("mlp_bias", [False, True])
-def test_fused_gate_mlp_equals_separate_matrices(mlp_bias):
-    cfg = tiny("tiny-decoder", mlp_bias=mlp_bias)
-    assert cfg.gated
-    p = jax.tree.map(lambda a: a[0], zoo.init(cfg, jax.random.key(6))["decoder"]["layers"])["mlp"]
-    if mlp_bias:  # non-zero biases, so their order in the fused vector matters
-        p = {**p, "bg": p["bg"] + 0.3, "bi": p["bi"] - 0.2, "bo": p["bo"] + 0.1}
-    fused = mlp.fuse_gate(p)
-    assert "wgi" in fused and "wg" not in fused and "wi" not in fused
-    x = jax.random.normal(jax.random.key(7), (2, 3, cfg.d_model))
-    assert float(jnp.max(jnp.abs(mlp.apply_mlp(fused, x, cfg) - mlp.apply_mlp(p, x, cfg)))) < 1e-5
 
 
 def test_flattened_matmul_equals_the_einsum_with_gradients():
