@@ -72,6 +72,16 @@ def compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+@pytest.fixture(scope="session")
+def compile_cache_env(tmp_path_factory) -> dict[str, str]:
+    """Environment variables for JAX subprocesses (README blocks, notebook kernels): one
+    persistent compilation cache for the session, every program kept, so what each fresh
+    process compiles again (a tiny model's init, its forward) compiles once per session."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_jax_caches():
     """Drops compiled programs after each test module. Every XLA:CPU executable keeps its
