@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -139,9 +140,8 @@ def test_two_processes_train_like_one_and_share_a_checkpoint(inputs, reference, 
     assert int(restored[0].step) == 10
     # Ten AdamW steps at lr 1e-2 from gradients equal to ~1e-7: Adam's normalisation can turn
     # a last-bit difference in a near-zero gradient into a visible one in its parameter.
-    for a, b in zip(jax.tree.leaves((restored[0].params, restored[0].opt_state)),
-                    jax.tree.leaves((restored[1].params, restored[1].opt_state))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-4)
+    chex.assert_trees_all_close((restored[0].params, restored[0].opt_state),
+                                (restored[1].params, restored[1].opt_state), rtol=1e-3, atol=2e-4)
 
 
 @pytest.mark.slow

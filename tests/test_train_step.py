@@ -1,5 +1,6 @@
 """The training step (train/step.py) and optimizer (train/optim.py)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ def test_accumulating_k_micro_batches_equals_one_big_batch():
     batch = _batch(cfg, b=8)
     one, m1 = train.step(_state(cfg), batch)
     four, m4 = train.step(_state(cfg, accum_steps=4), batch)
-    assert _max_diff(one.params, four.params) < 1e-6
+    chex.assert_trees_all_close(one.params, four.params, atol=1e-6, rtol=0)
     for k in ("loss", "accuracy", "grad_norm", "tokens", "targets"):
         np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5)
 
@@ -187,7 +188,7 @@ def test_remat_gives_the_same_update(remat):
     batch = _batch(cfg)
     a, _ = train.step(_state(cfg), batch)
     b, _ = train.step(_state(cfg, remat=remat), batch)
-    assert _max_diff(a.params, b.params) < 1e-6
+    chex.assert_trees_all_close(a.params, b.params, atol=1e-6, rtol=0)
 
 
 def test_unknown_remat_policy_is_named():
@@ -208,7 +209,7 @@ def test_sharded_step_matches_one_device():
     assert state.params["decoder"]["layers"]["mlp"]["wi"].sharding.spec == P(None, "fsdp", "tensor")
     with zoo.sharding.use(mesh):
         out, m = train.jit_step(state_sh, batch_sh, mesh)(state, jax.device_put(batch, batch_sh))
-    assert _max_diff(out.params, ref.params) < 1e-5
+    chex.assert_trees_all_close(out.params, ref.params, atol=1e-5, rtol=0)
     np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5)
 
 
@@ -281,7 +282,7 @@ def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(name, objecti
     assert divisor < t
     for k in ("ce", "z", "correct", "objective", "weight"):
         np.testing.assert_allclose(s_part[k], s_whole[k], rtol=1e-5)
-    assert _max_diff(g_part, g_whole) < 1e-5
+    chex.assert_trees_all_close(g_part, g_whole, atol=1e-5, rtol=0)
 
 
 def test_a_step_with_a_chunked_loss_equals_the_whole_sequence_step():
@@ -289,7 +290,7 @@ def test_a_step_with_a_chunked_loss_equals_the_whole_sequence_step():
     batch = _batch(cfg, b=8)
     whole, m_whole = train.step(_state(cfg, z_loss=1e-3, accum_steps=2), batch)
     part, m_part = train.step(_state(cfg, z_loss=1e-3, accum_steps=2, loss_chunk=8), batch)
-    assert _max_diff(part.params, whole.params) < 1e-6
+    chex.assert_trees_all_close(part.params, whole.params, atol=1e-6, rtol=0)
     for k in ("loss", "accuracy", "z_loss", "grad_norm"):
         np.testing.assert_allclose(m_part[k], m_whole[k], rtol=1e-5)
 
@@ -323,4 +324,4 @@ def test_unrolled_layers_give_the_scanned_loss_and_gradients(name, objective, re
     (unrolled, _), g_unrolled = run(cfg.replace(scan_layers=False))
     np.testing.assert_allclose(unrolled, scanned, rtol=1e-6)
     assert jax.tree.structure(g_unrolled) == jax.tree.structure(g_scanned)
-    assert _max_diff(g_unrolled, g_scanned) < 1e-6
+    chex.assert_trees_all_close(g_unrolled, g_scanned, atol=1e-6, rtol=0)
