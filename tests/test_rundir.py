@@ -165,6 +165,26 @@ def test_a_lock_held_by_another_process_then_left_by_a_dead_one(tmp_path):
     assert not (tmp_path / "lock").exists()
 
 
+def test_without_flock_the_holder_pid_decides(tmp_path, monkeypatch):
+    """Where the file system has no flock: a live holder on this host is refused, a dead
+    one's lock is taken over."""
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    live = {"host": socket.gethostname(), "pid": os.getppid(), "since": 0}
+    (tmp_path / "lock").write_text(json.dumps(live))
+    with pytest.raises(Locked, match=f"process {os.getppid()} on host"):
+        RunLock(tmp_path).acquire()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "lock").write_text(json.dumps({**live, "pid": int(dead)}))
+    with RunLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+
+
 # --- disk full --------------------------------------------------------------------------------
 
 def test_disk_full_is_one_line_and_its_own_exit_status(tokenizer_path, tmp_path, capfd, monkeypatch):
@@ -188,6 +208,25 @@ def test_disk_full_is_one_line_and_its_own_exit_status(tokenizer_path, tmp_path,
             f"checkpoint 2 is intact; free space and --resume") in err
     assert _steps(run_dir) == ["2"]  # no partial step directory left
     assert max(_losses(run_dir)) >= 4  # the metrics of the steps run are kept
+
+
+def test_the_command_line_drops_orbax_noise_and_nothing_else(monkeypatch):
+    """After a failed write TensorStore's callbacks print "Event loop is closed" tracebacks
+    through sys.excepthook (seen on a full tmpfs); the command line drops only those."""
+    import logging
+
+    from train.checkpoint import quiet_libraries
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *exc: seen.append(exc[1]))
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    absl = logging.getLogger("absl")
+    monkeypatch.setattr(absl, "level", absl.level)
+    quiet_libraries()
+    closed, other = RuntimeError("Event loop is closed"), ValueError("a real bug")
+    sys.excepthook(RuntimeError, closed, None)
+    sys.excepthook(ValueError, other, None)
+    assert seen == [other] and absl.level == logging.CRITICAL
 
 
 # --- non-finite loss ------------------------------------------------------------------------

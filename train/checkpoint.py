@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import logging
 import shutil
@@ -137,9 +138,27 @@ def quiet() -> Iterator[None]:
 
 
 def quiet_libraries() -> None:
-    """For the command line: orbax logs each failed write from its background thread with a
-    traceback (through absl), where `python -m train` says the failure once, in one line."""
+    """For the command line, which says each failure once, in one line: orbax logs every
+    failed write from its background thread with a traceback (through absl), and after a
+    failed write TensorStore's callbacks find orbax's event loops closed and print
+    "RuntimeError: Event loop is closed" tracebacks (through sys.excepthook) or leave
+    coroutines never awaited; those are dropped, anything else still shows."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def on_exception(kind: type, value: BaseException, tb: Any) -> None:
+        if not _closed_loop(value):
+            excepthook(kind, value, tb)
+
+    def on_unraisable(unraisable: Any) -> None:
+        if not (_closed_loop(unraisable.exc_value) or inspect.iscoroutine(unraisable.object)):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
+def _closed_loop(e: BaseException | None) -> bool:
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
 
 
 class Checkpointer:
@@ -190,11 +209,14 @@ class Checkpointer:
         self._writing = None
 
     def close(self) -> None:
+        """Waits for the save in flight (WriteFailed if it failed), then lets go; what a
+        failed save left half-written is removed once no write of it is running."""
         try:
             self.wait()
         finally:
             with contextlib.suppress(Exception), quiet():
                 self._manager.close()
+            self.remove_partial()
 
     @contextlib.contextmanager
     def _writes(self, step: int | None) -> Iterator[None]:

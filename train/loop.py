@@ -178,16 +178,17 @@ def compile_run(rc: RunConfig, s: Setup) -> Compiled:
     return Compiled(jax.jit(s.objective, out_shardings=runner.batch_sh), runner)
 
 
-def initial_state(rc: RunConfig, s: Setup, c: Compiled,
-                  ckpt: Checkpointer) -> tuple[Any, int, list[tuple[int, str]]]:
+def initial_state(rc: RunConfig, s: Setup,
+                  ckpt: Checkpointer) -> tuple[Any | None, int, list[tuple[int, str]]]:
     """(state, step, damaged): the newest intact checkpoint, checked against this run and
-    placed on this run's mesh (whatever mesh saved it), or a fresh state; `damaged` lists
-    the newer checkpoints passed over as (step, why). Changes nothing on disk."""
+    placed on this run's mesh (whatever mesh saved it), or (None, 0, []) for a new run;
+    `damaged` lists the newer checkpoints passed over as (step, why). It needs no compiled
+    step, so a refused resume is refused before compiling, and it changes nothing on disk."""
     if ckpt.latest_step() is None:
         if rc.resume and hosts.is_primary():
             print(f"warning: --resume: no checkpoint in {ckpt.directory}; starting a new run at "
                   f"step 0", file=sys.stderr, flush=True)
-        return c.runner.init(rc.seed), 0, []
+        return None, 0, []
     vet = lambda record, where: check_record(record, s.record, str(where))
     state, start, record, damaged = ckpt.restore_intact(abstract_state(s.cfg, s.hp), s.mesh, s.rules, vet)
     s.pipeline.set_position(record["data"])
@@ -341,8 +342,9 @@ def _run_locked(rc: RunConfig, run_dir: Path) -> dict[str, Any]:
         # and seq_len RunConfig derived from the model), so `--resume --steps N` extends
         # the run without changing them.
         s = setup(rc, run_dir)
+        state, start, damaged = initial_state(rc, s, ckpt)
         compiled = compile_run(rc, s)
-        state, start, damaged = initial_state(rc, s, compiled, ckpt)
+        state = compiled.runner.init(rc.seed) if state is None else state
         _start_writing(rc, s, run_dir, ckpt, start, damaged)
         flops = train_flops(s.cfg, rc.seq_len, s.objective.target_len) * rc.batch_size
         peak, peak_note = peak_flops(list(s.mesh.devices.flat), rc.peak_flops)
