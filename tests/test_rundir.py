@@ -90,7 +90,8 @@ def test_a_corrupted_checkpoint_resumes_exactly_from_the_previous_one(finished, 
     assert main(_args(run_dir, tokenizer_path, "--resume")) == 0
     captured = capfd.readouterr()
     warnings = _lines(captured.err, "warning:")
-    assert len(warnings) == 1 and "checkpoint 6 is damaged" in warnings[0] and "digest mismatch" in warnings[0]
+    assert len(warnings) == 1 and "checkpoint 6 is damaged" in warnings[0]
+    assert "digest mismatch" in warnings[0]
     assert "resuming from checkpoint 4" in warnings[0]
     assert "Traceback" not in captured.err and "Exception ignored" not in captured.err
     assert f"resumed {run_dir} at step 4" in captured.out
@@ -242,7 +243,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tokenizer_path, tmp_pat
     assert code == EXIT_NOT_FINITE, err
     rows = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
     bad = next(s for s, r in rows.items() if not all(abs(r[k]) < float("inf") for k in ("loss", "grad_norm")))
-    assert f"is nan at step {bad}: stopped without saving it; checkpoint {bad - 1} holds the last finite state" in err
+    assert (f"is nan at step {bad}: stopped without saving it; checkpoint {bad - 1} holds the last "
+            f"finite state") in err
     assert _steps(run_dir) == [str(s) for s in range(1, bad)][-3:]  # the row is kept, the state is not
 
 
@@ -288,7 +290,8 @@ def test_bad_metrics_lines_are_kept_aside_with_one_warning(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))  # the last one cut off by a kill
     bad = []
     assert read_metrics(tmp_path / "metrics.jsonl", bad) == GOOD[:4]
-    assert [(n, why.split(" ")[0]) for n, why, _ in bad] == [(3, "not"), (4, '"step"'), (7, "step"), (8, "cut")]
+    firsts = [(n, why.split(" ")[0]) for n, why, _ in bad]
+    assert firsts == [(3, "not"), (4, '"step"'), (7, "step"), (8, "cut")]
     assert "out of order" in bad[2][1] and "expected a positive integer" in bad[1][1]
 
     warnings = []

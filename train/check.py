@@ -42,7 +42,8 @@ def check_step(ckpt: Checkpointer, step: int, mesh: jax.sharding.Mesh) -> tuple[
     except CheckpointDamaged as e:
         return False, f"checkpoint {step}: DAMAGED: {str(e).split(' is damaged: ', 1)[-1]}"
     except (CheckpointError, KeyError, TypeError, ValueError, zoo.ConfigError) as e:
-        return False, f"checkpoint {step}: DAMAGED: its record does not describe a model ({type(e).__name__}: {e})"
+        return False, (f"checkpoint {step}: DAMAGED: its record does not describe a model "
+                       f"({type(e).__name__}: {e})")
     if not isinstance(record.get("arrays"), dict):
         return True, f"checkpoint {step}: readable (saved without digests, so not verified)"
     return True, f"checkpoint {step}: intact ({len(record['arrays'])} arrays verified)"

@@ -231,7 +231,7 @@ class Checkpointer:
             failed = next((s for s in (self._writing, step) if s is not None and s not in done), step)
             self._writing = None
             self.remove_partial()
-            where = f"checkpoint {failed} in {self.directory}" if failed is not None else f"a checkpoint in {self.directory}"
+            where = f"{'a checkpoint' if failed is None else f'checkpoint {failed}'} in {self.directory}"
             if is_disk_full(e):
                 raise WriteFailed(f"no space left on device while saving {where}; "
                                   f"{self.intact_note(failed)}; free space and --resume (keeping "
@@ -264,7 +264,8 @@ class Checkpointer:
         step = self._step_or_latest(step)
         try:
             with quiet():
-                record = self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+                args = ocp.args.Composite(record=ocp.args.JsonRestore())
+                record = self._manager.restore(step, args=args)["record"]
         except Exception as e:  # orbax raises many types for damaged files
             raise CheckpointDamaged(f"checkpoint {self.directory / str(step)} is damaged: its record "
                                     f"cannot be read ({first_line(e)})") from None
@@ -292,7 +293,8 @@ class Checkpointer:
             _check_model(saved, target, where)
         try:
             with quiet():
-                out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                out = self._manager.restore(step, args=args)
         except Exception as e:
             raise CheckpointDamaged(f"checkpoint {where} is damaged: its arrays cannot be read "
                                     f"({first_line(e)})") from None

@@ -283,7 +283,8 @@ def _holding(run_dir: Path) -> Iterator[None]:
     if jax.process_count() > 1:
         ok = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
         if not ok and refused is None:
-            refused = Locked(f"{run_dir}: process 0 could not lock the run dir (its output says who holds it)")
+            refused = Locked(f"{run_dir}: process 0 could not lock the run dir (its output says "
+                             f"who holds it)")
     if refused is not None:
         raise refused
     try:
