@@ -117,3 +117,8 @@ def test_other_families_start_from_normal_0_02(name):
     spec = zoo.spec(zoo.preset(name))
     stds = {p.std for p in jax.tree.leaves(spec, is_leaf=lambda x: isinstance(x, Param)) if p.init == "normal"}
     assert stds == {0.02}
+
+
+def test_unknown_initializer_is_a_config_error():
+    with pytest.raises(zoo.ConfigError, match=r"Config.initializer: expected one of \('normal', 'gpt2', 't5'\)"):
+        zoo.preset("tiny-decoder", initializer="xavier")
