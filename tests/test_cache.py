@@ -1,5 +1,5 @@
 """KV caches: decoding chunk by chunk over a cache gives the full forward's logits at every
-step (plain, GQA, learned positions, MoE, sliding-window ring buffers, encdec with cached
+step (plain, GQA, learned positions, ALiBi, MoE, sliding-window ring buffers, encdec with cached
 cross-attention, int8), and the cache is a plain pytree of the documented shapes."""
 
 import jax

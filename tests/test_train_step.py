@@ -137,7 +137,7 @@ def test_prefix_lm_training_attends_bidirectionally_over_the_prefix():
                      positions=batch["positions"], prefix_mask=prefix).logits
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     want = float(jnp.sum(ce * batch["weights"]) / jnp.sum(batch["weights"]))
-    causal = {k: v for k, v in batch.items() if k != "prefix_mask"}
+    causal = {**batch, "prefix_mask": jnp.zeros_like(prefix)}  # no prefix: plain causal attention
 
     def loss(p, b):
         s = loss_sums(p, cfg, b, None)
