@@ -176,7 +176,7 @@ def test_a_batch_of_another_shape_is_refused_before_it_compiles():
     (["--mesh", "data=4", "--batch-size", "6"], "--batch-size 6 does not split over the 4"),
     (["--batch-size", "12"], "--batch-size 12 does not split over the 8"),  # default: data=-1
     (["--parallel", "pmap", "--mesh", "data=2,tensor=4"], "pmap is data parallel only"),
-    (["--parallel", "shmap"], "--parallel: expected 'jit' or 'pmap'"),
+    (["--parallel", "shmap"], "parallel (--parallel): expected one of ('jit', 'pmap'), got 'shmap'"),
     (["rules={\"embed\": \"model\"}"], "rules: 'embed' -> 'model'"),
     (["--local-devices", "4"], "must take effect before JAX starts"),
     (["--num-processes", "2", "--process-id", "0"], "also give --coordinator"),

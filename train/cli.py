@@ -75,7 +75,7 @@ class RunConfig:
     mesh: str = setting("data=-1", "device mesh, AXIS=SIZE,... over axes data, fsdp, tensor, expert; "
                         "-1 takes the rest (default: every device on data)")
     parallel: str = setting("jit", "jit (the mesh-sharded step) or pmap (data parallel jax.pmap)",
-                            flag={"choices": PARALLEL})
+                            one_of(PARALLEL))
     rules: dict = setting(factory=dict, check=MAPPING,
                           help="logical axis -> mesh axes, over zoo.sharding.DEFAULT_RULES")
     peak_flops: float | None = setting(None, "peak FLOP/s per device, for MFU (default: a table by "
