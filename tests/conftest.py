@@ -72,6 +72,15 @@ def compiles():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory) -> Path:
+    """A small BPE tokenizer trained on Tiny Shakespeare, saved as a .model file."""
+    from train_util import small_tokenizer
+    path = tmp_path_factory.mktemp("tok") / "shakespeare.model"
+    small_tokenizer().save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def compile_cache_env(tmp_path_factory) -> dict[str, str]:
     """Environment variables for JAX subprocesses (README blocks, notebook kernels): one

@@ -20,23 +20,15 @@ from train.loop import main
 from train.report import MetricsLog, read_metrics
 from train.rundir import (EXIT_DAMAGED, EXIT_LOCKED, EXIT_NOT_FINITE, EXIT_USAGE, EXIT_WRITE, Damaged,
                           Locked, RunLock, read_json, write_atomic)
-from train_util import SHAKESPEARE, small_tokenizer
+from train_util import cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "shakespeare.model"
-    small_tokenizer().save(path)
-    return path
-
-
 def _args(run_dir, tokenizer_path, *extra):
-    return ["--model", "tiny-decoder", "--data", str(SHAKESPEARE), "--tokenizer", str(tokenizer_path),
-            "--run-dir", str(run_dir), "--batch-size", "8", "--seq-len", "32", "--steps", "6",
-            "--checkpoint-every", "2", "--eval-every", "6", "eval_batches=1", *extra]
+    return cli_args(run_dir, tokenizer_path, "--steps", "6", "--checkpoint-every", "2", "--eval-every", "6",
+                    "eval_batches=1", *extra)
 
 
 def _losses(run_dir):

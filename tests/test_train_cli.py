@@ -23,22 +23,14 @@ from train.loop import main
 from train.objectives import FAMILY_OF, check_objective
 from train.parallel import build_mesh, check_fit
 from train.report import read_metrics
-from train_util import SHAKESPEARE, ordinary, small_tokenizer, vocab
+from train_util import SHAKESPEARE, cli_args, ordinary, small_tokenizer, vocab
 from zoo.nn.transformer import REMAT_POLICIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "shakespeare.model"
-    small_tokenizer().save(path)
-    return path
-
-
 def _args(run_dir, tokenizer_path, *extra):
-    return ["--model", "tiny-decoder", "--data", str(SHAKESPEARE), "--tokenizer", str(tokenizer_path),
-            "--run-dir", str(run_dir), "--batch-size", "8", "--seq-len", "32", *extra]
+    return cli_args(run_dir, tokenizer_path, *extra)
 
 
 # --- settings ---------------------------------------------------------------------------------

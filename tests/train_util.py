@@ -38,3 +38,10 @@ def small_tokenizer(sentinels: int = 0, vocab_size: int = 512) -> Tokenizer:
     model_type = "unigram" if sentinels else "bpe"
     return train_tokenizer(shakespeare_texts(), vocab_size=vocab_size + sentinels,
                            num_sentinels=sentinels, model_type=model_type)
+
+
+def cli_args(run_dir: Path, tokenizer_path: Path, *extra: str) -> list[str]:
+    """`python -m train` arguments of a tiny Shakespeare run: tiny-decoder, a given tokenizer,
+    batch 8 x 32, then `extra`."""
+    return ["--model", "tiny-decoder", "--data", str(SHAKESPEARE), "--tokenizer", str(tokenizer_path),
+            "--run-dir", str(run_dir), "--batch-size", "8", "--seq-len", "32", *extra]
