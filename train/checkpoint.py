@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -249,13 +250,22 @@ class Checkpointer:
         older = [s for s in self.all_steps() if newer_than is None or s < newer_than]
         return f"checkpoint {older[-1]} is intact" if older else "no earlier checkpoint exists"
 
-    def remove_partial(self) -> list[Path]:
-        """Deletes step directories that orbax left half-written (process 0 does it)."""
-        partial = sorted(self.directory.glob(f"*{_TMP}*")) if self.directory.is_dir() else []
-        if hosts.is_primary():
+    def remove_partial(self, settle_s: float = 5.0) -> list[Path]:
+        """Deletes step directories that orbax left half-written (process 0 does it).
+
+        After a failed write, the other writes of that save (TensorStore's, on orbax's
+        background threads) can still be finishing and re-create the directory, so removal
+        repeats until a look finds none, for at most `settle_s` seconds."""
+        deadline = time.monotonic() + settle_s
+        removed: list[Path] = []
+        while True:
+            partial = sorted(self.directory.glob(f"*{_TMP}*")) if self.directory.is_dir() else []
+            if not partial or not hosts.is_primary() or time.monotonic() > deadline:
+                return removed or partial
             for path in partial:
                 shutil.rmtree(path, ignore_errors=True)
-        return partial
+            removed += [p for p in partial if p not in removed]
+            time.sleep(0.1)
 
     # --- reading
 
