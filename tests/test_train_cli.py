@@ -195,8 +195,7 @@ def test_an_old_run_json_still_resumes(tmp_path):
 
 
 def test_notebook_work_dirs_are_not_tracked():
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout")
+    """Notebooks run from the repository root or from notebooks/ write zoo_work/ there."""
     for path in ("zoo_work/generation/x.txt", "notebooks/zoo_work/x.txt"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
 
