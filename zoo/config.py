@@ -23,12 +23,24 @@ ACTIVATIONS = {
     "reglu": ("relu", True),
 }
 NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post")
+# pre: norm(x) into each sub-layer; post: norm after each residual add (BERT, BART);
+# sandwich: norm(x) into the sub-layer and a second norm on its output before the add (Gemma 2/3).
+NORM_POSITIONS = ("pre", "post", "sandwich")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
-ROPE_SCALINGS = (None, "linear", "llama3")
+# How RoPE frequencies are stretched past the trained length (zoo.nn.positions.rope_frequencies).
+ROPE_SCALINGS = (None, "linear", "llama3", "dynamic", "yarn", "longrope")
+# Per-layer attention kinds of `Config.layer_pattern`: "global" sees every earlier key,
+# "local" the last `sliding_window` keys.
+LAYER_KINDS = ("global", "local")
 DTYPES = ("float32", "bfloat16", "float16")
 INITIALIZERS = ("normal", "gpt2", "t5")  # zoo.nn.param.init_std
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# zoo.nn.backend: "auto" is resolved once at a model's entry, never inside the math.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "rows")
+MATMULS = ("auto", "xla", "f32_accumulate")
+LAYOUTS = ("stacked", "decoding")
+
+
+_TUPLE_FIELDS = ("layer_pattern", "rope_short_factor", "rope_long_factor")
 
 
 class ConfigError(ValueError):
@@ -60,10 +72,12 @@ class Config:
     norm_bias: bool = True
     norm_eps: float = 1e-5
     norm_position: str = "pre"
+    norm_offset: float = 0.0  # norms scale by (norm_offset + weight): Gemma stores weight - 1
     embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     final_norm: bool = True  # a norm after the last layer (pre-norm models)
     # Biases.
-    attn_bias: bool = True
+    attn_bias: bool = True  # q, k, v (and o unless attn_out_bias says otherwise)
+    attn_out_bias: bool | None = None  # None: as attn_bias; Qwen2 has q/k/v biases only
     mlp_bias: bool = True
     # Positions.
     positions: str = "learned"
@@ -77,16 +91,41 @@ class Config:
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
-    rope_original_max_len: int = 8192
+    rope_original_max_len: int = 8192  # the pre-scaling context (llama3, dynamic, yarn, longrope)
+    rope_beta_fast: float = 32.0  # yarn: rotations per context above which dims keep their speed
+    rope_beta_slow: float = 1.0  # yarn: ... below which they are fully interpolated
+    rope_attention_factor: float | None = None  # yarn/longrope cos/sin scale; None: the paper's
+    rope_mscale: float | None = None  # yarn (DeepSeek): mscale, mscale_all_dim
+    rope_mscale_all_dim: float | None = None
+    rope_truncate: bool = True  # yarn: round the correction range to whole dims
+    rope_short_factor: tuple[float, ...] = ()  # longrope: per-frequency stretch up to the
+    rope_long_factor: tuple[float, ...] = ()  # original length, and beyond it
     relative_buckets: int = 32
     relative_max_distance: int = 128
     sliding_window: int | None = None
+    # Attention kind of each layer, repeated over the depth: layer i is
+    # layer_pattern[i % len(layer_pattern)] (Gemma 3: 5 x "local", "global"). Empty: every
+    # layer "local" when sliding_window is set, else "global".
+    layer_pattern: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # RoPE base of "local" layers, unscaled (Gemma 3)
     type_vocab_size: int = 0  # BERT token types; 0: none
     # Attention.
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    qk_norm: bool = False  # RMS-normalise each query and key head over head_dim (Qwen3, Gemma 3)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the vocabulary logits
     # auto: cudnn where it applies (NVIDIA GPU, bf16/fp16, no additive bias, not decoding from
     # a cache), else xla | xla: einsums, any device | cudnn: NVIDIA's fused kernel, bf16/fp16
+    # rows: the xla einsums one batch row at a time (fast on a CPU). zoo.nn.backend.resolve
+    # turns "auto" into one of the others at the model's entry.
     attention: str = "auto"
+    # xla: a plain dot | f32_accumulate: bf16 products accumulated to fp32, then rounded (the
+    # form a CPU's bf16 units run fast) | auto: the latter on a CPU.
+    matmul: str = "auto"
+    # Where the layers' parameters live: "stacked" on a leading [layers] axis (training,
+    # checkpoints), or "decoding" (zoo.decoding.unstacked: one tree per layer, q/k/v and
+    # gate/input matrices fused into one matmul each).
+    layout: str = "stacked"
     # Run a stack's layers as one lax.scan (compile time flat in depth) or, False, unrolled
     # (no per-layer slicing and stacking of weights, activations and gradients: faster steps
     # on GPUs, compile time growing with depth). Parameters keep the stacked layout either way.
@@ -114,6 +153,8 @@ class Config:
     decoder_start_id: int | None = None  # encdec: first decoder input (T5: pad, BART: eos)
 
     def __post_init__(self) -> None:
+        for name in _TUPLE_FIELDS:  # JSON gives lists; a Config must stay hashable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         _validate(self)
 
     # Derived sizes -------------------------------------------------------------------------
@@ -136,6 +177,16 @@ class Config:
     @property
     def moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def out_bias(self) -> bool:
+        return self.attn_bias if self.attn_out_bias is None else self.attn_out_bias
+
+    def layer_kind(self, i: int) -> str:
+        """"global" or "local": the attention kind of layer i (see layer_pattern)."""
+        if self.layer_pattern:
+            return self.layer_pattern[i % len(self.layer_pattern)]
+        return "local" if self.sliding_window is not None else "global"
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with `changes` applied (validated again)."""
@@ -203,6 +254,22 @@ def _validate(c: Config) -> None:
              "expected relative_buckets >= 2 and relative_max_distance >= 1")
     _require(c.sliding_window is None or c.family == "decoder", "sliding_window",
              f"only decoder models use a sliding window (family={c.family!r})")
+    _require(all(k in LAYER_KINDS for k in c.layer_pattern), "layer_pattern",
+             f"expected entries from {LAYER_KINDS}, got {c.layer_pattern!r}")
+    _require("local" not in c.layer_pattern or c.sliding_window is not None, "layer_pattern",
+             "has 'local' layers but sliding_window is None")
+    _require(c.local_rope_theta is None or (c.positions == "rope" and c.local_rope_theta > 0),
+             "local_rope_theta", f"needs positions='rope' and a value > 0, got {c.local_rope_theta!r}")
+    for name in ("attn_softcap", "final_softcap"):
+        value = getattr(c, name)
+        _require(value is None or value > 0, name, f"expected None or > 0, got {value!r}")
+    _require(c.rope_scaling != "longrope" or (
+        len(c.rope_short_factor) == len(c.rope_long_factor) == int(c.head_size * c.rope_fraction) // 2),
+        "rope_short_factor", "longrope needs rope_short_factor and rope_long_factor with one "
+        f"entry per rotated frequency ({int(c.head_size * c.rope_fraction) // 2}), got "
+        f"{len(c.rope_short_factor)} and {len(c.rope_long_factor)}")
+    _require(c.matmul in MATMULS, "matmul", f"expected one of {MATMULS}, got {c.matmul!r}")
+    _require(c.layout in LAYOUTS, "layout", f"expected one of {LAYOUTS}, got {c.layout!r}")
     _require(c.position_offset >= 0, "position_offset", f"expected >= 0, got {c.position_offset}")
     _require(c.type_vocab_size >= 0, "type_vocab_size", f"expected >= 0, got {c.type_vocab_size}")
     _require(not c.mlm_transform or c.family == "encoder", "mlm_transform", "only the encoder has an MLM head")
