@@ -45,7 +45,7 @@ def test_replace_validates():
     (dict(dropout=1.0), "dropout"),
     (dict(dtype="int8"), "dtype"),
     (dict(eos_id=1000), "eos_id"),
-    (dict(norm_position="sandwich"), "norm_position"),
+    (dict(norm_position="middle"), "norm_position"),
 ])
 def test_invalid_fields_name_the_field(changes, field):
     base = dict(family="decoder", vocab_size=100, d_model=32, num_layers=1, num_heads=4, d_ff=64,
