@@ -20,14 +20,13 @@ def test_rope_scores_depend_only_on_relative_offset(scaling):
     extra = {} if scaling is None else dict(rope_scaling=scaling, rope_scaling_factor=4.0,
                                             rope_original_max_len=64)
     cfg = tiny("tiny-decoder", **extra)
-    freq = positions.rope_inv_freq(cfg)
     kq, kk = jax.random.split(jax.random.key(0))
     q = jax.random.normal(kq, (1, 1, 1, cfg.head_size))
     k = jax.random.normal(kk, (1, 1, 1, cfg.head_size))
 
     def score(m, n):
-        qm = positions.apply_rope(q, jnp.array([[m]]), freq)
-        kn = positions.apply_rope(k, jnp.array([[n]]), freq)
+        qm = positions.apply_rope(q, positions.rope_tables(cfg, "global", jnp.array([[m]])))
+        kn = positions.apply_rope(k, positions.rope_tables(cfg, "global", jnp.array([[n]])))
         return float(jnp.sum(qm * kn))
 
     for offset in (0, 3, 17):
@@ -56,7 +55,7 @@ def test_rope_scaling_changes_frequencies_as_specified():
 def test_partial_rope_leaves_the_rest_unrotated():
     cfg = tiny("tiny-decoder", rope_fraction=0.5)
     x = jax.random.normal(jax.random.key(1), (1, 3, 2, cfg.head_size))
-    y = positions.apply_rope(x, jnp.array([[0, 4, 9]]), positions.rope_inv_freq(cfg))
+    y = positions.apply_rope(x, positions.rope_tables(cfg, "global", jnp.array([[0, 4, 9]])))
     np.testing.assert_array_equal(y[..., cfg.head_size // 2:], x[..., cfg.head_size // 2:])
     np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-6)  # position 0 is the identity
 

@@ -5,6 +5,7 @@ positions, so packed sequences and KV caches use the same code."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +48,30 @@ def rope_inv_freq(cfg: Config) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates the first 2*len(inv_freq) dims of x: [B, T, N, H] at positions [B, T].
+class RopeTables(NamedTuple):
+    """cos and sin [B, T, rot/2] fp32 of the rotation at each position, with the scaling's
+    attention factor (yarn, longrope) folded in. Built once per forward and layer kind."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rope_tables(cfg: Config, kind: str, positions: jax.Array) -> RopeTables:
+    """The rotation of a layer of `kind` ("global" | "local", `Config.layer_kind`) at
+    positions [B, T]. "local" layers use `cfg.local_rope_theta` unscaled when it is set."""
+    if kind == "local" and cfg.local_rope_theta is not None:
+        cfg = cfg.replace(rope_theta=cfg.local_rope_theta, rope_scaling=None, rope_scaling_factor=1.0)
+    inv = rope_inv_freq(cfg)
+    angles = positions.astype(jnp.float32)[..., None] * inv[None, None, :]  # [B, T, rot/2]
+    return RopeTables(jnp.cos(angles), jnp.sin(angles))
+
+
+def apply_rope(x: jax.Array, tables: RopeTables) -> jax.Array:
+    """Rotates the first rot dims of x: [B, T, N, H] (rot = 2 * tables.cos.shape[-1]).
 
     Uses the half-split layout (rotate_half) of the Hugging Face Llama weights."""
-    rot = 2 * inv_freq.shape[0]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, rot/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    rot = 2 * tables.cos.shape[-1]
+    cos, sin = tables.cos[:, :, None, :], tables.sin[:, :, None, :]
     xr = x[..., :rot].astype(jnp.float32)
     x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
