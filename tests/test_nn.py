@@ -213,7 +213,7 @@ class BlocksEagerAndJitted(chex.TestCase):
         x = jax.random.normal(jax.random.key(5), (2, 6, cfg.d_model))
         pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
         ctx = attention.Context(attention.attention_mask(pos, pos, causal=True), None, pos)
-        rope = positions.rope_inv_freq(cfg) if cfg.positions == "rope" else None
+        rope = positions.rope_tables(cfg, "global", pos) if cfg.positions == "rope" else None
         apply = self.variant(attention.apply_attention, static_argnums=3)
         chex.assert_trees_all_close(apply(fused, x, ctx, cfg, rope), apply(p, x, ctx, cfg, rope), atol=1e-5)
 

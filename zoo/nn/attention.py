@@ -249,8 +249,8 @@ def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
     if "qkv" in p:  # self-attention in the decoding layout
         q, k, v = _fused_qkv(p, x)
         if rope_freq is not None:
-            q = apply_rope(q, ctx.positions, rope_freq)
-            k = apply_rope(k, ctx.positions, rope_freq)
+            q = apply_rope(q, rope_freq)
+            k = apply_rope(k, rope_freq)
         return q, k, v
     q = matmul(x, p["q"])
     if "q_bias" in p:
@@ -258,8 +258,8 @@ def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
     if kv is None:
         k, v = project_kv(p, x)
         if rope_freq is not None:
-            q = apply_rope(q, ctx.positions, rope_freq)
-            k = apply_rope(k, ctx.positions, rope_freq)
+            q = apply_rope(q, rope_freq)
+            k = apply_rope(k, rope_freq)
     else:
         k, v = kv
     return q, k, v

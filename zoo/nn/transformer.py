@@ -25,7 +25,7 @@ from zoo.nn.mlp import apply_mlp, mlp_spec
 from zoo.nn.moe import apply_moe, moe_spec
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param, stacked
-from zoo.nn.positions import alibi_bias, relative_bias, rope_inv_freq
+from zoo.nn.positions import alibi_bias, relative_bias, rope_tables
 from zoo.sharding import constrain
 
 
@@ -141,7 +141,7 @@ def _layer(p: dict, x: jax.Array, ctx: Context, cfg: Config, memory: jax.Array |
     """apply_layer, optionally over a layer cache `kv` (written by `plan`) and with cached
     cross-attention keys/values `cross_kv`. Returns (x, aux, updated kv or None)."""
     keys = list(jax.random.split(key, 3)) if key is not None else [None] * 3
-    rope = rope_inv_freq(cfg) if cfg.positions == "rope" else None
+    rope = rope_tables(cfg, "global", ctx.positions) if cfg.positions == "rope" else None
     stored = {}
 
     def self_attention(h: jax.Array) -> jax.Array:
