@@ -323,8 +323,8 @@ def test_unsupported_model_type(tmp_path):
 
 
 @pytest.mark.parametrize("name, changes, message", [
-    ("llama-llama3", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0)),
-     r"llama config field 'rope_parameters.rope_type': 'yarn' is not supported"),
+    ("llama-llama3", dict(rope_parameters=dict(rope_type="mrope", rope_theta=1e4, factor=2.0)),
+     r"llama config field 'rope_parameters.rope_type': value 'mrope' is not supported"),
     ("llama-llama3", dict(pretraining_tp=2), r"llama config field 'pretraining_tp': value 2"),
     ("llama-llama3", dict(hidden_act="quick_gelu"), r"'hidden_act': activation 'quick_gelu'"),
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), r"'scale_attn_by_inverse_layer_idx'"),

@@ -118,3 +118,126 @@ def dropout_of(d: dict, *names: str) -> float:
         if isinstance(value, (int, float)) and 0.0 <= value < 1.0:
             return float(value)
     return 0.0
+
+
+# --- RoPE ------------------------------------------------------------------------------------------
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
+# The pre-scaling context length is read by these types only.
+_ORIGINAL_LEN_TYPES = ("llama3", "yarn", "longrope")
+
+
+def read_rope(d: dict, model_type: str, params: dict | None = None,
+              default_theta: float = 10000.0) -> dict[str, Any]:
+    """The RoPE `Config` fields (rope_theta, rope_fraction, rope_scaling and its settings) of a
+    Hugging Face config `d`, read as transformers reads them.
+
+    params: the rope dict to read; default `d`'s transformers-5 `rope_parameters`, else the 4.x
+    `rope_scaling` (+ top-level `rope_theta`). Pass one entry of a per-layer-type dict (Gemma 3).
+    A type zoo lacks is `Unsupported`, naming `rope_parameters.rope_type` and the value.
+    """
+    rope = dict(params if params is not None else d.get("rope_parameters") or d.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if model_type == "phi3" and kind in ("su", "yarn"):
+        kind = "longrope"  # Phi3Config reads both legacy names as longrope
+    require(kind in ROPE_TYPES, model_type, "rope_parameters.rope_type",
+            f"value {kind!r} is not supported by zoo (supported: {list(ROPE_TYPES)})")
+    fraction = rope.get("partial_rotary_factor", d.get("partial_rotary_factor")) or 1.0
+    out: dict[str, Any] = dict(rope_theta=float(rope.get("rope_theta", d.get("rope_theta", default_theta))),
+                               rope_fraction=float(fraction))
+    if kind == "default":
+        return out
+    out["rope_scaling"] = kind
+    if kind in _ORIGINAL_LEN_TYPES:
+        out["rope_original_max_len"] = _original_len(d, rope, model_type)
+    if kind in ("linear", "dynamic", "llama3"):
+        out["rope_scaling_factor"] = _number(rope, "factor", model_type, kind)
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=_number(rope, "low_freq_factor", model_type, kind),
+                   rope_high_freq_factor=_number(rope, "high_freq_factor", model_type, kind))
+    elif kind == "yarn":
+        out.update(_yarn(d, rope, model_type, out["rope_original_max_len"]))
+    elif kind == "longrope":
+        out.update(_longrope(d, rope, model_type, out["rope_original_max_len"]))
+    return out
+
+
+def _number(rope: dict, key: str, model_type: str, kind: str) -> float:
+    value = rope.get(key)
+    require(isinstance(value, (int, float)) and not isinstance(value, bool), model_type,
+            f"rope_parameters.{key}", f"rope_type {kind!r} needs a number, got {value!r}")
+    return float(value)
+
+
+def _original_len(d: dict, rope: dict, model_type: str) -> int:
+    # transformers prefers a top-level original_max_position_embeddings (Phi-3 stores it there,
+    # and Phi3Config defaults it to 4096) over the one inside the rope dict.
+    default = 4096 if model_type == "phi3" else rope.get("original_max_position_embeddings",
+                                                         d.get("max_position_embeddings"))
+    value = d.get("original_max_position_embeddings", default)
+    require(isinstance(value, int) and value > 0, model_type, "original_max_position_embeddings",
+            f"expected a positive int, got {value!r}")
+    return value
+
+
+def _yarn(d: dict, rope: dict, model_type: str, original: int) -> dict[str, Any]:
+    factor = rope.get("factor")
+    if factor is None:  # transformers: the ratio of the two context lengths
+        factor = d["max_position_embeddings"] / original
+    out: dict[str, Any] = dict(rope_scaling_factor=float(factor),
+                               # transformers reads 0 / None as the paper's defaults
+                               rope_beta_fast=float(rope.get("beta_fast") or 32.0),
+                               rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+                               rope_truncate=bool(rope.get("truncate", True)))
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if rope.get(key) is not None:
+            out[f"rope_{key}"] = _number(rope, key, model_type, "yarn")
+    return out
+
+
+def _longrope(d: dict, rope: dict, model_type: str, original: int) -> dict[str, Any]:
+    from zoo.nn.positions import longrope_attention_factor
+
+    out: dict[str, Any] = {}
+    for key in ("short_factor", "long_factor"):
+        value = rope.get(key)
+        require(isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value),
+                model_type, f"rope_parameters.{key}", f"longrope needs a list of numbers, got {value!r}")
+        out[f"rope_{key}"] = tuple(float(v) for v in value)
+    if rope.get("attention_factor") is not None:
+        out["rope_attention_factor"] = _number(rope, "attention_factor", model_type, "longrope")
+    elif rope.get("factor") is not None:
+        # zoo derives the stretch from max_len / rope_original_max_len; an explicit factor
+        # that says otherwise is kept as the attention factor it implies.
+        factor = _number(rope, "factor", model_type, "longrope")
+        if factor != d.get("max_position_embeddings", 0) / original:
+            out["rope_attention_factor"] = longrope_attention_factor(factor, original)
+    return out
+
+
+def write_rope(cfg: Config) -> dict[str, Any]:
+    """The Hugging Face config entries of cfg's RoPE: `rope_parameters` (transformers 5) and
+    `rope_theta` / `rope_scaling` (4.x), from which transformers rebuilds the same rotation."""
+    kind = cfg.rope_scaling
+    rope: dict[str, Any] = {"rope_type": kind or "default", "rope_theta": cfg.rope_theta}
+    top: dict[str, Any] = {}
+    if cfg.rope_fraction != 1.0:
+        rope["partial_rotary_factor"] = top["partial_rotary_factor"] = cfg.rope_fraction
+    if kind in ("linear", "dynamic", "llama3", "yarn"):
+        rope["factor"] = cfg.rope_scaling_factor
+    if kind in _ORIGINAL_LEN_TYPES:
+        # Also top-level: there it wins over the rope dict (Phi3Config defaults it to 4096).
+        rope["original_max_position_embeddings"] = top["original_max_position_embeddings"] = \
+            cfg.rope_original_max_len
+    if kind == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    elif kind == "yarn":
+        rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
+        for key in ("mscale", "mscale_all_dim"):
+            if getattr(cfg, f"rope_{key}") is not None:
+                rope[key] = getattr(cfg, f"rope_{key}")
+    elif kind == "longrope":
+        rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor))
+    if kind in ("yarn", "longrope") and cfg.rope_attention_factor is not None:
+        rope["attention_factor"] = cfg.rope_attention_factor
+    return {"rope_parameters": rope, "rope_theta": cfg.rope_theta,
+            "rope_scaling": dict(rope) if kind else None, **top}

@@ -1,7 +1,7 @@
 """Llama, Mistral and Mixtral: pre-RMSNorm decoders with RoPE and a SwiGLU MLP.
 
 Mistral adds a sliding window; Mixtral replaces the MLP by top-k routed experts (stored per
-expert as w1 = gate, w3 = up, w2 = down). RoPE scaling: none, linear or llama3.
+expert as w1 = gate, w3 = up, w2 = down). RoPE scaling: any of zoo.hf.common.ROPE_TYPES.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 
 from zoo.config import Config
 from zoo.hf.common import (ModelType, activation, dropout_of, expect, head_is_tied, hf_activation,
-                           positive, require, special_ids, write_special_ids)
+                           positive, read_rope, require, special_ids, write_rope,
+                           write_special_ids)
 from zoo.hf.keymap import Rule, rule
 
 _L = "model.layers.{i}."
@@ -44,38 +45,12 @@ def _rules(moe: bool) -> list[Rule]:
     return out
 
 
-_ROPE_TYPES = ("default", "linear", "llama3")
-
-
 def _rope(d: dict, name: str) -> dict[str, Any]:
-    """RoPE fields from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta`."""
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    require(rope_type in _ROPE_TYPES, name, "rope_parameters.rope_type",
-            f"{rope_type!r} is not supported by zoo (supported: {list(_ROPE_TYPES)})")
-    fraction = rope.get("partial_rotary_factor", d.get("partial_rotary_factor")) or 1.0
-    require(fraction == 1.0, name, "partial_rotary_factor", f"{name} rotates whole heads, got {fraction}")
-    out: dict[str, Any] = dict(rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))))
-    if rope_type != "default":
-        out.update(rope_scaling=rope_type, rope_scaling_factor=float(rope["factor"]))
-    if rope_type == "llama3":
-        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
-                   rope_high_freq_factor=float(rope["high_freq_factor"]),
-                   rope_original_max_len=int(rope.get("original_max_position_embeddings",
-                                                      d["max_position_embeddings"])))
-    return out
-
-
-def _write_rope(cfg: Config) -> dict[str, Any]:
-    rope: dict[str, Any] = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling:
-        rope["factor"] = cfg.rope_scaling_factor
-    if cfg.rope_scaling == "llama3":
-        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_max_len)
-    # rope_parameters is what transformers 5 reads; rope_theta/rope_scaling what 4.x reads.
-    return {"rope_parameters": rope, "rope_theta": cfg.rope_theta,
-            "rope_scaling": dict(rope) if cfg.rope_scaling else None}
+    fields = read_rope(d, name)
+    # The Llama attention rotates whole heads (transformers ignores partial_rotary_factor here).
+    require(fields.pop("rope_fraction") == 1.0, name, "partial_rotary_factor",
+            f"{name} rotates whole heads, got {d.get('partial_rotary_factor')}")
+    return fields
 
 
 def _read(d: dict, weights: Any, name: str) -> Config:
@@ -112,7 +87,7 @@ def _write(cfg: Config, name: str) -> dict:
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.head_size, "intermediate_size": cfg.d_ff, "hidden_act": hf_activation(cfg),
-        "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_len, **_write_rope(cfg),
+        "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": cfg.max_len, **write_rope(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,
         **write_special_ids(cfg),
     }

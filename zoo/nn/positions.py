@@ -48,6 +48,12 @@ def rope_inv_freq(cfg: Config) -> np.ndarray:
     return inv.astype(np.float32)
 
 
+def longrope_attention_factor(stretch: float, original_len: int) -> float:
+    """LongRoPE's cos/sin scale for a context stretched `stretch` times past `original_len`:
+    sqrt(1 + ln(stretch) / ln(original_len)), 1 when not stretched."""
+    return 1.0 if stretch <= 1.0 else math.sqrt(1.0 + math.log(stretch) / math.log(original_len))
+
+
 class RopeTables(NamedTuple):
     """cos and sin [B, T, rot/2] fp32 of the rotation at each position, with the scaling's
     attention factor (yarn, longrope) folded in. Built once per forward and layer kind."""
