@@ -90,8 +90,9 @@ CASES = {
 }
 
 
-def _hf_model(name: str, seed: int = 0):
-    config_cls, kwargs, model_cls, untie = CASES[name]
+def _hf_model(name: str, seed: int = 0, cases: dict | None = None):
+    """A perturbed transformers model of `cases[name]` (default: this file's CASES)."""
+    config_cls, kwargs, model_cls, untie = (CASES if cases is None else cases)[name]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(vocab_size=VOCAB, **copy.deepcopy(kwargs))
     model = getattr(transformers, model_cls)(config).eval()
@@ -120,8 +121,8 @@ def _batch(cfg: zoo.Config, lengths=BATCH_LENGTHS, seed: int = 1):
     return np.where(mask, tokens, cfg.pad_id).astype(np.int32), mask
 
 
-def _inputs(cfg: zoo.Config):
-    src, src_mask = _batch(cfg)
+def _inputs(cfg: zoo.Config, lengths=BATCH_LENGTHS):
+    src, src_mask = _batch(cfg, lengths)
     tgt, tgt_mask = _batch(cfg, TARGET_LENGTHS, seed=2) if cfg.family == "encdec" else (None, None)
     return src, src_mask, tgt, tgt_mask
 
@@ -155,20 +156,28 @@ def _max_diff(a, b, valid) -> float:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_parity_and_round_trip(name, tmp_path):
-    model = _hf_model(name)
+    check_parity_and_round_trip(_hf_model(name), tmp_path)
+
+
+def check_parity_and_round_trip(model, tmp_path: Path, lengths=BATCH_LENGTHS, model_type: str | None = None) -> float:
+    """zoo.load_hf of `model`'s save_pretrained gives its fp32 logits and hidden states within TOL
+    on a right-padded batch of `lengths`; save_hf's export (as `model_type`; default the first
+    type that fits, which must be the model's own) reloads in transformers with the same logits
+    and in zoo as the same Config. Returns the max |logit diff| against transformers."""
     model.save_pretrained(tmp_path / "hf")
     cfg, params = zoo.load_hf(tmp_path / "hf")
     assert cfg.param_dtype == "float32"
-    src, src_mask, tgt, tgt_mask = _inputs(cfg)
+    src, src_mask, tgt, tgt_mask = _inputs(cfg, lengths)
     valid = src_mask if tgt is None else tgt_mask
     ref_logits, ref_hidden = _hf_logits(model, src, src_mask, tgt, tgt_mask)
     out = _zoo_out(params, cfg, src, src_mask, tgt, tgt_mask)
     assert np.abs(ref_logits[valid]).max() > 0.5  # the comparison is not between near-zeros
-    assert _max_diff(out.logits, ref_logits, valid) <= TOL
+    diff = _max_diff(out.logits, ref_logits, valid)
+    assert diff <= TOL
     assert _max_diff(out.hidden, ref_hidden, valid) <= TOL
 
     # Export (in shards, to exercise the index) and reload with transformers.
-    written = zoo.save_hf(cfg, params, tmp_path / "zoo", max_shard_size=64 * 1024)
+    written = zoo.save_hf(cfg, params, tmp_path / "zoo", max_shard_size=64 * 1024, model_type=model_type)
     assert written == model.config.model_type
     assert (tmp_path / "zoo" / "model.safetensors.index.json").is_file()
     back = _auto_class(cfg).from_pretrained(tmp_path / "zoo").eval()
@@ -176,6 +185,7 @@ def test_parity_and_round_trip(name, tmp_path):
     assert _max_diff(back_logits, ref_logits, valid) <= 1e-6
     cfg2, params2 = zoo.load_hf(tmp_path / "zoo")
     assert cfg2 == cfg
+    return diff
 
 
 def test_encoder_without_heads_and_bin_checkpoint(tmp_path):

@@ -33,6 +33,10 @@ _BART = dict(family="encdec", vocab_size=50265, activation="gelu", norm="layerno
              max_len=1024, position_offset=2, tie_embeddings=True, logits_bias=True,
              pad_id=1, bos_id=0, eos_id=2, decoder_start_id=2)
 
+# Qwen2.5 / Qwen3: Llama's shape; Qwen2 adds q/k/v biases, Qwen3 per-head query/key norms.
+_QWEN = dict(_LLAMA, vocab_size=151936, norm_eps=1e-6, rope_theta=1e6, pad_id=151643, bos_id=151643,
+             eos_id=151645)
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "bert-base-uncased": dict(_BERT, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
     "bert-large-uncased": dict(_BERT, d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
@@ -52,6 +56,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "flan-t5-base": dict(_T5, d_model=768, num_layers=12, num_heads=12, head_dim=64, d_ff=2048,
                          activation="geglu_tanh", tie_embeddings=False),
     "bart-base": dict(_BART, d_model=768, num_layers=6, num_heads=12, d_ff=3072),
+    "qwen2.5-7b": dict(_QWEN, vocab_size=152064, attn_bias=True, attn_out_bias=False, d_model=3584,
+                       num_layers=28, num_heads=28, num_kv_heads=4, d_ff=18944, max_len=131072,
+                       tie_embeddings=False, eos_id=151643),
+    "qwen3-0.6b": dict(_QWEN, qk_norm=True, d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                       head_dim=128, d_ff=3072, max_len=40960, tie_embeddings=True),
+    "qwen3-8b": dict(_QWEN, qk_norm=True, d_model=4096, num_layers=36, num_heads=32, num_kv_heads=8,
+                     d_ff=12288, max_len=40960, tie_embeddings=False),
+    # Phi-3-mini-4k: q/k/v and gate/up fused in its checkpoints, every layer sliding.
+    "phi-3-mini": dict(_LLAMA, vocab_size=32064, d_model=3072, num_layers=32, num_heads=32,
+                       num_kv_heads=32, d_ff=8192, max_len=4096, sliding_window=2047,
+                       tie_embeddings=False, pad_id=32000, bos_id=1, eos_id=32000),
     # Tiny shapes for tests and demos: same code paths, seconds on a CPU.
     "tiny-encoder": dict(_BERT, vocab_size=128, d_model=32, num_layers=2, num_heads=4, d_ff=64,
                          max_len=64, norm_eps=1e-5),

@@ -3,11 +3,11 @@
     cfg, params = zoo.load_hf("path/to/hf_dir")      # config.json + *.safetensors, no network
     zoo.save_hf(cfg, params, "out_dir")               # transformers' from_pretrained loads it
 
-Supported `model_type`s: bert, roberta, gpt2, llama, mistral, mixtral, t5, bart. Each has a
-key map (data, in zoo/hf/{bert,gpt2,llama,t5,bart}.py) applied by one loop in
-zoo/hf/keymap.py. A config that zoo cannot reproduce exactly is a ValueError naming the
-field; `save_hf` proves each export by reading the written config back and comparing it to
-the Config it was given.
+Supported `model_type`s: bert, roberta, gpt2, llama, mistral, mixtral, t5, bart, qwen2,
+qwen3, phi3. Each has a key map (data, in zoo/hf/{bert,gpt2,llama,t5,bart,qwen,phi3}.py)
+applied by one loop in zoo/hf/keymap.py.
+A config that zoo cannot reproduce exactly is a ValueError naming the field; `save_hf` proves
+each export by reading the written config back and comparing it to the Config it was given.
 """
 
 from __future__ import annotations
@@ -26,16 +26,18 @@ import numpy as np
 from zoo.config import Config
 from zoo.hf.bart import BART
 from zoo.hf.bert import BERT, ROBERTA
-from zoo.hf.common import ModelType, Unsupported
+from zoo.hf.common import ModelType, Unsupported, layer_pattern
 from zoo.hf.files import SAFETENSORS, SAFETENSORS_INDEX, open_weights, write_safetensors
 from zoo.hf.gpt2 import GPT2
 from zoo.hf.keymap import flatten, hf_keys, read_params, unflatten, write_params
 from zoo.hf.llama import LLAMA, MISTRAL, MIXTRAL
+from zoo.hf.phi3 import PHI3
+from zoo.hf.qwen import QWEN2, QWEN3
 from zoo.hf.t5 import T5
 
 # Order matters to save_hf: the first type that reproduces a Config is the one written.
 MODEL_TYPES: dict[str, ModelType] = {
-    m.name: m for m in (BERT, ROBERTA, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART)}
+    m.name: m for m in (BERT, ROBERTA, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART, QWEN2, QWEN3, PHI3)}
 
 __all__ = ["MODEL_TYPES", "Unsupported", "load_hf", "save_hf"]
 
@@ -146,6 +148,14 @@ def _canonical(c: Config) -> Config:
         changes["num_decoder_layers"] = None
     if c.attn_scale is not None and c.attn_scale == c.head_size ** -0.5:
         changes["attn_scale"] = None
+    if c.attn_out_bias == c.attn_bias:
+        changes["attn_out_bias"] = None
+    # Layers compute by their kinds, however the pattern spells them; a window without
+    # local layers is never used.
+    kinds = [c.layer_kind(i) for i in range(c.num_layers)]
+    changes["layer_pattern"] = layer_pattern(kinds)
+    if "local" not in kinds:
+        changes["sliding_window"] = None
     return c.replace(**changes)
 
 

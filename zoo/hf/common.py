@@ -241,3 +241,38 @@ def write_rope(cfg: Config) -> dict[str, Any]:
         rope["attention_factor"] = cfg.rope_attention_factor
     return {"rope_parameters": rope, "rope_theta": cfg.rope_theta,
             "rope_scaling": dict(rope) if kind else None, **top}
+
+
+# --- layer kinds ----------------------------------------------------------------------------------
+# Hugging Face `layer_types` entry -> zoo `Config.layer_pattern` entry.
+LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}
+
+
+def read_layer_kinds(d: dict, model_type: str, num_layers: int, default: list[str]) -> list[str]:
+    """The zoo kind ("local" | "global") of every layer, from `layer_types`, or from `default`
+    (Hugging Face entries, as transformers fills them in) for configs written before the field."""
+    types = d.get("layer_types")
+    types = default if types is None else types
+    require(isinstance(types, list) and len(types) == num_layers, model_type, "layer_types",
+            f"expected a list of num_hidden_layers={num_layers} entries, got {types!r}")
+    unknown = sorted({str(t) for t in types if t not in LAYER_TYPES})
+    require(not unknown, model_type, "layer_types",
+            f"{unknown} not supported by zoo (supported: {list(LAYER_TYPES)})")
+    return [LAYER_TYPES[t] for t in types]
+
+
+def layer_pattern(kinds: list[str]) -> tuple[str, ...]:
+    """The shortest prefix of `kinds` that repeats into it (`Config.layer_pattern`: layer i is
+    pattern[i % len(pattern)]); () when every layer is of one kind (sliding_window then says
+    which)."""
+    if len(set(kinds)) <= 1:
+        return ()
+    period = next(p for p in range(1, len(kinds) + 1)
+                  if all(k == kinds[i % p] for i, k in enumerate(kinds)))
+    return tuple(kinds[:period])
+
+
+def write_layer_types(cfg: Config) -> list[str]:
+    """cfg's per-layer kinds as a Hugging Face `layer_types` list."""
+    hf = {zoo: name for name, zoo in LAYER_TYPES.items()}
+    return [hf[cfg.layer_kind(i)] for i in range(cfg.num_layers)]

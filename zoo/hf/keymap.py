@@ -21,11 +21,14 @@ class Transform(NamedTuple):
     """Between one Hugging Face tensor and one zoo leaf (one layer's slice of it).
 
     to_zoo(hf, zoo_shape) -> zoo array; to_hf(zoo) -> hf array; hf_shape(zoo_shape) -> shape.
+    fuse_axis: the axis of the HF tensor along which a fused tensor stacks its parts (the
+    output axis: 0 for torch Linear's [out, in], -1 for GPT-2's Conv1D [in, out]).
     """
 
     to_zoo: Callable[[np.ndarray, tuple], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
     hf_shape: Callable[[tuple], tuple]
+    fuse_axis: int = -1
 
 
 def _prod(shape: tuple) -> int:
@@ -41,10 +44,10 @@ TRANSFORMS: dict[str, Transform] = {
     "row": Transform(lambda w, s: w.reshape(s), lambda z: z.reshape(1, -1), lambda s: (1, _prod(s))),
     # torch Linear weights are [out, in]; zoo kernels are [in, *out], e.g. q [D, N, H].
     "linear": Transform(lambda w, s: w.T.reshape(s), lambda z: z.reshape(z.shape[0], -1).T,
-                        lambda s: (_prod(s[1:]), s[0])),
+                        lambda s: (_prod(s[1:]), s[0]), fuse_axis=0),
     # ... or [*in, out] when the input side is split, e.g. the attention output o [N, H, D].
     "linear_out": Transform(lambda w, s: w.T.reshape(s), lambda z: z.reshape(-1, z.shape[-1]).T,
-                            lambda s: (s[-1], _prod(s[:-1]))),
+                            lambda s: (s[-1], _prod(s[:-1])), fuse_axis=0),
     # GPT-2's Conv1D stores [in, out] already.
     "conv": Transform(lambda w, s: w.reshape(s), lambda z: z.reshape(z.shape[0], -1),
                       lambda s: (s[0], _prod(s[1:]))),
@@ -56,8 +59,9 @@ TRANSFORMS: dict[str, Transform] = {
 class Rule(NamedTuple):
     """One Hugging Face key <-> one or more zoo leaves.
 
-    Several zoo paths mean the HF tensor is their concatenation along its last axis (GPT-2's
-    fused c_attn holds q, k and v). `when` restricts the rule to configs it applies to (T5's
+    Several zoo paths mean the HF tensor is their concatenation along its output axis
+    (`Transform.fuse_axis`): GPT-2's c_attn and Phi-3's qkv_proj hold q, k and v, Phi-3's
+    gate_up_proj the gate and up projections. `when` restricts the rule to configs it applies to (T5's
     `wi` vs `wi_0`/`wi_1`); rules whose zoo leaves a config lacks are skipped anyway.
     """
 
@@ -136,14 +140,17 @@ def active_rules(rules: list[Rule], cfg: Config, shapes: dict[str, tuple]) -> li
 
 
 def _split(w: np.ndarray, transform: Transform, shapes: list[tuple]) -> list[np.ndarray]:
-    sizes = [transform.hf_shape(s)[-1] for s in shapes]
-    parts = np.split(w, np.cumsum(sizes)[:-1], axis=-1) if len(shapes) > 1 else [w]
+    axis = transform.fuse_axis
+    sizes = [transform.hf_shape(s)[axis] for s in shapes]
+    parts = np.split(w, np.cumsum(sizes)[:-1], axis=axis) if len(shapes) > 1 else [w]
     return [transform.to_zoo(p, s) for p, s in zip(parts, shapes)]
 
 
 def _expected_hf_shape(transform: Transform, shapes: list[tuple]) -> tuple:
-    hf = [transform.hf_shape(s) for s in shapes]
-    return (*hf[0][:-1], sum(h[-1] for h in hf))
+    hf = [list(transform.hf_shape(s)) for s in shapes]
+    fused = hf[0]
+    fused[transform.fuse_axis] = sum(h[transform.fuse_axis] for h in hf)
+    return tuple(fused)
 
 
 def read_params(get: Callable[[str], np.ndarray], rules: list[Rule], cfg: Config,
@@ -181,7 +188,8 @@ def write_params(flat: dict[str, np.ndarray], rules: list[Rule],
         lead = _lead_axes(r, r.zoo[0])
         for index, key in _slots(r, shapes[r.zoo[0]], lead):
             parts = [transform.to_hf(flat[p][index]) for p in r.zoo]
-            yield key, np.ascontiguousarray(np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0])
+            fused = np.concatenate(parts, axis=transform.fuse_axis) if len(parts) > 1 else parts[0]
+            yield key, np.ascontiguousarray(fused)
 
 
 def hf_keys(rules: list[Rule], cfg: Config, shapes: dict[str, tuple]) -> set[str]:

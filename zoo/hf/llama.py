@@ -18,7 +18,10 @@ _L = "model.layers.{i}."
 _LAYER = "decoder/layers/"
 
 
-def _rules(moe: bool) -> list[Rule]:
+def decoder_rules(moe: bool = False, fused: bool = False) -> list[Rule]:
+    """The Llama key map (shared by the Llama-shaped types). moe: Mixtral's experts; fused:
+    Phi-3's qkv_proj (q | k | v) and gate_up_proj (gate | up), each stacked on the torch
+    output axis."""
     out = [
         rule("model.embed_tokens.weight", "embed/tokens"),
         rule(_L + "input_layernorm.weight", _LAYER + "attn_norm/scale"),
@@ -28,6 +31,11 @@ def _rules(moe: bool) -> list[Rule]:
         rule("model.norm.weight", "decoder/final_norm/scale"),
         rule("lm_head.weight", "head/kernel", "linear"),
     ]
+    if fused:
+        return out + [
+            rule(_L + "self_attn.qkv_proj.weight", tuple(f"{_LAYER}attn/{x}" for x in "qkv"), "linear"),
+            rule(_L + "mlp.gate_up_proj.weight", (_LAYER + "mlp/wg", _LAYER + "mlp/wi"), "linear"),
+            rule(_L + "mlp.down_proj.weight", _LAYER + "mlp/wo", "linear_out")]
     for x in "qkv":
         out += [rule(f"{_L}self_attn.{x}_proj.weight", f"{_LAYER}attn/{x}", "linear"),
                 rule(f"{_L}self_attn.{x}_proj.bias", f"{_LAYER}attn/{x}_bias", "flat")]
@@ -53,36 +61,46 @@ def _rope(d: dict, name: str) -> dict[str, Any]:
     return fields
 
 
-def _read(d: dict, weights: Any, name: str) -> Config:
-    expect(d, name, "pretraining_tp", (1, None), 1)
-    layer_types = d.get("layer_types")
-    require(not layer_types or len(set(layer_types)) == 1, name, "layer_types",
-            "zoo runs one attention kind in every layer")
+def read_decoder(d: dict, weights: Any, name: str, rope: dict[str, Any] | None = None,
+                 **fields: Any) -> Config:
+    """The Config of a Llama-shaped Hugging Face config `d`: sizes, gated MLP, RMSNorm, RoPE
+    (default: whole heads, `_rope`), head tying and special ids. `fields`: the type's own
+    Config fields (biases, window, layer pattern, experts, ...), which win over these."""
     vocab = positive(d, name, "vocab_size")
     width, heads = positive(d, name, "hidden_size"), positive(d, name, "num_attention_heads")
     head_dim = d.get("head_dim") or width // heads
-    extra: dict[str, Any] = {}
-    if name == "llama":
-        extra.update(attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)))
-    else:
-        extra.update(attn_bias=False, mlp_bias=False, sliding_window=d.get("sliding_window"))
-    if name == "mixtral":
-        extra.update(num_experts=positive(d, name, "num_local_experts"),
-                     experts_per_token=positive(d, name, "num_experts_per_tok"))
-    return Config(
+    base = dict(
         family="decoder", vocab_size=vocab, d_model=width, num_layers=positive(d, name, "num_hidden_layers"),
         num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
         head_dim=None if head_dim * heads == width else head_dim,
         d_ff=positive(d, name, "intermediate_size"),
         activation=activation(d.get("hidden_act", "silu"), name, "hidden_act", gated=True),
         norm="rmsnorm", norm_bias=False, norm_eps=float(d.get("rms_norm_eps", 1e-6)), positions="rope",
-        max_len=positive(d, name, "max_position_embeddings"), **_rope(d, name),
+        max_len=positive(d, name, "max_position_embeddings"), **(_rope(d, name) if rope is None else rope),
         tie_embeddings=head_is_tied(d, weights, name, "lm_head.weight", "model.embed_tokens.weight", False),
-        dropout=dropout_of(d, "attention_dropout"), **special_ids(d, vocab), **extra)
+        attn_bias=False, mlp_bias=False, dropout=dropout_of(d, "attention_dropout"), **special_ids(d, vocab))
+    return Config(**{**base, **fields})
 
 
-def _write(cfg: Config, name: str) -> dict:
-    out = {
+def _read(d: dict, weights: Any, name: str) -> Config:
+    expect(d, name, "pretraining_tp", (1, None), 1)
+    layer_types = d.get("layer_types")
+    require(not layer_types or len(set(layer_types)) == 1, name, "layer_types",
+            "zoo runs one attention kind in every layer")
+    extra: dict[str, Any] = {}
+    if name == "llama":
+        extra.update(attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)))
+    else:
+        extra.update(sliding_window=d.get("sliding_window"))
+    if name == "mixtral":
+        extra.update(num_experts=positive(d, name, "num_local_experts"),
+                     experts_per_token=positive(d, name, "num_experts_per_tok"))
+    return read_decoder(d, weights, name, **extra)
+
+
+def write_decoder(cfg: Config, name: str) -> dict:
+    """The Hugging Face config entries every Llama-shaped type shares (inverse of read_decoder)."""
+    return {
         "architectures": [f"{name.capitalize()}ForCausalLM"], "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
@@ -91,6 +109,10 @@ def _write(cfg: Config, name: str) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,
         **write_special_ids(cfg),
     }
+
+
+def _write(cfg: Config, name: str) -> dict:
+    out = write_decoder(cfg, name)
     if name == "llama":
         out.update(attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     else:
@@ -103,7 +125,7 @@ def _write(cfg: Config, name: str) -> dict:
 
 def _model_type(name: str, moe: bool = False) -> ModelType:
     return ModelType(name, "decoder", lambda d, w: _read(d, w, name), lambda cfg: _write(cfg, name),
-                     _rules(moe), prefix="model.", ignore=(r"rotary_emb\.inv_freq$",))
+                     decoder_rules(moe), prefix="model.", ignore=(r"rotary_emb\.inv_freq$",))
 
 
 LLAMA = _model_type("llama")
