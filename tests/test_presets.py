@@ -2,8 +2,9 @@
 
 Numbers are those of the Hugging Face `transformers` classes holding the same tensors:
 BertModel + MLM head (pooler included), RobertaModel + MLM head, GPT2LMHeadModel,
-LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, T5ForConditionalGeneration and
-BartForConditionalGeneration (+ its final_logits_bias, which transformers keeps as a buffer).
+LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, T5ForConditionalGeneration,
+BartForConditionalGeneration (+ its final_logits_bias, which transformers keeps as a buffer),
+Gemma2ForCausalLM and Gemma3ForCausalLM (tied heads counted once).
 """
 
 import jax
@@ -27,6 +28,8 @@ PUBLISHED = {
     "t5-base": 222_903_552,
     "flan-t5-base": 247_577_856,
     "bart-base": 139_420_416 + 50_265,
+    "gemma-2-2b": 2_614_341_888,
+    "gemma-3-1b": 999_885_952,
 }
 
 

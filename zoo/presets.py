@@ -33,6 +33,12 @@ _BART = dict(family="encdec", vocab_size=50265, activation="gelu", norm="layerno
              max_len=1024, position_offset=2, tie_embeddings=True, logits_bias=True,
              pad_id=1, bos_id=0, eos_id=2, decoder_start_id=2)
 
+# Gemma 2/3: (1 + w) RMSNorms on both sides of each sub-layer, embeddings scaled by sqrt(d_model)
+# (set again when a shrunk preset changes d_model), local/global layer patterns.
+_GEMMA = dict(family="decoder", activation="geglu_tanh", norm="rmsnorm", norm_bias=False, norm_eps=1e-6,
+              norm_position="sandwich", norm_offset=1.0, attn_bias=False, mlp_bias=False,
+              positions="rope", head_dim=256, tie_embeddings=True, pad_id=0, bos_id=2, eos_id=1)
+
 # Qwen2.5 / Qwen3: Llama's shape; Qwen2 adds q/k/v biases, Qwen3 per-head query/key norms.
 _QWEN = dict(_LLAMA, vocab_size=151936, norm_eps=1e-6, rope_theta=1e6, pad_id=151643, bos_id=151643,
              eos_id=151645)
@@ -67,6 +73,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "phi-3-mini": dict(_LLAMA, vocab_size=32064, d_model=3072, num_layers=32, num_heads=32,
                        num_kv_heads=32, d_ff=8192, max_len=4096, sliding_window=2047,
                        tie_embeddings=False, pad_id=32000, bos_id=1, eos_id=32000),
+    "gemma-2-2b": dict(_GEMMA, vocab_size=256000, d_model=2304, num_layers=26, num_heads=8,
+                       num_kv_heads=4, d_ff=9216, max_len=8192, rope_theta=10000.0,
+                       sliding_window=4096, layer_pattern=("local", "global"),
+                       attn_softcap=50.0, final_softcap=30.0, embed_scale=2304 ** 0.5),
+    "gemma-3-1b": dict(_GEMMA, vocab_size=262144, d_model=1152, num_layers=26, num_heads=4,
+                       num_kv_heads=1, d_ff=6912, max_len=32768, rope_theta=1e6,
+                       local_rope_theta=1e4, sliding_window=512,
+                       layer_pattern=("local",) * 5 + ("global",), qk_norm=True,
+                       embed_scale=1152 ** 0.5),
     # Tiny shapes for tests and demos: same code paths, seconds on a CPU.
     "tiny-encoder": dict(_BERT, vocab_size=128, d_model=32, num_layers=2, num_heads=4, d_ff=64,
                          max_len=64, norm_eps=1e-5),
