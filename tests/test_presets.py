@@ -4,7 +4,8 @@ Numbers are those of the Hugging Face `transformers` classes holding the same te
 BertModel + MLM head (pooler included), RobertaModel + MLM head, GPT2LMHeadModel,
 LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, T5ForConditionalGeneration,
 BartForConditionalGeneration (+ its final_logits_bias, which transformers keeps as a buffer),
-Gemma2ForCausalLM and Gemma3ForCausalLM (tied heads counted once).
+Gemma2ForCausalLM and Gemma3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and
+Phi3ForCausalLM (tied heads counted once).
 """
 
 import jax
@@ -28,6 +29,10 @@ PUBLISHED = {
     "t5-base": 222_903_552,
     "flan-t5-base": 247_577_856,
     "bart-base": 139_420_416 + 50_265,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen3-0.6b": 596_049_920,
+    "qwen3-8b": 8_190_735_360,
+    "phi-3-mini": 3_821_079_552,
     "gemma-2-2b": 2_614_341_888,
     "gemma-3-1b": 999_885_952,
 }

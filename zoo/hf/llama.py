@@ -2,6 +2,8 @@
 
 Mistral adds a sliding window; Mixtral replaces the MLP by top-k routed experts (stored per
 expert as w1 = gate, w3 = up, w2 = down). RoPE scaling: any of zoo.hf.common.ROPE_TYPES.
+The other Llama-shaped types (zoo.hf.qwen, zoo.hf.phi3) build on read_decoder, write_decoder
+and decoder_rules.
 """
 
 from __future__ import annotations
