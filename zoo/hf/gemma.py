@@ -112,14 +112,14 @@ def _attn_scale(d: dict, name: str, head_dim: int) -> float | None:
     return None if scalar == head_dim else float(scalar) ** -0.5
 
 
-def _query_pre_attn_scalar(cfg: Config) -> int:
+def _query_pre_attn_scalar(cfg: Config, name: str) -> int:
     """transformers types the field as int: the inverse square of the scale, when whole."""
     if cfg.attn_scale is None:
         return cfg.head_size
     scalar = round(cfg.attn_scale ** -2)
     if float(scalar) ** -0.5 != cfg.attn_scale:
-        raise Unsupported(f"save_hf: Config.attn_scale={cfg.attn_scale!r} is not n**-0.5 for a whole "
-                          "n (Gemma's query_pre_attn_scalar)")
+        raise Unsupported(f"save_hf: {name} scales queries by query_pre_attn_scalar**-0.5 with a whole "
+                          f"query_pre_attn_scalar, Config.attn_scale={cfg.attn_scale!r}")
     return scalar
 
 
@@ -161,7 +161,7 @@ def _write(cfg: Config, name: str) -> dict:
     act = "gelu_pytorch_tanh" if out["hidden_act"] == "gelu_new" else out["hidden_act"]  # one tanh GELU
     out.update(architectures=["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
                hidden_act=act, hidden_activation=act, layer_types=write_layer_types(cfg),
-               sliding_window=cfg.sliding_window, query_pre_attn_scalar=_query_pre_attn_scalar(cfg),
+               sliding_window=cfg.sliding_window, query_pre_attn_scalar=_query_pre_attn_scalar(cfg, name),
                attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
                attention_bias=cfg.attn_bias, use_bidirectional_attention=False)
     if gemma3:
