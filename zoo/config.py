@@ -27,7 +27,7 @@ NORMS = ("layernorm", "rmsnorm")
 # sandwich: norm(x) into the sub-layer and a second norm on its output before the add (Gemma 2/3).
 NORM_POSITIONS = ("pre", "post", "sandwich")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
-# How RoPE frequencies are stretched past the trained length (zoo.nn.positions.rope_frequencies).
+# How RoPE frequencies are stretched past the trained length (zoo.nn.positions.rope_tables).
 ROPE_SCALINGS = (None, "linear", "llama3", "dynamic", "yarn", "longrope")
 # Per-layer attention kinds of `Config.layer_pattern`: "global" sees every earlier key,
 # "local" the last `sliding_window` keys.
@@ -91,7 +91,7 @@ class Config:
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
-    rope_original_max_len: int = 8192  # the pre-scaling context (llama3, dynamic, yarn, longrope)
+    rope_original_max_len: int = 8192  # the pre-scaling context (llama3, yarn, longrope; dynamic: max_len)
     rope_beta_fast: float = 32.0  # yarn: rotations per context above which dims keep their speed
     rope_beta_slow: float = 1.0  # yarn: ... below which they are fully interpolated
     rope_attention_factor: float | None = None  # yarn/longrope cos/sin scale; None: the paper's
@@ -268,6 +268,21 @@ def _validate(c: Config) -> None:
         "rope_short_factor", "longrope needs rope_short_factor and rope_long_factor with one "
         f"entry per rotated frequency ({int(c.head_size * c.rope_fraction) // 2}), got "
         f"{len(c.rope_short_factor)} and {len(c.rope_long_factor)}")
+    _require(all(f > 0 for f in c.rope_short_factor + c.rope_long_factor), "rope_long_factor",
+             "longrope stretch factors must be > 0")
+    _require(c.rope_scaling not in ("yarn", "dynamic") or c.rope_scaling_factor > 1.0, "rope_scaling_factor",
+             f"rope_scaling={c.rope_scaling!r} needs a factor > 1, got {c.rope_scaling_factor}")
+    _require(c.rope_scaling != "dynamic" or int(c.head_size * c.rope_fraction) >= 4, "head_dim",
+             f"dynamic rope needs at least 4 rotated dims, got {int(c.head_size * c.rope_fraction)}")
+    _require(c.rope_original_max_len > 0, "rope_original_max_len", f"expected > 0, got {c.rope_original_max_len}")
+    _require(c.rope_beta_fast >= c.rope_beta_slow > 0, "rope_beta_fast",
+             f"yarn needs rope_beta_fast >= rope_beta_slow > 0, got {c.rope_beta_fast} and {c.rope_beta_slow}")
+    _require(c.rope_scaling != "llama3" or c.rope_high_freq_factor > c.rope_low_freq_factor > 0,
+             "rope_high_freq_factor", "llama3 needs rope_high_freq_factor > rope_low_freq_factor > 0, got "
+             f"{c.rope_high_freq_factor} and {c.rope_low_freq_factor}")
+    for name in ("rope_attention_factor", "rope_mscale", "rope_mscale_all_dim"):
+        value = getattr(c, name)
+        _require(value is None or value > 0, name, f"expected None or > 0, got {value!r}")
     _require(c.matmul in MATMULS, "matmul", f"expected one of {MATMULS}, got {c.matmul!r}")
     _require(c.layout in LAYOUTS, "layout", f"expected one of {LAYOUTS}, got {c.layout!r}")
     _require(c.position_offset >= 0, "position_offset", f"expected >= 0, got {c.position_offset}")

@@ -125,12 +125,7 @@ def _canonical(c: Config) -> Config:
     # Numerics and kernels: how a model is computed, not which model it is.
     keep_defaults = [name for name in ("dtype", "param_dtype", "attention", "initializer")
                      if name in _DEFAULTS]
-    if c.positions != "rope":
-        keep_defaults += ["rope_theta", "rope_fraction", "rope_scaling", "rope_scaling_factor"]
-    if c.rope_scaling is None:
-        keep_defaults += ["rope_scaling_factor"]
-    if c.rope_scaling != "llama3":
-        keep_defaults += ["rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"]
+    keep_defaults += _unused_rope_fields(c)
     if c.positions != "relative":
         keep_defaults += ["relative_buckets", "relative_max_distance"]
     if c.positions != "learned":
@@ -159,6 +154,28 @@ def _canonical(c: Config) -> Config:
     if "local" not in kinds:
         changes["sliding_window"] = None
     return c.replace(**changes)
+
+
+def _unused_rope_fields(c: Config) -> list[str]:
+    """The RoPE fields that c's scaling does not read (zoo.nn.positions)."""
+    if c.positions != "rope":
+        return [name for name in _DEFAULTS if name.startswith("rope_")]
+    kind, out = c.rope_scaling, []
+    if kind in (None, "longrope"):  # longrope's stretch is max_len / rope_original_max_len
+        out += ["rope_scaling_factor"]
+    if kind not in ("llama3", "yarn", "longrope"):
+        out += ["rope_original_max_len"]
+    if kind != "llama3":
+        out += ["rope_low_freq_factor", "rope_high_freq_factor"]
+    if kind != "yarn":
+        out += ["rope_beta_fast", "rope_beta_slow", "rope_truncate", "rope_mscale", "rope_mscale_all_dim"]
+    elif c.rope_attention_factor is not None:
+        out += ["rope_mscale", "rope_mscale_all_dim"]
+    if kind not in ("yarn", "longrope"):
+        out += ["rope_attention_factor"]
+    if kind != "longrope":
+        out += ["rope_short_factor", "rope_long_factor"]
+    return out
 
 
 class _KeysOnly:

@@ -1,6 +1,6 @@
-"""Position schemes: learned and sinusoidal tables, RoPE (with linear / llama3 scaling),
-ALiBi slopes and T5 relative-position buckets. Tables and biases are functions of integer
-positions, so packed sequences and KV caches use the same code."""
+"""Position schemes: learned and sinusoidal tables, RoPE (with linear, llama3, yarn, dynamic
+and longrope scaling), ALiBi slopes and T5 relative-position buckets. Tables and biases are
+functions of integer positions, so packed sequences and KV caches use the same code."""
 
 from __future__ import annotations
 
@@ -27,31 +27,118 @@ def sinusoidal_table(length: int, dim: int) -> np.ndarray:
 
 
 # --- RoPE -------------------------------------------------------------------------------
-def rope_inv_freq(cfg: Config) -> np.ndarray:
-    """[rot_dim // 2] inverse frequencies, with the config's scaling applied."""
-    rot = int(cfg.head_size * cfg.rope_fraction)
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot))
+# Scalings follow transformers' ROPE_INIT_FUNCTIONS and its per-call updates (dynamic,
+# longrope), decided inside the traced function from the call's largest position, so they
+# hold under jit and with a KV cache. transformers' dynamic update is stateful: after a long
+# call, a shorter one still past max_len keeps the longer call's base; zoo recomputes per call.
+
+
+def _rotated(cfg: Config) -> int:
+    return int(cfg.head_size * cfg.rope_fraction)
+
+
+def _exponents(rot: int) -> np.ndarray:
+    """[rot/2] the exponents 2i/rot of the base in each frequency."""
+    return np.arange(0, rot, 2, dtype=np.float64) / rot
+
+
+def rope_inv_freq(cfg: Config, long: bool = False) -> np.ndarray:
+    """[rot_dim // 2] inverse frequencies, with the config's static scaling applied.
+
+    longrope: the short factors (`long=True`: the long ones); dynamic: unscaled, the base
+    grows per call in `rope_tables`."""
+    inv = 1.0 / cfg.rope_theta ** _exponents(_rotated(cfg))
     if cfg.rope_scaling == "linear":
         inv = inv / cfg.rope_scaling_factor
     elif cfg.rope_scaling == "llama3":
-        # Long wavelengths are slowed by the factor, short ones kept, the band between
-        # interpolated smoothly (Llama 3.1).
-        old = cfg.rope_original_max_len
-        low_wavelen = old / cfg.rope_low_freq_factor
-        high_wavelen = old / cfg.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv
-        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
-            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-        mid = (1 - smooth) * inv / cfg.rope_scaling_factor + smooth * inv
-        inv = np.where(wavelen < high_wavelen, inv,
-                       np.where(wavelen > low_wavelen, inv / cfg.rope_scaling_factor, mid))
+        inv = _llama3(cfg, inv)
+    elif cfg.rope_scaling == "yarn":
+        inv = _yarn(cfg, inv)
+    elif cfg.rope_scaling == "longrope":
+        inv = inv / np.asarray(cfg.rope_long_factor if long else cfg.rope_short_factor, np.float64)
     return inv.astype(np.float32)
+
+
+def _llama3(cfg: Config, inv: np.ndarray) -> np.ndarray:
+    # Long wavelengths are slowed by the factor, short ones kept, the band between
+    # interpolated smoothly (Llama 3.1).
+    old = cfg.rope_original_max_len
+    low_wavelen = old / cfg.rope_low_freq_factor
+    high_wavelen = old / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    mid = (1 - smooth) * inv / cfg.rope_scaling_factor + smooth * inv
+    return np.where(wavelen < high_wavelen, inv,
+                    np.where(wavelen > low_wavelen, inv / cfg.rope_scaling_factor, mid))
+
+
+def _yarn(cfg: Config, inv: np.ndarray) -> np.ndarray:
+    """YaRN: dims that turn more than beta_fast times over the original context keep their
+    speed, those turning under beta_slow times are slowed by the factor, a linear ramp
+    over the dim index blends between."""
+    rot, base = _rotated(cfg), cfg.rope_theta
+
+    def dim_of(turns: float) -> float:  # the (fractional) dim that turns `turns` times
+        return rot * math.log(cfg.rope_original_max_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoids a zero-width ramp
+    slowed = np.clip((np.arange(rot // 2) - low) / (high - low), 0.0, 1.0)
+    return inv / cfg.rope_scaling_factor * slowed + inv * (1.0 - slowed)
 
 
 def longrope_attention_factor(stretch: float, original_len: int) -> float:
     """LongRoPE's cos/sin scale for a context stretched `stretch` times past `original_len`:
     sqrt(1 + ln(stretch) / ln(original_len)), 1 when not stretched."""
     return 1.0 if stretch <= 1.0 else math.sqrt(1.0 + math.log(stretch) / math.log(original_len))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(cfg: Config) -> float:
+    """The scale yarn and longrope put on cos and sin (so on q.k, squared); 1 otherwise.
+
+    yarn: 0.1 ln(factor) + 1, or DeepSeek's mscale / mscale_all_dim ratio of that form;
+    longrope: `longrope_attention_factor(max_len / rope_original_max_len)`. An explicit
+    `rope_attention_factor` wins over both."""
+    if cfg.rope_scaling not in ("yarn", "longrope"):
+        return 1.0
+    if cfg.rope_attention_factor is not None:
+        return cfg.rope_attention_factor
+    if cfg.rope_scaling == "longrope":
+        return longrope_attention_factor(cfg.max_len / cfg.rope_original_max_len, cfg.rope_original_max_len)
+    factor = cfg.rope_scaling_factor
+    if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+        return _yarn_mscale(factor, cfg.rope_mscale) / _yarn_mscale(factor, cfg.rope_mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
+def _dynamic_inv_freq(cfg: Config, length: jax.Array) -> jax.Array:
+    """[rot/2] dynamic-NTK frequencies for a call reaching `length` (a traced scalar): past
+    max_len (transformers' max_position_embeddings) the base grows as
+    theta * (factor * length / max_len - (factor - 1)) ** (rot / (rot - 2))."""
+    rot, factor = _rotated(cfg), cfg.rope_scaling_factor
+    length = jnp.maximum(length, cfg.max_len).astype(jnp.float32)
+    base = cfg.rope_theta * (factor * length / cfg.max_len - (factor - 1.0)) ** (rot / (rot - 2))
+    return 1.0 / base ** jnp.asarray(_exponents(rot), jnp.float32)
+
+
+def _call_inv_freq(cfg: Config, positions: jax.Array) -> jax.Array:
+    """[rot/2] the frequencies of one call over positions [B, T]: the scalings that depend on
+    the call's length (dynamic, longrope) read it as transformers does, max(positions) + 1."""
+    if cfg.rope_scaling not in ("dynamic", "longrope"):
+        return jnp.asarray(rope_inv_freq(cfg))
+    length = jnp.max(positions) + 1
+    if cfg.rope_scaling == "dynamic":
+        return _dynamic_inv_freq(cfg, length)
+    return jnp.where(length > cfg.rope_original_max_len, rope_inv_freq(cfg, long=True), rope_inv_freq(cfg))
 
 
 class RopeTables(NamedTuple):
@@ -67,9 +154,11 @@ def rope_tables(cfg: Config, kind: str, positions: jax.Array) -> RopeTables:
     positions [B, T]. "local" layers use `cfg.local_rope_theta` unscaled when it is set."""
     if kind == "local" and cfg.local_rope_theta is not None:
         cfg = cfg.replace(rope_theta=cfg.local_rope_theta, rope_scaling=None, rope_scaling_factor=1.0)
-    inv = rope_inv_freq(cfg)
+    inv = _call_inv_freq(cfg, positions)
     angles = positions.astype(jnp.float32)[..., None] * inv[None, None, :]  # [B, T, rot/2]
-    return RopeTables(jnp.cos(angles), jnp.sin(angles))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    scale = rope_attention_factor(cfg)
+    return RopeTables(cos, sin) if scale == 1.0 else RopeTables(cos * scale, sin * scale)
 
 
 def apply_rope(x: jax.Array, tables: RopeTables) -> jax.Array:
