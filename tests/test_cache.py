@@ -145,7 +145,7 @@ def test_cache_is_a_pytree_with_kv_heads_only():
     cache = zoo.init_cache(cfg, 3, 10)
     assert cache.kv.k.shape == (cfg.num_layers, 3 * 2, 10, cfg.head_size)
     assert cache.kv.v.shape == (cfg.num_layers, 3 * 2, cfg.head_size, 10)
-    assert cache.positions.shape == (3, 10) and bool(jnp.all(cache.positions == -1))
+    assert cache.main.positions.shape == (3, 10) and bool(jnp.all(cache.main.positions == -1))
     leaves, treedef = jax.tree.flatten(cache)
     assert jax.tree.unflatten(treedef, leaves).ring == cache.ring
     moved = jax.jit(lambda c: c)(cache)
@@ -174,7 +174,7 @@ def test_beam_helpers_repeat_and_take_rows():
     rows = jnp.repeat(jnp.arange(2.0), 3)[None, :, None, None] * jnp.ones((2, 6, 4, 8))
     cache = kv_cache.with_cross(cache, kv_cache.LayerKV(rows, jnp.zeros((2, 6, 8, 4))), None)
     rep = kv_cache.repeat_rows(cache, 3)
-    assert rep.cross.k.shape[1] == 18 and rep.positions.shape[0] == 6
+    assert rep.cross.k.shape[1] == 18 and rep.main.positions.shape[0] == 6
     assert rep.cross.k[0, :, 0, 0].tolist() == [0] * 9 + [1] * 9
     picked = kv_cache.take_rows(rep, jnp.array([5, 0]))
     assert picked.cross.k[0, :, 0, 0].tolist() == [1] * 3 + [0] * 3
@@ -209,7 +209,7 @@ def test_unstacked_layers_with_a_per_layer_cache_equal_the_stack(name, overrides
     updated in place) gives the scanned stack's logits, chunk after chunk, int8 included."""
     cfg = tiny(name, **overrides)
     params = zoo.init(cfg, KEY)
-    flat = zoo.nn.transformer.unstack_layers(params)
+    flat = zoo.decoding.unstacked(params)
     assert isinstance(flat["decoder"]["layers"], tuple) and len(flat["decoder"]["layers"]) == cfg.num_layers
     toks = tokens(jax.random.key(9), 2, 12)
     for quantize in (False, True):
@@ -217,7 +217,7 @@ def test_unstacked_layers_with_a_per_layer_cache_equal_the_stack(name, overrides
                                      [5] + [1] * 7)
         per_layer = zoo.init_cache(cfg, 2, 12, quantize=quantize, per_layer=True)
         assert isinstance(per_layer.kv, tuple) and len(per_layer.kv) == cfg.num_layers
-        got, cache = _chunked_logits(flat, cfg, toks, per_layer, [5] + [1] * 7)
+        got, cache = _chunked_logits(flat, zoo.decoding.layout(cfg), toks, per_layer, [5] + [1] * 7)
         assert isinstance(cache.kv, tuple)
         assert _max_diff(got, stacked) <= (2e-2 if cfg.dtype == "bfloat16" else TOL)
 
@@ -225,10 +225,10 @@ def test_unstacked_layers_with_a_per_layer_cache_equal_the_stack(name, overrides
 def test_unstacked_encdec_cache_equals_the_stack():
     cfg = tiny("tiny-encdec")
     params = zoo.init(cfg, KEY)
-    flat = {**params, "decoder": zoo.nn.transformer.unstack_layers(params["decoder"])}
+    flat = zoo.decoding.unstacked(params)
     src, tgt = tokens(jax.random.key(10), 2, 7), tokens(jax.random.key(11), 2, 6)
     run = jax.jit(zoo.encdec.forward, static_argnums=1)
     want = run(params, cfg, src, tgt, cache=zoo.init_cache(cfg, 2, 6)).logits
-    out = run(flat, cfg, src, tgt, cache=zoo.init_cache(cfg, 2, 6, per_layer=True))
+    out = run(flat, zoo.decoding.layout(cfg), src, tgt, cache=zoo.init_cache(cfg, 2, 6, per_layer=True))
     assert isinstance(out.cache.cross, tuple)
     assert _max_diff(out.logits, want) <= TOL

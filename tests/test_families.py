@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.nn.transformer import apply_layer, self_context
+from zoo.nn.transformer import apply_layer, layer_kinds, run_stack, self_context
 from conftest import encode, forward, run, tiny, tokens
 
 KEY = jax.random.key(0)
@@ -166,11 +166,10 @@ def test_scan_equals_python_loop(tiny_name):
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
     ctx = self_context(stack, cfg, pos, causal=cfg.family == "decoder", valid=None)
     x = jax.random.normal(jax.random.key(2), (2, 9, cfg.d_model))
-    from zoo.nn.transformer import run_stack
-    scanned, _ = run_stack({"layers": stack["layers"]}, x, ctx, cfg)
+    scanned, _, _ = run_stack({"layers": stack["layers"]}, x, ctx, cfg)
     looped = x
-    for i in range(3):
-        looped, _ = apply_layer(jax.tree.map(lambda a: a[i], stack["layers"]), looped, ctx, cfg)
+    for i, kind in enumerate(layer_kinds(cfg, 3)):
+        looped, _, _ = apply_layer(jax.tree.map(lambda a: a[i], stack["layers"]), looped, kind, ctx, cfg)
     np.testing.assert_allclose(scanned, looped, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
 """Shared blocks: positions, attention (GQA, masks), MoE routing, norms."""
 
+import functools
 import math
 
 import chex
@@ -10,7 +11,7 @@ import pytest
 from absl.testing import parameterized
 
 import zoo
-from zoo.nn import attention, linear, mlp, moe, norms, positions
+from zoo.nn import attention, backend, linear, mlp, moe, norms, positions
 from conftest import tiny
 
 
@@ -212,10 +213,11 @@ class BlocksEagerAndJitted(chex.TestCase):
         assert "qkv" in fused and "q" not in fused and ("qkv_bias" in fused) == cfg.attn_bias
         x = jax.random.normal(jax.random.key(5), (2, 6, cfg.d_model))
         pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
-        ctx = attention.Context(attention.attention_mask(pos, pos, causal=True), None, pos)
         rope = positions.rope_tables(cfg, "global", pos) if cfg.positions == "rope" else None
+        ctx = attention.Context(attention.attention_mask(pos, pos, causal=True), None, rope)
         apply = self.variant(attention.apply_attention, static_argnums=3)
-        chex.assert_trees_all_close(apply(fused, x, ctx, cfg, rope), apply(p, x, ctx, cfg, rope), atol=1e-5)
+        chex.assert_trees_all_close(apply(fused, x, ctx, cfg.replace(layout="decoding")),
+                                    apply(p, x, ctx, cfg), atol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(False, True)
@@ -229,7 +231,8 @@ class BlocksEagerAndJitted(chex.TestCase):
         assert "wgi" in fused and "wg" not in fused and "wi" not in fused
         x = jax.random.normal(jax.random.key(7), (2, 3, cfg.d_model))
         apply = self.variant(mlp.apply_mlp, static_argnums=2)
-        chex.assert_trees_all_close(apply(fused, x, cfg), apply(p, x, cfg), atol=1e-5)
+        chex.assert_trees_all_close(apply(fused, x, cfg.replace(layout="decoding")), apply(p, x, cfg),
+                                    atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_heads,with_bias", [(4, False), (2, True), (1, False)])
@@ -248,9 +251,9 @@ def test_row_by_row_attention_equals_the_batched_einsum(monkeypatch, kv_heads, w
     args = (q, k, v) + ((jax.random.normal(keys[4], (1, n, t, s)),) if with_bias else ())
 
     def run(by_rows: bool):
-        monkeypatch.setattr(attention, "_by_rows", lambda: by_rows)
         monkeypatch.setattr(attention, "_MAX_UNROLLED_ROWS", max_unrolled)
-        f = lambda q, k, v, *bias: attention.attend(q, k, v, mask, bias[0] if bias else None, 0.3)
+        how = "rows" if by_rows else "xla"
+        f = lambda q, k, v, *bias: attention.attend(q, k, v, mask, bias[0] if bias else None, 0.3, how)
         grads = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args))))(*args)
         return f(*args), grads
 
@@ -289,16 +292,18 @@ def test_bf16_matmul_is_the_fp32_accumulated_product_rounded_with_bf16_gradients
     w = jax.random.normal(ks[1], (256, 96))   # fp32 master weights, cast inside
     e = jax.random.normal(ks[2], (50, 256))
     w16, e16 = w.astype(jnp.bfloat16), e.astype(jnp.bfloat16)
-    if jax.default_backend() == "cpu":  # the form XLA:CPU gives to its bf16 matrix units
-        assert "xbf16>) -> tensor<32x96xf32>" in jax.jit(linear.matmul).lower(x, w).as_text()
+    matmul = jax.jit(functools.partial(linear.matmul, mode="f32_accumulate"))
+    transposed = jax.jit(functools.partial(linear.matmul_transposed, mode="f32_accumulate"))
+    # the form XLA:CPU gives to its bf16 matrix units
+    assert "xbf16>) -> tensor<32x96xf32>" in matmul.lower(x, w).as_text()
+    assert "xbf16>) -> tensor<32x96xf32>" not in jax.jit(linear.matmul).lower(x, w).as_text()
     exact = lambda a, b: (a.astype(jnp.float32) @ b.astype(jnp.float32)).astype(jnp.bfloat16)
-    for got, want in ((jax.jit(linear.matmul)(x, w), exact(x, w16)),
-                      (jax.jit(linear.matmul_transposed)(x, e), exact(x, e16.T))):
+    for got, want in ((matmul(x, w), exact(x, w16)), (transposed(x, e), exact(x, e16.T))):
         assert got.dtype == jnp.bfloat16
         # fp32 accumulation: at most one bf16 rounding step from the exact product
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
                                    rtol=2 ** -7, atol=1e-6)
-    gx, gw = jax.grad(lambda x, w: jnp.sum(linear.matmul(x, w).astype(jnp.float32) ** 2),
+    gx, gw = jax.grad(lambda x, w: jnp.sum(matmul(x, w).astype(jnp.float32) ** 2),
                       argnums=(0, 1))(x, w)
     assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
     y = exact(x, w16).astype(np.float32)
@@ -306,30 +311,44 @@ def test_bf16_matmul_is_the_fp32_accumulated_product_rounded_with_bf16_gradients
                                rtol=2e-2, atol=2e-2 * float(np.abs(gw).max()))
 
 
-def test_auto_attention_chooses_cudnn_only_where_the_kernel_applies():
-    assert attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=False, platform="cuda")
-    assert attention.cudnn_applies(jnp.float16, has_bias=False, cache_layout=False, platform="cuda")
-    assert not attention.cudnn_applies(jnp.float32, has_bias=False, cache_layout=False, platform="cuda")
-    assert not attention.cudnn_applies(jnp.bfloat16, has_bias=True, cache_layout=False, platform="cuda")
-    assert not attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=True, platform="cuda")
-    for platform in ("cpu", "tpu", "rocm"):
-        assert not attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=False, platform=platform)
-    # With no platform given: the first device's (cuda only where the suite runs on a GPU).
-    here = attention.cudnn_applies(jnp.bfloat16, has_bias=False, cache_layout=False)
-    assert here == (attention._platform() == "cuda")
+def test_auto_kernels_are_chosen_once_from_the_platform():
+    """"auto" is resolved at the entry (zoo.nn.backend), from the platform and device count."""
+    cfg, half = tiny("tiny-decoder"), tiny("tiny-decoder", dtype="bfloat16")
+    assert backend.choose_attention(half, "cuda", 1) == "cudnn"
+    assert backend.choose_attention(half.replace(dtype="float16"), "cuda", 8) == "cudnn"
+    assert backend.choose_attention(cfg, "cuda", 1) == "xla"  # the kernel needs bf16/fp16
+    assert backend.choose_attention(half, "cpu", 1) == "rows"
+    assert backend.choose_attention(half, "cpu", 8) == "xla"  # SPMD should see one batched op
+    assert backend.choose_attention(half, "tpu", 1) == "xla"
+    assert backend.choose_matmul("cpu") == "f32_accumulate" and backend.choose_matmul("tpu") == "xla"
+    here = backend.resolve(cfg)
+    assert (here.attention, here.matmul) == ("rows", "f32_accumulate")  # this CPU, no mesh
+    pinned = cfg.replace(attention="xla", matmul="xla")
+    assert backend.resolve(pinned) is pinned
+    # The cuDNN kernel takes only calls it can run: no bias, no cache layout, no soft-cap.
+    assert attention.cudnn_fits(jnp.bfloat16, has_bias=False, cache_layout=False)
+    assert not attention.cudnn_fits(jnp.float32, has_bias=False, cache_layout=False)
+    assert not attention.cudnn_fits(jnp.bfloat16, has_bias=True, cache_layout=False)
+    assert not attention.cudnn_fits(jnp.bfloat16, has_bias=False, cache_layout=True)
+    assert not attention.cudnn_fits(jnp.bfloat16, has_bias=False, cache_layout=False, softcap=50.0)
 
 
-def test_auto_attention_is_the_xla_path_on_cpu():
-    cfg = tiny("tiny-decoder")
-    assert cfg.attention == "auto"
+def test_the_math_below_the_entry_never_looks_at_the_device(monkeypatch):
+    """With attention and matmul pinned, a forward traces to the same program whatever the
+    platform claims to be: only zoo.nn.backend.resolve reads it, and only for "auto"."""
+    cfg = tiny("tiny-decoder", dtype="bfloat16", attention="rows", matmul="f32_accumulate")
     params = zoo.init(cfg, jax.random.key(0))
     toks = jax.random.randint(jax.random.key(1), (2, 16), 3, cfg.vocab_size)
-    auto = zoo.forward(params, cfg, toks).logits
-    xla = zoo.forward(params, cfg.replace(attention="xla"), toks).logits
-    assert jnp.array_equal(auto, xla)
+    lower = lambda: jax.jit(zoo.forward, static_argnums=1).lower(params, cfg, toks).as_text()
+    here = lower()
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(backend, "platform", lambda: "tpu")
+    assert lower() == here
+    auto = jax.jit(zoo.forward, static_argnums=1).lower(params, cfg.replace(attention="auto", matmul="auto"), toks)
+    assert auto.as_text() != here  # "auto" on a "tpu": the batched einsums, plain matmuls
 
 
-def test_auto_attention_falls_back_to_xla_when_cudnn_refuses_the_shapes(monkeypatch):
+def test_cudnn_falls_back_to_xla_where_the_kernel_refuses_the_shapes(monkeypatch):
     # As on a CUDA device whose kernel rejects the call at trace time (head size, odd lengths).
     calls = []
 
@@ -337,16 +356,13 @@ def test_auto_attention_falls_back_to_xla_when_cudnn_refuses_the_shapes(monkeypa
         calls.append(args[0].shape)
         raise NotImplementedError("unsupported head dim")
 
-    monkeypatch.setattr(attention, "_platform", lambda: "cuda")
     monkeypatch.setattr(attention, "_attend_cudnn", refuse)
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 8, 4, 16), jnp.bfloat16) for i in range(3))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((8, 8), bool)), (2, 8, 8))
-    auto = attention.attend(q, k, v, mask, None, 0.25, "auto", causal=True)
+    cudnn = attention.attend(q, k, v, mask, None, 0.25, "cudnn", causal=True)
     xla = attention.attend(q, k, v, mask, None, 0.25, "xla", causal=True)
     assert calls == [(2, 8, 4, 16)]
-    assert jnp.array_equal(auto, xla)
-    with pytest.raises(NotImplementedError):  # asked for by name, the refusal is the user's error
-        attention.attend(q, k, v, mask, None, 0.25, "cudnn", causal=True)
+    assert jnp.array_equal(cudnn, xla)
 
 
 @pytest.mark.parametrize("name,scheme", [

@@ -26,7 +26,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import zoo
 from train import loss
 from train.optim import Hparams, make_optimizer, schedule
-from zoo.nn.embeddings import vocab_logits
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -84,17 +83,20 @@ def check_batch(cfg: zoo.Config, batch: Batch) -> None:
 
 def forward(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None = None,
             remat: bool | str = False) -> zoo.Output:
-    """The family's forward on a batch dict (the family is picked from cfg.family)."""
+    """The model's forward (`zoo.apply`) on a batch dict."""
+    return zoo.apply(params, cfg, model_inputs(cfg, batch), key=key, remat=remat)
+
+
+def model_inputs(cfg: zoo.Config, batch: Batch) -> zoo.Inputs:
+    """A batch dict as `zoo.Inputs`. Seq2seq batches hold the source in `inputs` and the
+    shifted target in `decoder_inputs`; packed rows carry segment_ids (0: padding)."""
     inputs = batch["inputs"]
-    if cfg.family == "encdec":
-        return zoo.encdec.forward(params, cfg, inputs, batch["decoder_inputs"],
-                                  src_mask=inputs != cfg.pad_id, key=key, remat=remat)
+    if "decoder_inputs" in batch:
+        return zoo.Inputs(batch["decoder_inputs"], source=inputs, source_mask=inputs != cfg.pad_id)
     seg = batch.get("segment_ids")
-    mask = seg > 0 if seg is not None else inputs != cfg.pad_id
-    kw = dict(mask=mask, segment_ids=seg, positions=batch.get("positions"), key=key, remat=remat)
-    if cfg.family == "decoder":
-        return zoo.decoder.forward(params, cfg, inputs, prefix_mask=batch.get("prefix_mask"), **kw)
-    return zoo.encoder.forward(params, cfg, inputs, **kw)
+    return zoo.Inputs(inputs, mask=seg > 0 if seg is not None else inputs != cfg.pad_id,
+                      positions=batch.get("positions"), segment_ids=seg,
+                      prefix_mask=batch.get("prefix_mask"))
 
 
 def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
@@ -116,10 +118,7 @@ def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
 
 
 def _logits(cfg: zoo.Config, head: dict, hidden: jax.Array) -> jax.Array:
-    """The family's output head: hidden [B, C, D] -> logits [B, C, V]."""
-    if cfg.family == "encoder":
-        return zoo.encoder.mlm_logits(head, hidden, cfg)
-    return vocab_logits(head, hidden, cfg)
+    return zoo.model.logits(head, cfg, hidden)
 
 
 def _input_tokens(cfg: zoo.Config, batch: Batch) -> jax.Array:

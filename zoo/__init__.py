@@ -5,11 +5,11 @@ from zoo.config import Config, ConfigError
 from zoo.encoder import encode
 from zoo.generate import generate
 from zoo.hf import load_hf, save_hf
-from zoo.model import axes, forward, init, param_count, spec
+from zoo.model import Inputs, apply, axes, forward, init, param_count, spec
 from zoo.nn.cache import Cache, init as init_cache
 from zoo.nn.output import Output
 from zoo.presets import preset
 
-__all__ = ["Cache", "Config", "ConfigError", "Output", "axes", "decoder", "encdec", "encode",
+__all__ = ["Cache", "Config", "ConfigError", "Inputs", "Output", "apply", "axes", "decoder", "encdec", "encode",
            "encoder", "flops", "forward", "generate", "heads", "init", "init_cache", "load_hf", "nn",
            "param_count", "preset", "presets", "save_hf", "sharding", "spec", "tokenizer"]

@@ -236,6 +236,7 @@ def _validate(c: Config) -> None:
              f"expected one of {tuple(ACTIVATIONS)}, got {c.activation!r}")
     _require(c.norm in NORMS, "norm", f"expected one of {NORMS}, got {c.norm!r}")
     _require(not (c.norm == "rmsnorm" and c.norm_bias), "norm_bias", "rmsnorm has no bias")
+    _require(c.norm_offset in (0.0, 1.0), "norm_offset", f"expected 0.0 or 1.0, got {c.norm_offset}")
     _require(c.norm_eps > 0, "norm_eps", f"expected > 0, got {c.norm_eps}")
     _require(c.norm_position in NORM_POSITIONS, "norm_position",
              f"expected one of {NORM_POSITIONS}, got {c.norm_position!r}")

@@ -8,14 +8,14 @@ from __future__ import annotations
 import jax
 
 from zoo.config import Config
+from zoo.nn.backend import resolve
+from zoo.nn.cache import Cache, advance
 from zoo.nn.checks import check_mask, check_same_shape, check_tokens
 from zoo.nn.embeddings import embed_spec, embed_tokens, head_spec, vocab_logits
 from zoo.nn.output import Output
 from zoo.nn.param import Spec
-from zoo.nn.cache import Cache, advance
-from zoo.nn.transformer import (cached_positions, cached_self_context, default_positions,
-                                embed_for_stack, run_stack, run_stack_cached, self_context,
-                                stack_spec)
+from zoo.nn.transformer import (StackCache, cached_context, cached_positions, default_positions,
+                                embed_for_stack, run_stack, self_context, stack_spec)
 
 
 def spec(cfg: Config) -> Spec:
@@ -42,6 +42,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | N
     """
     if cfg.family != "decoder":
         raise ValueError(f"zoo.decoder.forward: cfg.family must be 'decoder', got {cfg.family!r}")
+    cfg = resolve(cfg)
     check_tokens("tokens", tokens, cfg)
     check_mask("mask", mask, "tokens", tokens)
     check_mask("prefix_mask", prefix_mask, "tokens", tokens)
@@ -60,7 +61,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | N
     x = embed_for_stack(stack, embed_tokens(params["embed"], tokens, cfg), positions, cfg, keys[0])
     ctx = self_context(stack, cfg, positions, causal=True, valid=mask, segments=segment_ids,
                        prefix=prefix_mask)
-    hidden, aux = run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
+    hidden, aux, _ = run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
     return Output(logits=vocab_logits(params, hidden, cfg), hidden=hidden, aux_loss=aux)
 
 
@@ -70,6 +71,7 @@ def cached_hidden(params: dict, cfg: Config, tokens: jax.Array, cache: Cache, *,
     """A chunk tokens [B, T] through the stack over `cache` -> (hidden [B, T, D] after the
     final norm, MoE loss, updated cache). Callers that need only some logits (decoding)
     project just those."""
+    cfg = resolve(cfg)
     if cache.batch != tokens.shape[0]:
         raise ValueError(f"cache: batch {cache.batch} differs from tokens batch {tokens.shape[0]}")
     if positions is None:
@@ -77,6 +79,6 @@ def cached_hidden(params: dict, cfg: Config, tokens: jax.Array, cache: Cache, *,
     keys = jax.random.split(key) if key is not None else (None, None)
     stack = params["decoder"]
     x = embed_for_stack(stack, embed_tokens(params["embed"], tokens, cfg), positions, cfg, keys[0])
-    ctx, plan, slot_pos = cached_self_context(stack, cfg, positions, mask, cache)
-    hidden, aux, kv = run_stack_cached(stack, x, ctx, cfg, kv=cache.kv, plan=plan, key=keys[1])
-    return hidden, aux, advance(cache, kv, slot_pos, tokens.shape[1], mask)
+    ctx, slots = cached_context(stack, cfg, positions, mask, cache)
+    hidden, aux, layers = run_stack(stack, x, ctx, cfg, key=keys[1], cache=StackCache(cache.kv))
+    return hidden, aux, advance(cache, layers.kv, slots, tokens.shape[1], mask)

@@ -18,10 +18,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zoo import decoder, encdec
+from zoo import encdec
 from zoo.config import Config
+from zoo.model import cached_hidden
 from zoo.nn import cache as kv_cache
 from zoo.nn.attention import fuse_qkv
+from zoo.nn.backend import resolve
 from zoo.nn.embeddings import vocab_logits
 from zoo.nn.mlp import fuse_gate
 from zoo.nn.transformer import unstack_layers
@@ -50,12 +52,14 @@ def reach(cfg: Config, prompt_len: int, opts: Options) -> int:
 
 
 def unstacked(params: dict) -> dict:
-    """params in the decoding layout: the decoder stack's layers split apart
-    (`unstack_layers`), each self-attention's q, k, v fused into one matrix (`fuse_qkv`)
-    and each gated MLP's gate and input matrices into one (`fuse_gate`).
-    The decoding loops run the layers unrolled over per-layer caches (`new_cache`), so no
-    token step copies a layer's weights or cache out of a stack. Costs one copy of the
-    decoder weights; a tree already in this layout is returned as is."""
+    """params in the decoding layout (`Config.layout="decoding"`, which `prefill` and `step`
+    set): the decoder stack's layers split apart (`unstack_layers`), each self-attention's
+    q, k, v fused into one matrix (`fuse_qkv`) and each gated MLP's gate and input matrices
+    into one (`fuse_gate`). The decoding loops run the layers unrolled over per-layer caches
+    (`new_cache`), so no token step copies a layer's weights or cache out of a stack. Costs
+    one copy of the decoder weights; a tree already in this layout is returned as is."""
+    if isinstance(params["decoder"]["layers"], tuple):  # converted by the caller already
+        return params
     stack = unstack_layers(params["decoder"])
     stack["layers"] = tuple(_fused(layer) for layer in stack["layers"])
     return {**params, "decoder": stack}
@@ -66,6 +70,11 @@ def _fused(layer: dict) -> dict:
     if "mlp" in layer:
         out["mlp"] = fuse_gate(layer["mlp"])
     return out
+
+
+def layout(cfg: Config) -> Config:
+    """The config that runs `unstacked` parameters."""
+    return cfg.replace(layout="decoding")
 
 
 def new_cache(cfg: Config, batch: int, length: int, opts: Options) -> kv_cache.Cache:
@@ -80,33 +89,25 @@ def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     return jnp.take_along_axis(tokens, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
 
 
-def _hidden(params: dict, cfg: Config, tokens: jax.Array, cache: kv_cache.Cache,
-            mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, kv_cache.Cache]:
-    """(hidden [B, T, D], MoE loss, cache) of a chunk over the cache, for either family."""
-    if cfg.family == "decoder":
-        return decoder.cached_hidden(params, cfg, tokens, cache, mask=mask)
-    return encdec.cached_hidden(params, cfg, tokens, cache, tgt_mask=mask)
-
-
 def prefill(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
             cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
     """Feeds the prompt [B, T] -> (logits of the first new token [B, V] fp32, cache)."""
     if cfg.family == "encdec":
-        cache, _ = encdec.prime_cache(params, cfg, cache, prompt, prompt_mask)
+        cache, _ = encdec.prime_cache(params, layout(cfg), cache, prompt, prompt_mask)
         prompt = jnp.full((prompt.shape[0], 1), cfg.decoder_start_id, jnp.int32)
         prompt_mask = None
     elif prompt_mask is not None:
         prompt, prompt_mask = left_align(prompt, prompt_mask)
-    hidden, _, cache = _hidden(params, cfg, prompt, cache, prompt_mask)
-    logits = vocab_logits(params, hidden[:, -1:], cfg)[:, 0]
+    hidden, _, cache = cached_hidden(params, layout(cfg), prompt, cache, prompt_mask)
+    logits = vocab_logits(params, hidden[:, -1:], resolve(cfg))[:, 0]
     return logits.astype(jnp.float32), cache
 
 
 def step(params: dict, cfg: Config, tokens: jax.Array,
          cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
     """Feeds tokens [B, T] after the cached ones -> (logits [B, T, V] fp32, cache)."""
-    hidden, _, cache = _hidden(params, cfg, tokens, cache)
-    return vocab_logits(params, hidden, cfg).astype(jnp.float32), cache
+    hidden, _, cache = cached_hidden(params, layout(cfg), tokens, cache)
+    return vocab_logits(params, hidden, resolve(cfg)).astype(jnp.float32), cache
 
 
 def is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:

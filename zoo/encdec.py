@@ -11,14 +11,14 @@ import jax
 
 from zoo.config import Config
 from zoo.nn.attention import project_kv
+from zoo.nn.backend import resolve
 from zoo.nn.cache import Cache, LayerKV, advance, cache_layout, with_cross
 from zoo.nn.checks import check_mask, check_tokens
 from zoo.nn.embeddings import embed_spec, embed_tokens, head_spec, vocab_logits
 from zoo.nn.output import Output
 from zoo.nn.param import Spec
-from zoo.nn.transformer import (cached_positions, cached_self_context, cross_context,
-                                default_positions, embed_for_stack, run_stack, run_stack_cached,
-                                self_context, stack_spec)
+from zoo.nn.transformer import (StackCache, cached_context, cached_positions, default_positions,
+                                embed_for_stack, run_stack, self_context, stack_spec)
 
 
 def spec(cfg: Config) -> Spec:
@@ -33,6 +33,7 @@ def spec(cfg: Config) -> Spec:
 def encode(params: dict, cfg: Config, src: jax.Array, src_mask: jax.Array | None = None,
            key: jax.Array | None = None, remat: bool | str = False) -> tuple[jax.Array, jax.Array]:
     """src int [B, S] -> (memory [B, S, D], MoE balance loss)."""
+    cfg = resolve(cfg).replace(layout="stacked")  # the decoding layout covers the decoder only
     check_tokens("src", src, cfg)
     check_mask("src_mask", src_mask, "src", src)
     keys = jax.random.split(key) if key is not None else (None, None)
@@ -40,18 +41,19 @@ def encode(params: dict, cfg: Config, src: jax.Array, src_mask: jax.Array | None
     stack = params["encoder"]
     x = embed_for_stack(stack, embed_tokens(params["embed"], src, cfg), positions, cfg, keys[0])
     ctx = self_context(stack, cfg, positions, causal=False, valid=src_mask)
-    return run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
+    hidden, aux, _ = run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
+    return hidden, aux
 
 
 def cross_cache(params: dict, cfg: Config, memory: jax.Array) -> LayerKV | tuple[LayerKV, ...]:
     """Cross-attention keys/values of every decoder layer over memory [B, S, D], computed
     once in the cache layout (keys [B*K, S, H], values [B*K, H, S]): stacked on a leading
-    [L] axis, or a tuple of layers for unstacked parameters."""
+    [L] axis, or a tuple of layers for the decoding layout."""
     def one(p: dict) -> LayerKV:
-        return LayerKV(*cache_layout(*project_kv(p, memory)))
+        return LayerKV(*cache_layout(*project_kv(p, memory, cfg)))
 
     layers = params["decoder"]["layers"]
-    if isinstance(layers, tuple):
+    if cfg.layout == "decoding":
         return tuple(one(p["cross"]) for p in layers)
     return jax.vmap(one)(layers["cross"])
 
@@ -60,6 +62,7 @@ def prime_cache(params: dict, cfg: Config, cache: Cache, src: jax.Array,
                 src_mask: jax.Array | None = None) -> tuple[Cache, jax.Array]:
     """Runs the encoder once over src [B, S] and stores the cross-attention keys/values in
     the cache. Returns (cache, memory [B, S, D])."""
+    cfg = resolve(cfg)
     memory, _ = encode(params, cfg, src, src_mask)
     return with_cross(cache, cross_cache(params, cfg, memory), src_mask), memory
 
@@ -71,6 +74,7 @@ def decode(params: dict, cfg: Config, memory: jax.Array | None, tgt: jax.Array,
 
     With a primed cache (`prime_cache`), memory and src_mask are not needed: tgt continues
     the cached rows and Output.cache is the updated cache."""
+    cfg = resolve(cfg)
     check_tokens("tgt", tgt, cfg)
     check_mask("tgt_mask", tgt_mask, "tgt", tgt)
     if cache is not None:
@@ -83,9 +87,9 @@ def decode(params: dict, cfg: Config, memory: jax.Array | None, tgt: jax.Array,
     positions = default_positions(tgt, None)
     stack = params["decoder"]
     x = embed_for_stack(stack, embed_tokens(params["embed"], tgt, cfg), positions, cfg, keys[0])
-    ctx = self_context(stack, cfg, positions, causal=True, valid=tgt_mask)
-    cross = cross_context(positions, src_mask, memory.shape[1])
-    hidden, aux = run_stack(stack, x, ctx, cfg, memory=memory, cross_ctx=cross, key=keys[1], remat=remat)
+    ctx = self_context(stack, cfg, positions, causal=True, valid=tgt_mask, memory=memory,
+                       memory_valid=src_mask)
+    hidden, aux, _ = run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat, cross=True)
     return Output(logits=vocab_logits(params, hidden, cfg), hidden=hidden, aux_loss=aux)
 
 
@@ -93,17 +97,17 @@ def cached_hidden(params: dict, cfg: Config, tgt: jax.Array, cache: Cache, *,
                   tgt_mask: jax.Array | None = None, key: jax.Array | None = None
                   ) -> tuple[jax.Array, jax.Array, Cache]:
     """A decoder chunk tgt [B, T] over a primed cache -> (hidden [B, T, D], MoE loss, cache)."""
+    cfg = resolve(cfg)
     if cache.batch != tgt.shape[0]:
         raise ValueError(f"cache: batch {cache.batch} differs from tgt batch {tgt.shape[0]}")
     keys = jax.random.split(key) if key is not None else (None, None)
     positions = cached_positions(cache, tgt_mask, tgt.shape[1])
     stack = params["decoder"]
     x = embed_for_stack(stack, embed_tokens(params["embed"], tgt, cfg), positions, cfg, keys[0])
-    ctx, plan, slot_pos = cached_self_context(stack, cfg, positions, tgt_mask, cache)
-    cross = cross_context(positions, cache.cross_valid, cache.cross_len)
-    hidden, aux, kv = run_stack_cached(stack, x, ctx, cfg, cross_ctx=cross, kv=cache.kv, plan=plan,
-                                       cross_kv=cache.cross, key=keys[1])
-    return hidden, aux, advance(cache, kv, slot_pos, tgt.shape[1], tgt_mask)
+    ctx, slots = cached_context(stack, cfg, positions, tgt_mask, cache)
+    hidden, aux, layers = run_stack(stack, x, ctx, cfg, key=keys[1], cache=StackCache(cache.kv, cache.cross),
+                                    cross=True)
+    return hidden, aux, advance(cache, layers.kv, slots, tgt.shape[1], tgt_mask)
 
 
 def forward(params: dict, cfg: Config, src: jax.Array | None, tgt: jax.Array, *,
@@ -121,6 +125,7 @@ def forward(params: dict, cfg: Config, src: jax.Array | None, tgt: jax.Array, *,
     """
     if cfg.family != "encdec":
         raise ValueError(f"zoo.encdec.forward: cfg.family must be 'encdec', got {cfg.family!r}")
+    cfg = resolve(cfg)
     if cache is not None:
         memory = None
         if cache.cross is None:

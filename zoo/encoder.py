@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from zoo import encdec
 from zoo.config import Config
+from zoo.nn.backend import resolve
 from zoo.nn.checks import check_mask, check_same_shape, check_tokens
 from zoo.nn.embeddings import embed_spec, embed_tokens, head_spec, vocab_logits
 from zoo.nn.mlp import activation, dense, dense_spec
@@ -36,7 +37,7 @@ def spec(cfg: Config) -> Spec:
 def mlm_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
     """hidden [B, T, D] -> MLM logits [B, T, V] (BERT: dense, act, norm, tied projection)."""
     if "mlm" in params:
-        h = activation(cfg.activation)(dense(hidden, params["mlm"]["dense"]))
+        h = activation(cfg.activation)(dense(hidden, params["mlm"]["dense"], cfg.matmul))
         hidden = apply_norm(params["mlm"]["norm"], h, cfg)
     return vocab_logits(params, hidden, cfg)
 
@@ -53,6 +54,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | N
     """
     if cfg.family != "encoder":
         raise ValueError(f"zoo.encoder.forward: cfg.family must be 'encoder', got {cfg.family!r}")
+    cfg = resolve(cfg)
     check_tokens("tokens", tokens, cfg)
     check_mask("mask", mask, "tokens", tokens)
     check_same_shape("token_types", token_types, "tokens", tokens)
@@ -65,8 +67,8 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | N
     x = embed_tokens(params["embed"], tokens, cfg, token_types)
     x = embed_for_stack(stack, x, positions, cfg, keys[0])
     ctx = self_context(stack, cfg, positions, causal=False, valid=mask, segments=segment_ids)
-    hidden, aux = run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
-    pooled = jnp.tanh(dense(hidden[:, 0], params["pooler"])) if "pooler" in params else None
+    hidden, aux, _ = run_stack(stack, x, ctx, cfg, key=keys[1], remat=remat)
+    pooled = jnp.tanh(dense(hidden[:, 0], params["pooler"], cfg.matmul)) if cfg.pooler else None
     return Output(logits=mlm_logits(params, hidden, cfg), hidden=hidden, aux_loss=aux, pooled=pooled)
 
 

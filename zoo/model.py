@@ -1,8 +1,10 @@
-"""Family dispatch: `init`, `axes` and `param_count` for any `Config`."""
+"""The family-generic entry: `init`, `axes`, `param_count`, and `apply` over a typed
+`Inputs` record, for any `Config`. Training (train/step.py) and the decoding loops
+(zoo/decoding.py) call these and never branch on the family for the common path."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 from zoo import decoder, encdec, encoder
 from zoo.config import Config
 from zoo.nn import param as P
+from zoo.nn.embeddings import vocab_logits
 
 _FAMILIES = {"encoder": encoder, "decoder": decoder, "encdec": encdec}
 
@@ -45,5 +48,83 @@ def param_count(cfg: Config) -> int:
 
 
 def forward(params: dict, cfg: Config, *args: Any, **kwargs: Any):
-    """The family's forward (`zoo.<family>.forward`)."""
+    """The family's own forward (`zoo.<family>.forward`), with its own arguments: a
+    shorthand for interactive use. Code that serves every family calls `apply`."""
     return _FAMILIES[cfg.family].forward(params, cfg, *args, **kwargs)
+
+
+class Inputs(NamedTuple):
+    """What a model reads, for any family; every array is [B, T] (source: [B, S]).
+
+    tokens: int ids the stack reads: the encoder's (encoder), the sequence (decoder), the
+    decoder inputs, shifted right (encdec). mask: bool, True on real tokens. positions: int
+    (default: 0.. over real tokens, or after the cache). segment_ids: int, packed rows
+    attend within their segment (encoder, decoder). prefix_mask: bool, a bidirectional
+    prefix (decoder). token_types: int BERT segments (encoder). source, source_mask: the
+    encoder's tokens and mask (encdec).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array | None = None
+    positions: jax.Array | None = None
+    segment_ids: jax.Array | None = None
+    prefix_mask: jax.Array | None = None
+    token_types: jax.Array | None = None
+    source: jax.Array | None = None
+    source_mask: jax.Array | None = None
+
+
+# The Inputs fields each family reads (besides tokens and mask).
+_READS = {"encoder": ("positions", "segment_ids", "token_types"),
+          "decoder": ("positions", "segment_ids", "prefix_mask"),
+          "encdec": ("source", "source_mask")}
+
+
+def apply(params: dict, cfg: Config, inputs: Inputs, *, key: jax.Array | None = None,
+          remat: bool | str = False, cache: Any = None):
+    """Any family's forward on `inputs` -> `zoo.Output` (logits [B, T, V], hidden [B, T, D],
+    aux_loss, pooled / encoder_hidden / cache where the family has them).
+
+    key: dropout RNG (None: none); remat: see `zoo.nn.transformer.REMAT_POLICIES`; cache: a
+    `zoo.init_cache` cache (decoder, encdec) that tokens continue. An Inputs field the
+    family does not read is a ValueError naming it, never silently dropped."""
+    if not isinstance(inputs, Inputs):
+        raise TypeError(f"zoo.apply: inputs must be a zoo.Inputs, got {type(inputs).__name__}")
+    given = [name for name in Inputs._fields[2:]
+             if getattr(inputs, name) is not None and name not in _READS[cfg.family]]
+    if given:
+        raise ValueError(f"zoo.apply: a {cfg.family} model does not read Inputs field(s) {given}")
+    if cache is not None and cfg.family == "encoder":
+        raise ValueError("zoo.apply: an encoder model has no cache")
+    if cfg.family == "encdec":
+        return encdec.forward(params, cfg, inputs.source, inputs.tokens, src_mask=inputs.source_mask,
+                              tgt_mask=inputs.mask, key=key, remat=remat, cache=cache)
+    extra = {name: getattr(inputs, name) for name in _READS[cfg.family]}
+    if cfg.family == "decoder":
+        extra["cache"] = cache
+    return _FAMILIES[cfg.family].forward(params, cfg, inputs.tokens, mask=inputs.mask, key=key,
+                                         remat=remat, **extra)
+
+
+def cached_hidden(params: dict, cfg: Config, tokens: jax.Array, cache: Any,
+                  mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
+    """A chunk tokens [B, T] (mask [B, T]) over a decoder or encdec cache (encdec: primed
+    with `zoo.encdec.prime_cache`) -> (hidden [B, T, D], MoE loss, cache): what decoding
+    steps call, without the vocabulary projection."""
+    if cfg.family == "decoder":
+        return decoder.cached_hidden(params, cfg, tokens, cache, mask=mask)
+    if cfg.family == "encdec":
+        return encdec.cached_hidden(params, cfg, tokens, cache, tgt_mask=mask)
+    raise ValueError(f"cached_hidden: an {cfg.family} model has no cache")
+
+
+def logits(params: dict, cfg: Config, hidden: jax.Array) -> jax.Array:
+    """The model's output head on hidden [B, T, D] -> logits [B, T, V] (the MLM head of an
+    encoder, the vocabulary projection otherwise). params may hold just the head's
+    subtrees ("embed", "head", "mlm")."""
+    from zoo.nn.backend import resolve
+
+    cfg = resolve(cfg)
+    if cfg.family == "encoder":
+        return encoder.mlm_logits(params, hidden, cfg)
+    return vocab_logits(params, hidden, cfg)

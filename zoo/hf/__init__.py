@@ -123,7 +123,8 @@ def _canonical(c: Config) -> Config:
     """The same model with every field that cannot change its numbers reset to a default, so
     configs compare by what they compute."""
     # Numerics and kernels: how a model is computed, not which model it is.
-    keep_defaults = [name for name in ("dtype", "param_dtype", "attention", "initializer")
+    keep_defaults = [name for name in ("dtype", "param_dtype", "attention", "matmul", "layout",
+                                       "initializer", "scan_layers")
                      if name in _DEFAULTS]
     keep_defaults += _unused_rope_fields(c)
     if c.positions != "relative":

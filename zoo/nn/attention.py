@@ -11,14 +11,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from zoo.config import Config
 from zoo.nn.cache import LayerKV, Plan, update as update_cache
 from zoo.nn.linear import matmul
+from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param
-from zoo.nn.positions import apply_rope
-from zoo.sharding import active_devices, constrain
+from zoo.nn.positions import RopeTables, apply_rope
+from zoo.sharding import constrain
 
 _MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 
@@ -28,12 +28,12 @@ class Context(NamedTuple):
 
     mask: [B, Tq, Tk] bool, True where query may attend to key.
     bias: [B|1, N, Tq, Tk] fp32 additive bias (ALiBi / relative), or None.
-    positions: [B, Tq] int positions for RoPE, or None when the model has no RoPE.
+    rope: the rotation of queries and keys at their positions, or None (no RoPE, cross).
     """
 
     mask: jax.Array
     bias: jax.Array | None
-    positions: jax.Array | None
+    rope: RopeTables | None
     causal: bool = False  # static: mask is at most the causal mask (lets kernels skip blocks)
 
 
@@ -50,7 +50,11 @@ def attention_spec(cfg: Config, cross: bool = False) -> Spec:
         spec["q_bias"] = param((n, h), ("heads", "head_dim"), "zeros")
         spec["k_bias"] = param((k, h), ("kv_heads", "head_dim"), "zeros")
         spec["v_bias"] = param((k, h), ("kv_heads", "head_dim"), "zeros")
+    if cfg.out_bias:
         spec["o_bias"] = param((d,), ("embed",), "zeros")
+    if cfg.qk_norm and not cross:
+        spec["q_norm"] = norm_spec(cfg, h)
+        spec["k_norm"] = norm_spec(cfg, h)
     return spec
 
 
@@ -82,38 +86,39 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool,
     return allowed
 
 
-def project_kv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [B, S, D] -> keys, values [B, S, K, H]."""
+def project_kv(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """x: [B, S, D] -> keys, values [B, S, K, H] (before QK-norm and RoPE)."""
     dt = x.dtype
-    k = matmul(x, p["k"])
-    v = matmul(x, p["v"])
-    if "k_bias" in p:
+    k = matmul(x, p["k"], mode=cfg.matmul)
+    v = matmul(x, p["v"], mode=cfg.matmul)
+    if cfg.attn_bias:
         k = k + p["k_bias"].astype(dt)
         v = v + p["v_bias"].astype(dt)
     return k, v
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           bias: jax.Array | None, scale: float, implementation: str = "auto",
-           causal: bool = False, cache_layout: bool = False) -> jax.Array:
+           bias: jax.Array | None, scale: float, implementation: str = "xla",
+           causal: bool = False, cache_layout: bool = False,
+           softcap: float | None = None) -> jax.Array:
     """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
 
     cache_layout: k [B*K, S, H] and v [B*K, H, S] as a KV cache stores them (`zoo.nn.cache`).
-    implementation "cudnn" runs NVIDIA's fused kernel through `jax.nn.dot_product_attention`
-    (`causal` lets it skip masked blocks); "xla" is the einsum below, on any device; "auto"
-    is cudnn where `cudnn_applies` and the kernel accepts the shapes, else xla."""
-    if implementation == "auto":
-        if cudnn_applies(q.dtype, bias is not None, cache_layout):
-            try:
-                return _attend_cudnn(q, k, v, mask, bias, scale, causal, cache_layout)
-            except NotImplementedError:  # shapes the kernel rejects (head size, odd lengths)
-                pass
-        implementation = "xla"
-    if implementation == "cudnn":
-        return _attend_cudnn(q, k, v, mask, bias, scale, causal, cache_layout)
+    softcap: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2).
+    implementation (`Config.attention`, resolved by `zoo.nn.backend.resolve`): "xla" is the
+    einsum below, on any device; "rows" the same one batch row at a time (a CPU's cache
+    holds a row's scores); "cudnn" NVIDIA's fused kernel through
+    `jax.nn.dot_product_attention` (`causal` lets it skip masked blocks) where the call
+    allows it (`cudnn_fits`), else xla. "auto" here is xla: the math never looks at the
+    device it runs on."""
+    if implementation == "cudnn" and cudnn_fits(q.dtype, bias is not None, cache_layout, softcap):
+        try:
+            return _attend_cudnn(q, k, v, mask, bias, scale, causal, cache_layout)
+        except NotImplementedError:  # shapes the kernel rejects (head size, odd lengths)
+            pass
     b, t, n, h = q.shape
-    if not cache_layout and _by_rows():
-        return _attend_by_rows(q, k, v, mask, bias, scale)
+    if implementation == "rows" and not cache_layout:
+        return _attend_by_rows(q, k, v, mask, bias, scale, softcap)
     kv = k.shape[0] // b if cache_layout else k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
     if cache_layout:
@@ -123,6 +128,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         scores = scores.reshape(b, kv, n // kv, t, -1) * scale
     else:
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = _cap(scores, softcap)
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kv, n // kv, *bias.shape[2:])
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
@@ -135,22 +141,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(b, t, n, h)
 
 
-def cudnn_applies(dtype: jnp.dtype, has_bias: bool, cache_layout: bool,
-                  platform: str | None = None) -> bool:
-    """Whether `attention="auto"` tries the cuDNN kernel: on an NVIDIA GPU, for bf16/fp16,
-    without an additive bias (ALiBi, T5's relative buckets: the kernel would have to return
-    its gradient) and outside cached decoding (queries over the cache layout; the kernel is
-    unmeasured there). platform: "cuda", "rocm", "cpu", ... (default: the first device's)."""
-    platform = _platform() if platform is None else platform
-    return (platform == "cuda" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and not has_bias and not cache_layout)
+def _cap(scores: jax.Array, softcap: float | None) -> jax.Array:
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
-def _platform() -> str:
-    device = jax.devices()[0]
-    if device.platform == "gpu":  # CUDA and ROCm both report "gpu"; the client knows which
-        return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
-    return device.platform
+def cudnn_fits(dtype: jnp.dtype, has_bias: bool, cache_layout: bool,
+               softcap: float | None = None) -> bool:
+    """Whether a call can run on the cuDNN kernel: bf16/fp16, without an additive bias
+    (ALiBi, T5's relative buckets: the kernel would have to return its gradient), without
+    soft-capping, and outside cached decoding (queries over the cache layout; the kernel is
+    unmeasured there)."""
+    return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not has_bias
+            and not cache_layout and softcap is None)
 
 
 def _attend_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -173,25 +175,19 @@ def _attend_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 _MAX_UNROLLED_ROWS = 32
 
 
-def _by_rows() -> bool:
-    """Row by row on a CPU, unless the batch may be split across devices (then XLA's SPMD
-    partitioner should see one batched op)."""
-    return jax.default_backend() == "cpu" and active_devices() == 1
-
-
 def _attend_by_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                    bias: jax.Array | None, scale: float) -> jax.Array:
+                    bias: jax.Array | None, scale: float, softcap: float | None) -> jax.Array:
     b = q.shape[0]
     if bias is not None:
         bias = jnp.broadcast_to(bias, (b, *bias.shape[1:]))
     if b <= _MAX_UNROLLED_ROWS:
         return jnp.stack([_attend_row(q[i], k[i], v[i], mask[i], None if bias is None else bias[i],
-                                      scale) for i in range(b)])
-    return jax.lax.map(lambda xs: _attend_row(*xs, scale=scale), (q, k, v, mask, bias))
+                                      scale, softcap) for i in range(b)])
+    return jax.lax.map(lambda xs: _attend_row(*xs, scale=scale, softcap=softcap), (q, k, v, mask, bias))
 
 
 def _attend_row(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                bias: jax.Array | None, scale: float) -> jax.Array:
+                bias: jax.Array | None, scale: float, softcap: float | None) -> jax.Array:
     """One row: q [T, N, H], k/v [S, K, H], mask [T, S], bias [N, T, S] -> [T, N, H]."""
     t, n, h = q.shape
     kv = k.shape[1]
@@ -202,7 +198,7 @@ def _attend_row(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
         qm = jnp.transpose(q.reshape(t, kv, g, h), (1, 2, 0, 3)).reshape(kv, g * t, h)
         scores = jnp.einsum("kqh,skh->kqs", qm, k, preferred_element_type=jnp.float32)
         scores = scores.reshape(n, t, -1)
-    scores = scores * scale
+    scores = _cap(scores * scale, softcap)
     if bias is not None:
         scores = scores + bias
     scores = jnp.where(mask[None], scores, _MASKED)
@@ -214,11 +210,9 @@ def _attend_row(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 
 def fuse_qkv(p: dict) -> dict:
-    """Self-attention params with q, k, v merged into one matrix `qkv` [D, (N + 2K) * H] (and
-    `qkv_bias`): one matmul reads all three, which at batch 1 (decoding) is one pass over the
-    weights instead of three short ones. `apply_attention` takes either form."""
-    if "qkv" in p:
-        return p
+    """Self-attention params in the decoding layout (`Config.layout="decoding"`): q, k, v
+    merged into one matrix `qkv` [D, (N + 2K) * H] (and `qkv_bias`), so one matmul reads all
+    three, which at batch 1 is one pass over the weights instead of three short ones."""
     d, n, h = p["q"].shape
     k = p["k"].shape[1]
     out = {name: w for name, w in p.items() if name not in ("q", "k", "v", "q_bias", "k_bias", "v_bias")}
@@ -230,39 +224,36 @@ def fuse_qkv(p: dict) -> dict:
     return out
 
 
-def _fused_qkv(p: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _fused_qkv(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, T, D] through a `fuse_qkv` matrix -> q [B, T, N, H], k, v [B, T, K, H]."""
-    n, h = p["o"].shape[:2]
-    k = (p["qkv"].shape[1] // h - n) // 2
-    y = matmul(x, p["qkv"])
-    if "qkv_bias" in p:
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    y = matmul(x, p["qkv"], mode=cfg.matmul)
+    if cfg.attn_bias:
         y = y + p["qkv_bias"].astype(x.dtype)
     b, t = x.shape[:2]
     q, kk, v = jnp.split(y, [n * h, (n + k) * h], axis=-1)
     return q.reshape(b, t, n, h), kk.reshape(b, t, k, h), v.reshape(b, t, k, h)
 
 
-def _qkv(p: dict, x: jax.Array, ctx: Context, rope_freq: np.ndarray | None,
-         kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries [B, T, N, H] and keys, values [B, S, K, H] (projected from x unless given)."""
-    dt = x.dtype
-    if "qkv" in p:  # self-attention in the decoding layout
-        q, k, v = _fused_qkv(p, x)
-        if rope_freq is not None:
-            q = apply_rope(q, rope_freq)
-            k = apply_rope(k, rope_freq)
-        return q, k, v
-    q = matmul(x, p["q"])
-    if "q_bias" in p:
-        q = q + p["q_bias"].astype(dt)
-    if kv is None:
-        k, v = project_kv(p, x)
-        if rope_freq is not None:
-            q = apply_rope(q, rope_freq)
-            k = apply_rope(k, rope_freq)
+def _self_qkv(p: dict, x: jax.Array, ctx: Context,
+              cfg: Config) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries [B, T, N, H], keys and values [B, T, K, H] of self-attention over x: QK-norm,
+    then RoPE."""
+    if cfg.layout == "decoding":
+        q, k, v = _fused_qkv(p, x, cfg)
     else:
-        k, v = kv
+        q = _project_q(p, x, cfg)
+        k, v = project_kv(p, x, cfg)
+    if cfg.qk_norm:
+        q, k = apply_norm(p["q_norm"], q, cfg), apply_norm(p["k_norm"], k, cfg)
+    if ctx.rope is not None:
+        q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
     return q, k, v
+
+
+def _project_q(p: dict, x: jax.Array, cfg: Config) -> jax.Array:
+    q = matmul(x, p["q"], mode=cfg.matmul)
+    return q + p["q_bias"].astype(x.dtype) if cfg.attn_bias else q
 
 
 def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
@@ -272,31 +263,33 @@ def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
     if not cache_layout:
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
-    out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, cache_layout)
+    out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, cache_layout,
+                 cfg.attn_softcap)
     # One [N*H, D] matmul: as an einsum over (n, h), XLA may transpose the weight to match
     # the activation's layout, a full copy of W_o on every decoding step.
-    y = matmul(out, p["o"], n_in=2)
-    if "o_bias" in p:
+    y = matmul(out, p["o"], n_in=2, mode=cfg.matmul)
+    if cfg.out_bias:
         y = y + p["o_bias"].astype(q.dtype)
     return y
 
 
-def apply_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config,
-                    rope_freq: np.ndarray | None = None,
-                    kv: tuple[jax.Array, jax.Array] | None = None,
-                    cache_layout: bool = False) -> jax.Array:
-    """x: [B, T, D] -> [B, T, D]. Self-attention, or cross-attention over precomputed
-    `kv` ([B, S, K, H] each, or as a cache stores them with cache_layout; no RoPE on cross
-    keys)."""
-    q, k, v = _qkv(p, x, ctx, rope_freq, kv)
-    return _attend_out(p, q, k, v, ctx, cfg, cache_layout)
+def apply_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config) -> jax.Array:
+    """Self-attention: x [B, T, D] -> [B, T, D]."""
+    return _attend_out(p, *_self_qkv(p, x, ctx, cfg), ctx, cfg)
+
+
+def apply_cross_attention(p: dict, x: jax.Array, kv: tuple[jax.Array, jax.Array], ctx: Context,
+                          cfg: Config, cache_layout: bool = False) -> jax.Array:
+    """x [B, T, D] attending over precomputed keys/values `kv` ([B, S, K, H] each, or as a
+    cache stores them with cache_layout; `project_kv`) -> [B, T, D]. No RoPE on cross keys."""
+    return _attend_out(p, _project_q(p, x, cfg), *kv, ctx, cfg, cache_layout)
 
 
 def apply_cached_attention(p: dict, x: jax.Array, ctx: Context, cfg: Config, layer: LayerKV,
-                           plan: Plan, rope_freq: np.ndarray | None = None) -> tuple[jax.Array, LayerKV]:
+                           plan: Plan) -> tuple[jax.Array, LayerKV]:
     """Self-attention of a chunk x: [B, T, D] over a layer's cache (R slots) plus its
     own keys; ctx.mask is [B, T, R] (or [B, T, R + T] for a concat plan).
     Returns (y [B, T, D], the layer cache with the chunk's keys and values stored)."""
-    q, k, v = _qkv(p, x, ctx, rope_freq, None)
+    q, k, v = _self_qkv(p, x, ctx, cfg)
     k, v, layer = update_cache(layer, k, v, plan)
     return _attend_out(p, q, k, v, ctx, cfg, cache_layout=True), layer

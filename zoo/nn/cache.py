@@ -25,6 +25,12 @@ rule serves plain caches, left-padded prompts, rewinds and ring buffers:
   A longer chunk (the prompt) attends over the old slots and its own keys side by side and
   then keeps only its last R keys.
 
+A model whose layers mix kinds (`Config.layer_pattern`, e.g. Gemma 3's five sliding-window
+layers per global one) keeps one slot group per kind (`Cache.slots`): each "local" layer a
+ring of its window, each "global" layer the full length, so the cache of a long context is
+dominated by the few global layers. Such a cache is always per layer (buffers of two sizes
+do not stack).
+
 Slots written past the live length (rejected speculative tokens, after `rewind`) hold
 positions beyond every later query until they are overwritten, so causality hides them.
 
@@ -65,35 +71,56 @@ class Plan(NamedTuple):
 
 
 @flax.struct.dataclass
-class Cache:
-    """Decoding state of one model.
+class Slots:
+    """The slots of one kind of layer: positions [B, R] int32 of the token in each slot (-1
+    if empty or padding); ring: slots wrap around (a window shorter than the cache's reach)."""
 
-    kv: self-attention keys/values, LayerKV with a leading [L] axis (stacked) or a tuple of
-        L LayerKV (per layer).
-    positions: [B, R] int32 position of the token in each slot, -1 if empty or padding.
-    index: [] int32, tokens written so far (padding included); the next goes to index % R.
-    lengths: [B] int32, real tokens seen per row: the position of the row's next token.
-    cross: encdec cross-attention keys/values in the layout of kv (S source slots): LayerKV
-        with a leading [L] axis or a tuple of L LayerKV, or None.
-    cross_valid: [B, S] bool, the source mask, or None.
-    ring: slots wrap around (sliding window shorter than the cache's reach).
-    """
-
-    kv: LayerKV | tuple[LayerKV, ...]
     positions: jax.Array
-    index: jax.Array
-    lengths: jax.Array
-    cross: LayerKV | tuple[LayerKV, ...] | None = None
-    cross_valid: jax.Array | None = None
     ring: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def size(self) -> int:
         return self.positions.shape[1]
 
+
+@flax.struct.dataclass
+class Cache:
+    """Decoding state of one model.
+
+    kv: self-attention keys/values, LayerKV with a leading [L] axis (stacked) or a tuple of
+        L LayerKV (per layer).
+    slots: layer kind ("global" | "local", `Config.layer_kind`) -> its `Slots`; one entry
+        unless the model mixes kinds.
+    index: [] int32, tokens written so far (padding included); the next goes to index % R.
+    lengths: [B] int32, real tokens seen per row: the position of the row's next token.
+    cross: encdec cross-attention keys/values in the layout of kv (S source slots): LayerKV
+        with a leading [L] axis or a tuple of L LayerKV, or None.
+    cross_valid: [B, S] bool, the source mask, or None.
+    """
+
+    kv: LayerKV | tuple[LayerKV, ...]
+    slots: dict[str, Slots]
+    index: jax.Array
+    lengths: jax.Array
+    cross: LayerKV | tuple[LayerKV, ...] | None = None
+    cross_valid: jax.Array | None = None
+
+    @property
+    def main(self) -> Slots:
+        """The slots of the global layers (of the only kind, when there is one)."""
+        return self.slots.get("global") or self.slots["local"]
+
+    @property
+    def size(self) -> int:
+        return self.main.size
+
+    @property
+    def ring(self) -> bool:
+        return self.main.ring
+
     @property
     def batch(self) -> int:
-        return self.positions.shape[0]
+        return self.lengths.shape[0]
 
     @property
     def quantized(self) -> bool:
@@ -127,12 +154,18 @@ def stacked(kv: LayerKV | tuple[LayerKV, ...]) -> LayerKV:
     return kv if is_stacked(kv) else jax.tree.map(lambda *xs: jnp.stack(xs), *kv)
 
 
-def slots_needed(cfg: Config, length: int, chunk: int = 1) -> tuple[int, bool]:
-    """(R, ring) for a cache that must reach `length` tokens fed in chunks of <= `chunk`."""
-    w = cfg.sliding_window
+def slots_needed(cfg: Config, length: int, chunk: int = 1, kind: str = "global") -> tuple[int, bool]:
+    """(R, ring) for a layer of `kind` whose cache must reach `length` tokens fed in chunks
+    of <= `chunk`."""
+    w = window(cfg, kind)
     if w is not None and w + chunk - 1 < length:
         return w + chunk - 1, True
     return length, False
+
+
+def window(cfg: Config, kind: str) -> int | None:
+    """The sliding window of a layer of `kind`, None for global attention."""
+    return cfg.sliding_window if kind == "local" else None
 
 
 def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk: int = 1,
@@ -140,33 +173,43 @@ def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk:
     """An empty cache that reaches `length` tokens (prompt included) for `batch` rows.
 
     chunk: the longest chunk fed after the first call (speculative decoding: k + 1); it
-    sizes the ring of sliding-window models. num_layers: default the decoder depth.
-    per_layer: a tuple of per-layer buffers (for unstacked parameters) instead of a stack.
+    sizes the rings of sliding-window layers. num_layers: default the decoder depth.
+    per_layer: a tuple of per-layer buffers (for unstacked parameters) instead of a stack;
+    always so for a model that mixes layer kinds.
     """
     if batch < 1 or length < 1 or chunk < 1:
         raise ValueError(f"cache: batch, length and chunk must be >= 1, got {batch}, {length}, {chunk}")
     layers = num_layers or (cfg.decoder_layers if cfg.family == "encdec" else cfg.num_layers)
-    size, ring = slots_needed(cfg, length, chunk)
-    lead = (batch * cfg.kv_heads,) if per_layer else (layers, batch * cfg.kv_heads)
-    k_shape, v_shape = (*lead, size, cfg.head_size), (*lead, cfg.head_size, size)
+    kinds = [cfg.layer_kind(i) for i in range(layers)]
+    sizes = {kind: slots_needed(cfg, length, chunk, kind) for kind in sorted(set(kinds))}
+    per_layer = per_layer or len(sizes) > 1
 
-    def buffers() -> LayerKV:
+    def buffers(size: int, lead: tuple[int, ...]) -> LayerKV:
+        k_shape, v_shape = (*lead, size, cfg.head_size), (*lead, cfg.head_size, size)
         if quantize:
             scales = jnp.zeros((*lead, size), jnp.float32)
             return LayerKV(jnp.zeros(k_shape, jnp.int8), jnp.zeros(v_shape, jnp.int8), scales, scales)
         dt = jnp.dtype(cfg.dtype)
         return LayerKV(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt))
 
-    kv = tuple(buffers() for _ in range(layers)) if per_layer else buffers()
-    return Cache(kv=kv, positions=jnp.full((batch, size), -1, jnp.int32),
-                 index=jnp.zeros((), jnp.int32), lengths=jnp.zeros((batch,), jnp.int32), ring=ring)
+    rows = batch * cfg.kv_heads
+    if per_layer:
+        kv = tuple(buffers(sizes[kind][0], (rows,)) for kind in kinds)
+    else:
+        kv = buffers(sizes[kinds[0]][0], (layers, rows))
+    slots = {kind: Slots(jnp.full((batch, size), -1, jnp.int32), ring)
+             for kind, (size, ring) in sizes.items()}
+    return Cache(kv=kv, slots=slots, index=jnp.zeros((), jnp.int32),
+                 lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def plan(cache: Cache, num_new: int, window: int | None) -> Plan:
-    """How a chunk of num_new tokens is written: a ring chunk longer than the slack past the
-    window (a prompt) would overwrite keys its own first queries need, so it is concatenated."""
-    concat = cache.ring and window is not None and num_new > cache.size - window + 1
-    return Plan(cache.index, num_new, cache.size, cache.ring, concat)
+def plan(cache: Cache, kind: str, num_new: int, window_: int | None) -> Plan:
+    """How a chunk of num_new tokens is written into the slots of `kind`: a ring chunk longer
+    than the slack past the window (a prompt) would overwrite keys its own first queries
+    need, so it is concatenated."""
+    slots = cache.slots[kind]
+    concat = slots.ring and window_ is not None and num_new > slots.size - window_ + 1
+    return Plan(cache.index, num_new, slots.size, slots.ring, concat)
 
 
 # --- int8 -------------------------------------------------------------------------------
@@ -236,21 +279,20 @@ def update(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> tuple[jax.Arr
     return (*_read(stored, k.dtype), stored)
 
 
-def key_positions(cache: Cache, p: Plan, new_positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def key_positions(slots: Slots, p: Plan, new_positions: jax.Array) -> tuple[jax.Array, Slots]:
     """new_positions [B, T] (-1 on padding) -> (positions of the keys attended over,
-    [B, R] or [B, R + T], and the cache's updated slot positions [B, R])."""
-    stored = _write(cache.positions, new_positions, p, 1)
-    if p.concat:
-        return jnp.concatenate([cache.positions, new_positions], axis=1), stored
-    return stored, stored
+    [B, R] or [B, R + T], and the slots with the chunk written)."""
+    stored = _write(slots.positions, new_positions, p, 1)
+    keys = jnp.concatenate([slots.positions, new_positions], axis=1) if p.concat else stored
+    return keys, slots.replace(positions=stored)
 
 
-def advance(cache: Cache, kv: LayerKV, slot_positions: jax.Array, num_new: int,
-            valid: jax.Array | None) -> Cache:
-    """The cache after a chunk of num_new tokens: new kv and slot positions [B, R], index and
-    lengths moved on (lengths only by the real tokens, valid [B, T] bool)."""
+def advance(cache: Cache, kv: LayerKV | tuple[LayerKV, ...], slots: dict[str, Slots],
+            num_new: int, valid: jax.Array | None) -> Cache:
+    """The cache after a chunk of num_new tokens: new kv and slots, index and lengths moved
+    on (lengths only by the real tokens, valid [B, T] bool)."""
     real = num_new if valid is None else jnp.sum(valid, axis=1, dtype=jnp.int32)
-    return cache.replace(kv=kv, positions=slot_positions, index=cache.index + num_new,
+    return cache.replace(kv=kv, slots=slots, index=cache.index + num_new,
                          lengths=cache.lengths + real)
 
 
@@ -283,7 +325,8 @@ def _map_rows(cache: Cache, fn) -> Cache:
         return jax.tree.map(rows, kv)
 
     return cache.replace(kv=on_kv(cache.kv), cross=on_kv(cache.cross),
-                         positions=fn(cache.positions, 0), lengths=fn(cache.lengths, 0),
+                         slots={kind: s.replace(positions=fn(s.positions, 0)) for kind, s in cache.slots.items()},
+                         lengths=fn(cache.lengths, 0),
                          cross_valid=None if cache.cross_valid is None else fn(cache.cross_valid, 0))
 
 

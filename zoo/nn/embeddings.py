@@ -66,14 +66,17 @@ def add_positions(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config
 
 
 def vocab_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
-    """hidden [B, T, D] -> logits [B, T, V] in fp32-accumulated compute dtype."""
+    """hidden [B, T, D] -> logits [B, T, V] in the compute dtype (soft-capped when
+    cfg.final_softcap is set)."""
     head = params.get("head", {})
     if cfg.tie_embeddings:
         if cfg.logit_scale != 1.0:
             hidden = hidden * jnp.asarray(cfg.logit_scale, hidden.dtype)
-        logits = matmul_transposed(hidden, params["embed"]["tokens"])
+        logits = matmul_transposed(hidden, params["embed"]["tokens"], mode=cfg.matmul)
     else:
-        logits = matmul(hidden, head["kernel"])
-    if "bias" in head:
+        logits = matmul(hidden, head["kernel"], mode=cfg.matmul)
+    if cfg.logits_bias:
         logits = logits + head["bias"].astype(logits.dtype)
+    if cfg.final_softcap is not None:
+        logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
     return logits

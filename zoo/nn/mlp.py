@@ -39,9 +39,9 @@ def mlp_spec(cfg: Config) -> Spec:
 
 
 def fuse_gate(p: dict) -> dict:
-    """Gated MLP params with the gate and input matrices side by side, `wgi` [D, 2F] (and
-    `bgi`): one matmul instead of two, which at batch 1 (decoding) reads the weights in one
-    pass. `apply_mlp` takes either form; a dense MLP is returned as is."""
+    """Gated MLP params in the decoding layout (`Config.layout="decoding"`): the gate and
+    input matrices side by side, `wgi` [D, 2F] (and `bgi`), one matmul instead of two, which
+    at batch 1 reads the weights in one pass. A dense MLP is returned as is."""
     if "wg" not in p:
         return p
     out = {k: v for k, v in p.items() if k not in ("wg", "wi", "bg", "bi")}
@@ -54,36 +54,25 @@ def fuse_gate(p: dict) -> dict:
 def apply_mlp(p: dict, x: jax.Array, cfg: Config) -> jax.Array:
     """x: [B, T, D] -> [B, T, D]. Gated: act(x Wg) * (x Wi), as in SwiGLU/GeGLU."""
     act = activation(cfg.activation)
-    dt = x.dtype
-    if "wgi" in p:
-        gh = matmul(x, p["wgi"])
-        if "bgi" in p:
-            gh = gh + p["bgi"].astype(dt)
-        g, h = jnp.split(gh, 2, axis=-1)
-        return _project_out(p, constrain(act(g) * h, ("batch", "length", "mlp")), dt)
-    h = matmul(x, p["wi"])
-    if "bi" in p:
-        h = h + p["bi"].astype(dt)
-    if cfg.gated:
-        g = matmul(x, p["wg"])
-        if "bg" in p:
-            g = g + p["bg"].astype(dt)
+    if cfg.gated and cfg.layout == "decoding":
+        g, h = jnp.split(_project(p, x, "wgi", "bgi", cfg), 2, axis=-1)
         h = act(g) * h
+    elif cfg.gated:
+        h = act(_project(p, x, "wg", "bg", cfg)) * _project(p, x, "wi", "bi", cfg)
     else:
-        h = act(h)
-    return _project_out(p, constrain(h, ("batch", "length", "mlp")), dt)
+        h = act(_project(p, x, "wi", "bi", cfg))
+    return _project(p, constrain(h, ("batch", "length", "mlp")), "wo", "bo", cfg)
 
 
-def _project_out(p: dict, h: jax.Array, dt: jax.typing.DTypeLike) -> jax.Array:
-    y = matmul(h, p["wo"])
-    if "bo" in p:
-        y = y + p["bo"].astype(dt)
-    return y
+def _project(p: dict, x: jax.Array, weight: str, bias: str, cfg: Config) -> jax.Array:
+    y = matmul(x, p[weight], mode=cfg.matmul)
+    return y + p[bias].astype(x.dtype) if cfg.mlp_bias else y
 
 
-def dense(x: jax.Array, p: dict) -> jax.Array:
-    """x [..., Din] @ kernel (+ bias) in x's dtype; p = {"kernel": [Din, Dout], "bias"?: [Dout]}."""
-    y = matmul(x, p["kernel"])
+def dense(x: jax.Array, p: dict, mode: str = "xla") -> jax.Array:
+    """x [..., Din] @ kernel (+ bias) in x's dtype; p = {"kernel": [Din, Dout], "bias"?: [Dout]}
+    (a task head's own declaration; mode: `Config.matmul`)."""
+    y = matmul(x, p["kernel"], mode=mode)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     return y

@@ -1,24 +1,34 @@
-"""The layer every family is built from, and the scanned stack of them.
+"""The layer every family is built from, and the stack of them.
 
-A layer is self-attention, optional cross-attention, then an MLP or MoE, each wrapped in a
-pre- or post-norm residual. A stack owns what is per-stack in published models: learned
-positions, the embedding norm, the T5 relative-bias table, the layers (stacked on a leading
-`layers` axis and run with `lax.scan`) and the final norm.
+A layer is assembled from parts the config chooses (`LayerKind`): self-attention of a kind
+("global", or "local" over a sliding window, each with its own RoPE), optional
+cross-attention, then an MLP or a mixture of experts; each part sits in a residual with the
+config's norm placement (pre, post, or sandwich: a norm on the way in and one on the way
+out). A stack may mix kinds by `Config.layer_pattern`; every kind of a stack shares one
+parameter layout, so the layers stay stacked on a leading `layers` axis.
+
+A stack runs as a `lax.scan` over the pattern's periods (the P layers of one period
+unrolled in the body, the L mod P layers left over unrolled after it), so compile time stays
+flat in depth with any pattern. A stack also owns what is per-stack in published models:
+learned positions, the embedding norm, the T5 relative-bias table and the final norm.
+
+Parameter layouts are explicit (`Config.layout`): "stacked" ([L, ...] leaves, training and
+checkpoints) or "decoding" (a tuple of per-layer trees with fused projections, run unrolled
+over a per-layer cache; `zoo.decoding.unstacked`).
 """
 
 from __future__ import annotations
 
-import functools
-
-from typing import Callable
+import dataclasses
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from zoo.config import Config
-from zoo.nn.attention import (Context, apply_attention, apply_cached_attention, attention_mask,
-                              attention_spec, project_kv)
-from zoo.nn.cache import Cache, LayerKV, Plan, key_positions, plan as cache_plan
+from zoo.nn.attention import (Context, apply_attention, apply_cached_attention, apply_cross_attention,
+                              attention_mask, attention_spec, project_kv)
+from zoo.nn.cache import Cache, LayerKV, Plan, Slots, key_positions, plan as cache_plan, window
 from zoo.nn.cache import per_layer as kv_per_layer, stacked as kv_stacked
 from zoo.nn.embeddings import add_positions, position_spec
 from zoo.nn.mlp import apply_mlp, mlp_spec
@@ -29,17 +39,60 @@ from zoo.nn.positions import alibi_bias, relative_bias, rope_tables
 from zoo.sharding import constrain
 
 
-def layer_spec(cfg: Config, cross: bool) -> Spec:
-    spec = {"attn_norm": norm_spec(cfg), "attn": attention_spec(cfg), "mlp_norm": norm_spec(cfg)}
-    if cross:
-        spec["cross_norm"] = norm_spec(cfg)
-        spec["cross"] = attention_spec(cfg, cross=True)
-    spec["moe" if cfg.moe else "mlp"] = moe_spec(cfg) if cfg.moe else mlp_spec(cfg)
+# --- layer kinds and their parts ----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """The parts of one layer. attention: "global" | "local" (`Config.layer_kind`); cross:
+    cross-attention over an encoder's output; ffn: "mlp" | "moe"."""
+
+    attention: str = "global"
+    cross: bool = False
+    ffn: str = "mlp"
+
+
+def layer_kinds(cfg: Config, num_layers: int, cross: bool = False) -> tuple[LayerKind, ...]:
+    """The kind of every layer of a stack of num_layers."""
+    ffn = "moe" if cfg.moe else "mlp"
+    return tuple(LayerKind(cfg.layer_kind(i), cross, ffn) for i in range(num_layers))
+
+
+def period(kinds: tuple[LayerKind, ...], cfg: Config) -> int:
+    """P: the stack repeats every P layers (1 when every layer is of one kind)."""
+    if len(set(kinds)) == 1:
+        return 1
+    return len(cfg.layer_pattern)
+
+
+# The feed-forward parts: name -> (spec(cfg), apply(p, x, cfg) -> (y, aux loss)).
+FFN_PARTS: dict[str, tuple[Callable[[Config], Spec], Callable]] = {
+    "mlp": (mlp_spec, lambda p, x, cfg: (apply_mlp(p, x, cfg), jnp.zeros((), jnp.float32))),
+    "moe": (moe_spec, apply_moe),
+}
+
+
+def _norms(cfg: Config, name: str) -> Spec:
+    """The norms around sub-layer `name`: `{name}_norm`, plus `{name}_post_norm` (sandwich)."""
+    spec = {f"{name}_norm": norm_spec(cfg)}
+    if cfg.norm_position == "sandwich":
+        spec[f"{name}_post_norm"] = norm_spec(cfg)
+    return spec
+
+
+def layer_spec(cfg: Config, kind: LayerKind = LayerKind()) -> Spec:
+    spec = {**_norms(cfg, "attn"), "attn": attention_spec(cfg), **_norms(cfg, "mlp")}
+    if kind.cross:
+        spec.update(_norms(cfg, "cross"), cross=attention_spec(cfg, cross=True))
+    spec[kind.ffn] = FFN_PARTS[kind.ffn][0](cfg)
     return spec
 
 
 def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
-    spec = {**position_spec(cfg), "layers": stacked(layer_spec(cfg, cross), num_layers)}
+    kinds = layer_kinds(cfg, num_layers, cross)
+    layer = layer_spec(cfg, kinds[0])
+    if any(layer_spec(cfg, k) != layer for k in kinds[1:]):
+        raise ValueError(f"stack: layer kinds {sorted(set(kinds))} differ in parameters; "
+                         "a stack holds one parameter layout")
+    spec = {**position_spec(cfg), "layers": stacked(layer, num_layers)}
     if cfg.embed_norm:
         spec["embed_norm"] = norm_spec(cfg)
     if cfg.positions == "relative":
@@ -48,6 +101,25 @@ def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
     if cfg.final_norm:
         spec["final_norm"] = norm_spec(cfg)
     return spec
+
+
+# --- what the layers of one forward share -------------------------------------------------
+class StackContext(NamedTuple):
+    """Built once per forward: the self-attention Context of each attention kind, the
+    cross-attention Context and encoder output (encdec decoders), and, over a cache, the
+    write Plan of each kind."""
+
+    attention: dict[str, Context]
+    cross: Context | None = None
+    memory: jax.Array | None = None  # [B, S, D], when cross keys are not cached
+    plans: dict[str, Plan] | None = None
+
+
+class LayerCache(NamedTuple):
+    """A layer's cache: self-attention keys/values, and the cross-attention ones (or None)."""
+
+    kv: LayerKV
+    cross: LayerKV | None = None
 
 
 # What the backward pass may keep from the forward of each layer (`remat`); the rest is
@@ -80,165 +152,156 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _residual(x: jax.Array, norm_p: dict, sublayer: Callable[[jax.Array], jax.Array],
+def _residual(x: jax.Array, p: dict, name: str, sublayer: Callable[[jax.Array], jax.Array],
               cfg: Config, key: jax.Array | None) -> jax.Array:
-    if cfg.norm_position == "pre":
-        return x + dropout(sublayer(apply_norm(norm_p, x, cfg)), cfg.dropout, key)
-    return apply_norm(norm_p, x + dropout(sublayer(x), cfg.dropout, key), cfg)
+    """x plus sub-layer `name` under the config's norm placement."""
+    norm = p[f"{name}_norm"]
+    if cfg.norm_position == "post":
+        return apply_norm(norm, x + dropout(sublayer(x), cfg.dropout, key), cfg)
+    y = sublayer(apply_norm(norm, x, cfg))
+    if cfg.norm_position == "sandwich":
+        y = apply_norm(p[f"{name}_post_norm"], y, cfg)
+    return x + dropout(y, cfg.dropout, key)
 
 
-def self_context(p_stack: dict, cfg: Config, positions: jax.Array, *, causal: bool,
-                 valid: jax.Array | None, segments: jax.Array | None = None,
-                 prefix: jax.Array | None = None) -> Context:
-    """Mask, position bias and RoPE positions for self-attention over [B, T] positions."""
-    mask = attention_mask(positions, positions, causal=causal, k_valid=valid,
-                          window=cfg.sliding_window, q_segments=segments, k_segments=segments,
-                          prefix=prefix)
-    return Context(mask, position_bias(p_stack, cfg, positions, positions, bidirectional=not causal),
-                   positions if cfg.positions == "rope" else None, causal=causal and prefix is None)
-
-
-def cross_context(q_len_positions: jax.Array, memory_valid: jax.Array | None,
-                  memory_len: int) -> Context:
-    """Cross-attention: every decoder position sees every valid encoder position."""
-    b = q_len_positions.shape[0]
-    k_pos = jnp.broadcast_to(jnp.arange(memory_len), (b, memory_len))
-    mask = attention_mask(q_len_positions, k_pos, causal=False, k_valid=memory_valid)
-    return Context(mask, None, None)
-
-
-def position_bias(p_stack: dict, cfg: Config, q_pos: jax.Array, k_pos: jax.Array,
-                  bidirectional: bool) -> jax.Array | None:
-    if cfg.positions == "alibi":
-        return alibi_bias(q_pos, k_pos, cfg.num_heads)
-    if cfg.positions == "relative":
-        return relative_bias(p_stack["rel_bias"], q_pos, k_pos, bidirectional, cfg)
-    return None
-
-
-def embed_for_stack(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config,
-                    key: jax.Array | None = None) -> jax.Array:
-    """Token embeddings [B, T, D] -> stack input: absolute positions, embedding norm, dropout."""
-    x = add_positions(p_stack, x, positions, cfg)
-    if "embed_norm" in p_stack:
-        x = apply_norm(p_stack["embed_norm"], x, cfg)
-    return dropout(x, cfg.dropout, key)
-
-
-def apply_layer(p: dict, x: jax.Array, ctx: Context, cfg: Config,
-                memory: jax.Array | None = None, cross_ctx: Context | None = None,
-                key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """One layer. x: [B, T, D]; memory: encoder output [B, S, D] for cross-attention.
-    Returns (x, MoE balance loss or 0)."""
-    x, aux, _ = _layer(p, x, ctx, cfg, memory, cross_ctx, key)
-    return x, aux
-
-
-def _layer(p: dict, x: jax.Array, ctx: Context, cfg: Config, memory: jax.Array | None,
-           cross_ctx: Context | None, key: jax.Array | None, kv: LayerKV | None = None,
-           plan: Plan | None = None, cross_kv: LayerKV | None = None
-           ) -> tuple[jax.Array, jax.Array, LayerKV | None]:
-    """apply_layer, optionally over a layer cache `kv` (written by `plan`) and with cached
-    cross-attention keys/values `cross_kv`. Returns (x, aux, updated kv or None)."""
+def apply_layer(p: dict, x: jax.Array, kind: LayerKind, ctx: StackContext, cfg: Config,
+                key: jax.Array | None = None, cache: LayerCache | None = None
+                ) -> tuple[jax.Array, jax.Array, LayerCache | None]:
+    """One layer of `kind` on x [B, T, D], optionally over its cache (written by
+    ctx.plans). Returns (x, MoE balance loss or 0, the updated cache or None)."""
     keys = list(jax.random.split(key, 3)) if key is not None else [None] * 3
-    rope = rope_tables(cfg, "global", ctx.positions) if cfg.positions == "rope" else None
+    attn_ctx = ctx.attention[kind.attention]
     stored = {}
 
     def self_attention(h: jax.Array) -> jax.Array:
-        if kv is None:
-            return apply_attention(p["attn"], h, ctx, cfg, rope)
-        y, stored["kv"] = apply_cached_attention(p["attn"], h, ctx, cfg, kv, plan, rope)
+        if cache is None:
+            return apply_attention(p["attn"], h, attn_ctx, cfg)
+        y, stored["kv"] = apply_cached_attention(p["attn"], h, attn_ctx, cfg, cache.kv,
+                                                 ctx.plans[kind.attention])
         return y
 
-    x = _residual(x, p["attn_norm"], self_attention, cfg, keys[0])
-    if memory is not None or cross_kv is not None:
-        cached = cross_kv is not None  # in the cache layout
-        ckv = (cross_kv.k, cross_kv.v) if cached else project_kv(p["cross"], memory)
-        x = _residual(x, p["cross_norm"],
-                      lambda h: apply_attention(p["cross"], h, cross_ctx, cfg, kv=ckv,
-                                                cache_layout=cached), cfg, keys[1])
-    aux = jnp.zeros((), jnp.float32)
-    if cfg.moe:
-        moe_out = {}
+    x = _residual(x, p, "attn", self_attention, cfg, keys[0])
+    if kind.cross:
+        cached = cache is not None and cache.cross is not None
+        kv = (cache.cross.k, cache.cross.v) if cached else project_kv(p["cross"], ctx.memory, cfg)
+        x = _residual(x, p, "cross", lambda h: apply_cross_attention(
+            p["cross"], h, kv, ctx.cross, cfg, cache_layout=cached), cfg, keys[1])
+    out = {}
 
-        def run_moe(h: jax.Array) -> jax.Array:
-            y, moe_out["aux"] = apply_moe(p["moe"], h, cfg)
-            return y
+    def ffn(h: jax.Array) -> jax.Array:
+        y, out["aux"] = FFN_PARTS[kind.ffn][1](p[kind.ffn], h, cfg)
+        return y
 
-        x = _residual(x, p["mlp_norm"], run_moe, cfg, keys[2])
-        aux = moe_out["aux"]
+    x = _residual(x, p, "mlp", ffn, cfg, keys[2])
+    new_cache = None if cache is None else cache._replace(kv=stored["kv"])
+    return constrain(x, ("batch", "length", "embed")), out["aux"], new_cache
+
+
+# --- the stack ----------------------------------------------------------------------------
+class StackCache(NamedTuple):
+    """The caches of a stack's layers: kv (and cross, or None) as LayerKV stacked on [L] or
+    tuples of L LayerKV (`zoo.nn.cache` layouts)."""
+
+    kv: LayerKV | tuple[LayerKV, ...]
+    cross: LayerKV | tuple[LayerKV, ...] | None = None
+
+
+def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
+              key: jax.Array | None = None, remat: bool | str = False,
+              cache: StackCache | None = None, cross: bool = False
+              ) -> tuple[jax.Array, jax.Array, StackCache | None]:
+    """The stack's layers over x [B, T, D], then the final norm.
+
+    Stacked parameters run as a scan over the pattern's periods (or unrolled when
+    cfg.scan_layers is False or the cache is per layer); the decoding layout runs unrolled.
+    remat: a policy name of REMAT_POLICIES, "none", or a bool (True = "full"); it applies to
+    every layer either way. cross: the layers have cross-attention (encdec decoder).
+    Returns (hidden [B, T, D], mean MoE balance loss over layers, updated cache or None)."""
+    layers = p_stack["layers"]
+    num = len(layers) if cfg.layout == "decoding" else jax.tree.leaves(layers)[0].shape[0]
+    kinds = layer_kinds(cfg, num, cross)
+    keys = jax.random.split(key, num) if key is not None else None
+    per_layer_cache = cache is not None and not isinstance(cache.kv, LayerKV)
+    if cfg.layout == "decoding":
+        x, aux, cache = _run_unrolled(layers, x, kinds, ctx, cfg, keys, remat, cache)
+    elif per_layer_cache or not cfg.scan_layers:
+        x, aux, cache = _run_unrolled(split_layers(layers), x, kinds, ctx, cfg, keys, remat, cache)
     else:
-        x = _residual(x, p["mlp_norm"], lambda h: apply_mlp(p["mlp"], h, cfg), cfg, keys[2])
-    return constrain(x, ("batch", "length", "embed")), aux, stored.get("kv")
-
-
-def run_stack(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
-              memory: jax.Array | None = None, cross_ctx: Context | None = None,
-              key: jax.Array | None = None, remat: bool | str = False) -> tuple[jax.Array, jax.Array]:
-    """Scans the stacked layers over x: [B, T, D]; applies the final norm. remat: a policy
-    name of REMAT_POLICIES, "none", or a bool (True = "full").
-    Returns (hidden [B, T, D], mean MoE balance loss over layers)."""
-    x, aux, _ = run_stack_cached(p_stack, x, ctx, cfg, memory, cross_ctx, key=key, remat=remat)
-    return x, aux
-
-
-def unstack_layers(params: dict) -> dict:
-    """params with every stack's `layers` (arrays with a leading [L] axis) split into a tuple
-    of L per-layer trees. Stacks then run as an unrolled Python loop over separate buffers:
-    what decoding wants, since a scan slices (copies) each layer's weights on every token.
-    Training keeps the stack (one compiled layer, compile time flat in depth)."""
-    def split(node: object) -> object:
-        if not isinstance(node, dict):
-            return node
-        out = {k: split(v) for k, v in node.items() if k != "layers"}
-        if "layers" in node:
-            layers = node["layers"]
-            n = layers_count(layers)
-            out["layers"] = layers if isinstance(layers, tuple) else tuple(
-                jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
-        return out
-
-    return split(params)
-
-
-def layers_count(layers: dict | tuple) -> int:
-    """L of a stack's layers, stacked or unstacked."""
-    return len(layers) if isinstance(layers, tuple) else jax.tree.leaves(layers)[0].shape[0]
-
-
-def run_stack_cached(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
-                     memory: jax.Array | None = None, cross_ctx: Context | None = None,
-                     kv: LayerKV | tuple[LayerKV, ...] | None = None, plan: Plan | None = None,
-                     cross_kv: LayerKV | tuple[LayerKV, ...] | None = None,
-                     key: jax.Array | None = None, remat: bool | str = False
-                     ) -> tuple[jax.Array, jax.Array, LayerKV | tuple[LayerKV, ...] | None]:
-    """run_stack over layer caches kv and cross_kv (`zoo.nn.cache` layouts), stacked on a
-    leading [L] axis (each layer's slice is scan xs, its update scan ys) or per layer (tuples).
-    Stacked layers run as a `lax.scan`; unstacked ones (`unstack_layers`) as an unrolled
-    loop. Returns (hidden [B, T, D], mean MoE loss, updated kv in its layout, or None)."""
-    if isinstance(p_stack["layers"], tuple):
-        return _run_unrolled(p_stack, x, ctx, cfg, memory, cross_ctx, kv, plan, cross_kv, key)
-    if not cfg.scan_layers and kv is None and cross_kv is None:
-        stack = {**p_stack, "layers": split_layers(p_stack["layers"])}
-        return _run_unrolled(stack, x, ctx, cfg, memory, cross_ctx, None, plan, None, key, remat)
-    num_layers = layers_count(p_stack["layers"])
-    keys = jax.random.split(key, num_layers) if key is not None else None
-    kv = None if kv is None else kv_stacked(kv)
-    cross_kv = None if cross_kv is None else kv_stacked(cross_kv)
-
-    def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-        layer_p, layer_key, layer_kv, layer_cross = xs
-        h, aux, new_kv = _layer(layer_p, h, ctx, cfg, memory, cross_ctx, layer_key,
-                                layer_kv, plan, layer_cross)
-        return h, (aux, new_kv)
-
-    policy = remat_policy(remat)
-    if policy is not None:
-        body = jax.checkpoint(body, policy=policy)
-    x, (aux, new_kv) = jax.lax.scan(body, x, (p_stack["layers"], keys, kv, cross_kv))
+        x, aux, cache = _run_scanned(layers, x, kinds, ctx, cfg, keys, remat, cache)
     if "final_norm" in p_stack:
         x = apply_norm(p_stack["final_norm"], x, cfg)
-    return x, jnp.mean(aux), new_kv
+    return x, aux, cache
+
+
+def _layer_fn(kind: LayerKind, ctx: StackContext, cfg: Config, remat: bool | str) -> Callable:
+    def layer(p: dict, x: jax.Array, key: jax.Array | None, cache: LayerCache | None):
+        return apply_layer(p, x, kind, ctx, cfg, key, cache)
+
+    policy = remat_policy(remat)
+    return layer if policy is None else jax.checkpoint(layer, policy=policy)
+
+
+def _run_unrolled(layers: tuple[dict, ...], x: jax.Array, kinds: tuple[LayerKind, ...],
+                  ctx: StackContext, cfg: Config, keys: jax.Array | None, remat: bool | str,
+                  cache: StackCache | None) -> tuple[jax.Array, jax.Array, StackCache | None]:
+    stacked_cache = cache is not None and isinstance(cache.kv, LayerKV)
+    kv = None if cache is None else kv_per_layer(cache.kv)
+    cross = None if cache is None or cache.cross is None else kv_per_layer(cache.cross)
+    fns = {kind: _layer_fn(kind, ctx, cfg, remat) for kind in set(kinds)}
+    auxes, new_kv = [], []
+    for i, (p, kind) in enumerate(zip(layers, kinds)):
+        layer_cache = None if kv is None else LayerCache(kv[i], None if cross is None else cross[i])
+        x, aux, layer_cache = fns[kind](p, x, None if keys is None else keys[i], layer_cache)
+        auxes.append(aux)
+        new_kv.append(None if layer_cache is None else layer_cache.kv)
+    if cache is not None:
+        cache = cache._replace(kv=kv_stacked(tuple(new_kv)) if stacked_cache else tuple(new_kv))
+    return x, jnp.mean(jnp.stack(auxes)), cache
+
+
+def _run_scanned(layers: dict, x: jax.Array, kinds: tuple[LayerKind, ...], ctx: StackContext,
+                 cfg: Config, keys: jax.Array | None, remat: bool | str,
+                 cache: StackCache | None) -> tuple[jax.Array, jax.Array, StackCache | None]:
+    """A scan over whole periods of P layers (P unrolled in the body), then the remainder
+    unrolled. Stacked caches belong to single-kind stacks (P = 1)."""
+    num, p_len = len(kinds), period(kinds, cfg)
+    full = num // p_len * p_len
+    fns = [_layer_fn(kinds[j], ctx, cfg, remat) for j in range(p_len)]
+
+    def by_period(a: jax.Array) -> jax.Array:  # [L, ...] -> [L/P, P, ...] of the full periods
+        a = a if full == num else a[:full]
+        return a.reshape(full // p_len, p_len, *a.shape[1:])
+
+    def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+        period_p, period_keys, period_kv, period_cross = xs
+        auxes, new_kv = [], []
+        for j in range(p_len):
+            take = lambda t, j=j: None if t is None else jax.tree.map(lambda a: a[j], t)
+            layer_cache = None if period_kv is None else LayerCache(take(period_kv), take(period_cross))
+            h, aux, layer_cache = fns[j](take(period_p), h, take(period_keys), layer_cache)
+            auxes.append(aux)
+            new_kv.append(None if layer_cache is None else layer_cache.kv)
+        kv_out = None if period_kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
+        return h, (jnp.stack(auxes), kv_out)
+
+    xs = jax.tree.map(by_period, (layers, keys,
+                                  None if cache is None else kv_stacked(cache.kv),
+                                  None if cache is None or cache.cross is None else kv_stacked(cache.cross)))
+    x, (aux, kv) = jax.lax.scan(body, x, xs)
+    aux = aux.reshape(-1)
+    if cache is not None:
+        kv = jax.tree.map(lambda a: a.reshape(full, *a.shape[2:]), kv)
+    if full < num:  # the layers after the last whole period
+        rest = jax.tree.map(lambda a: a[full:], layers)
+        rest_cache = None if cache is None else StackCache(
+            jax.tree.map(lambda a: a[full:], cache.kv),
+            None if cache.cross is None else jax.tree.map(lambda a: a[full:], cache.cross))
+        x, rest_aux, rest_cache = _run_unrolled(split_layers(rest), x, kinds[full:], ctx, cfg,
+                                                None if keys is None else keys[full:], remat, rest_cache)
+        aux = jnp.concatenate([aux, jnp.broadcast_to(rest_aux, (num - full,))])
+        if cache is not None:
+            kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kv, rest_cache.kv)
+    return x, jnp.mean(aux), None if cache is None else cache._replace(kv=kv)
 
 
 def split_layers(layers: dict) -> tuple[dict, ...]:
@@ -251,45 +314,90 @@ def split_layers(layers: dict) -> tuple[dict, ...]:
     return tuple(tree.unflatten([jnp.squeeze(p[i], 0) for p in parts]) for i in range(n))
 
 
-def _run_unrolled(p_stack: dict, x: jax.Array, ctx: Context, cfg: Config,
-                  memory: jax.Array | None, cross_ctx: Context | None,
-                  kv: LayerKV | tuple[LayerKV, ...] | None, plan: Plan | None,
-                  cross_kv: LayerKV | tuple[LayerKV, ...] | None, key: jax.Array | None,
-                  remat: bool | str = False
-                  ) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...] | None]:
+def unstack_layers(p_stack: dict) -> dict:
+    """A stack with its `layers` ([L, ...] leaves) as a tuple of L per-layer trees."""
     layers = p_stack["layers"]
-    keys = jax.random.split(key, len(layers)) if key is not None else [None] * len(layers)
-    kv = None if kv is None else kv_per_layer(kv)
-    cross_kv = None if cross_kv is None else kv_per_layer(cross_kv)
-    layer = functools.partial(_layer, ctx=ctx, cfg=cfg, memory=memory, cross_ctx=cross_ctx, plan=plan)
-    policy = remat_policy(remat)
-    if policy is not None:
-        layer = jax.checkpoint(layer, policy=policy)
-    auxes, new_kv = [], []
-    for i, layer_p in enumerate(layers):
-        x, aux, layer_kv = layer(layer_p, x, key=keys[i], kv=None if kv is None else kv[i],
-                                 cross_kv=None if cross_kv is None else cross_kv[i])
-        auxes.append(aux)
-        new_kv.append(layer_kv)
-    if "final_norm" in p_stack:
-        x = apply_norm(p_stack["final_norm"], x, cfg)
-    return x, jnp.mean(jnp.stack(auxes)), None if kv is None else tuple(new_kv)
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**p_stack, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
 
 
-def cached_self_context(p_stack: dict, cfg: Config, positions: jax.Array,
-                        valid: jax.Array | None, cache: Cache) -> tuple[Context, Plan, jax.Array]:
-    """Causal context of a chunk at positions [B, T] over a cache plus the chunk itself.
+# --- contexts -----------------------------------------------------------------------------
+def attention_kinds(cfg: Config) -> list[str]:
+    """The attention kinds a stack of cfg uses."""
+    return sorted(set(cfg.layer_pattern) or {cfg.layer_kind(0)})
 
-    Returns (Context with mask [B, T, R or R+T], the write plan, the cache's new slot
-    positions [B, R]). Padding (valid False) is stored at position -1: never attended."""
-    plan = cache_plan(cache, positions.shape[1], cfg.sliding_window)
+
+def self_context(p_stack: dict, cfg: Config, positions: jax.Array, *, causal: bool,
+                 valid: jax.Array | None, segments: jax.Array | None = None,
+                 prefix: jax.Array | None = None, memory: jax.Array | None = None, memory_valid: jax.Array | None = None
+                 ) -> StackContext:
+    """What the layers of a stack over positions [B, T] share: per attention kind, the mask
+    (its window for "local"), the position bias and the RoPE tables; for an encdec decoder
+    (memory [B, S, D]), the cross-attention Context over the valid memory [B, S]."""
+    bias = position_bias(p_stack, cfg, positions, positions, bidirectional=not causal)
+    contexts = {}
+    for kind in attention_kinds(cfg):
+        mask = attention_mask(positions, positions, causal=causal, k_valid=valid,
+                              window=window(cfg, kind), q_segments=segments, k_segments=segments,
+                              prefix=prefix)
+        contexts[kind] = Context(mask, bias, _rope(cfg, kind, positions),
+                                 causal=causal and prefix is None)
+    cross = None if memory is None else cross_context(positions, memory_valid, memory.shape[1])
+    return StackContext(contexts, cross, memory)
+
+
+def _rope(cfg: Config, kind: str, positions: jax.Array):
+    return rope_tables(cfg, kind, positions) if cfg.positions == "rope" else None
+
+
+def cross_context(q_positions: jax.Array, memory_valid: jax.Array | None, memory_len: int) -> Context:
+    """Cross-attention: every decoder position sees every valid encoder position."""
+    b = q_positions.shape[0]
+    k_pos = jnp.broadcast_to(jnp.arange(memory_len), (b, memory_len))
+    mask = attention_mask(q_positions, k_pos, causal=False, k_valid=memory_valid)
+    return Context(mask, None, None)
+
+
+def position_bias(p_stack: dict, cfg: Config, q_pos: jax.Array, k_pos: jax.Array,
+                  bidirectional: bool) -> jax.Array | None:
+    if cfg.positions == "alibi":
+        return alibi_bias(q_pos, k_pos, cfg.num_heads)
+    if cfg.positions == "relative":
+        return relative_bias(p_stack["rel_bias"], q_pos, k_pos, bidirectional, cfg)
+    return None
+
+
+def cached_context(p_stack: dict, cfg: Config, positions: jax.Array, valid: jax.Array | None,
+                   cache: Cache) -> tuple[StackContext, dict[str, Slots]]:
+    """Causal context of a chunk at positions [B, T] over a cache plus the chunk itself, per
+    slot group of the cache (each with its own plan and mask [B, T, R or R+T]).
+
+    Returns (StackContext, the cache's slots with the chunk's positions written). Padding
+    (valid False) is stored at position -1: never attended."""
     new_pos = positions if valid is None else jnp.where(valid, positions, -1)
-    k_pos, slot_pos = key_positions(cache, plan, new_pos)
-    mask = attention_mask(positions, k_pos, causal=True, k_valid=k_pos >= 0, window=cfg.sliding_window)
-    bias = position_bias(p_stack, cfg, positions, k_pos, bidirectional=False)
-    # Context.causal stays False: cache slots are not aligned with query indices (left
-    # padding, rings, rewinds), so only the position mask may decide what is visible.
-    return Context(mask, bias, positions if cfg.positions == "rope" else None), plan, slot_pos
+    contexts, plans, slots = {}, {}, {}
+    for kind, group in cache.slots.items():
+        w = window(cfg, kind)
+        plans[kind] = cache_plan(cache, kind, positions.shape[1], w)
+        k_pos, slots[kind] = key_positions(group, plans[kind], new_pos)
+        mask = attention_mask(positions, k_pos, causal=True, k_valid=k_pos >= 0, window=w)
+        bias = position_bias(p_stack, cfg, positions, k_pos, bidirectional=False)
+        # Context.causal stays False: cache slots are not aligned with query indices (left
+        # padding, rings, rewinds), so only the position mask may decide what is visible.
+        contexts[kind] = Context(mask, bias, _rope(cfg, kind, positions))
+    cross = None
+    if cache.cross is not None:
+        cross = cross_context(positions, cache.cross_valid, cache.cross_len)
+    return StackContext(contexts, cross, None, plans), slots
+
+
+def embed_for_stack(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config,
+                    key: jax.Array | None = None) -> jax.Array:
+    """Token embeddings [B, T, D] -> stack input: absolute positions, embedding norm, dropout."""
+    x = add_positions(p_stack, x, positions, cfg)
+    if "embed_norm" in p_stack:
+        x = apply_norm(p_stack["embed_norm"], x, cfg)
+    return dropout(x, cfg.dropout, key)
 
 
 def cached_positions(cache: Cache, valid: jax.Array | None, length: int) -> jax.Array:
@@ -306,5 +414,3 @@ def default_positions(tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
     if mask is None:
         return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-
-

@@ -1,0 +1,55 @@
+"""The one place that looks at the device: `resolve` turns a Config's "auto" kernel choices
+into explicit ones, once, at a model's entry (`zoo.apply` and the family forwards).
+
+Everything below the entry reads `cfg.attention` and `cfg.matmul` as data, so a call traces
+to the same program wherever it runs once those fields are set, and a user (or a test) can
+pin either choice by setting the field: "auto" is the only value that depends on the device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zoo.config import Config
+from zoo.sharding import active_devices
+
+
+def platform() -> str:
+    """"cuda", "rocm", "tpu" or "cpu": the platform of the first device."""
+    device = jax.devices()[0]
+    if device.platform == "gpu":  # CUDA and ROCm both report "gpu"; the client knows which
+        return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
+    return device.platform
+
+
+def choose_attention(cfg: Config, where: str, devices: int) -> str:
+    """What attention="auto" runs on platform `where` with `devices` active devices: cuDNN's
+    fused kernel on an NVIDIA GPU in bf16/fp16 (falling back to xla per call where the kernel
+    does not fit, `zoo.nn.attention.cudnn_fits`); row by row on one CPU device (a row's
+    scores stay in the core's cache; with several devices XLA's SPMD partitioner should see
+    one batched op); the plain einsums elsewhere."""
+    if where == "cuda" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if where == "cpu" and devices == 1:
+        return "rows"
+    return "xla"
+
+
+def choose_matmul(where: str) -> str:
+    """What matmul="auto" runs: fp32 accumulation of bf16 products on a CPU, plain elsewhere."""
+    return "f32_accumulate" if where == "cpu" else "xla"
+
+
+def resolve(cfg: Config) -> Config:
+    """cfg with attention and matmul "auto" replaced by this device's choice (the same cfg
+    when neither is "auto"). Call at trace time: it reads the active mesh."""
+    if cfg.attention != "auto" and cfg.matmul != "auto":
+        return cfg
+    where = platform()
+    changes = {}
+    if cfg.attention == "auto":
+        changes["attention"] = choose_attention(cfg, where, active_devices())
+    if cfg.matmul == "auto":
+        changes["matmul"] = choose_matmul(where)
+    return cfg.replace(**changes)
