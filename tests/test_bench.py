@@ -79,3 +79,42 @@ def test_sweep_refuses_the_bench_flags_it_would_ignore(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--vs", "hf"])
     assert "drop --vs" in capsys.readouterr().err
+
+
+def test_pattern_compile_and_cache_rows(tmp_path, capsys):
+    from bench import pattern
+    out = tmp_path / "compile.json"
+    assert pattern.main(["compile", "--models", "gemma3", "--layouts", "scan", "--programs", "forward",
+                         "--layers", "1,2", "--d-model", "32", "--vocab", "64", "--seq-len", "8",
+                         "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["model"], r["layers"], r["period"]) for r in rows] == [("gemma3", 1, 6), ("gemma3", 2, 6)]
+    assert rows[0]["ratio"] == 1.0 and all(r["total_s"] > 0 for r in rows)
+    out = tmp_path / "cache.json"
+    assert pattern.main(["cache", "--length", "1024", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    # gemma-3-1b: 4 global layers of 1024 slots and 22 local rings of 512, one K/V head of 256, bf16.
+    assert (row["global_layers"], row["local_layers"]) == (4, 22)
+    assert row["mixed_bytes"] == (4 * 1024 + 22 * 512) * 2 * 256 * 2
+    assert row["all_global_bytes"] == 26 * 1024 * 2 * 256 * 2
+    assert "mixed_bytes" in capsys.readouterr().out
+
+
+def test_paired_alternates_the_trees(tmp_path, monkeypatch, capsys):
+    from bench import paired
+    ran = []
+
+    def fake(tree, bench_args):
+        ran.append(tree)
+        return {"device": "cpu", "jax": "x", "tokens_per_s": 100.0 if tree == "B" else 110.0}
+
+    monkeypatch.setattr(paired, "run_bench", fake)
+    monkeypatch.setattr(paired, "commit_of", lambda tree: tree.lower())
+    out = tmp_path / "paired.json"
+    assert paired.main(["--before", "B", "--after", "A", "--rounds", "2", "--json", str(out),
+                        "--", "train", "--iters", "1"]) == 0
+    assert ran == ["B", "A", "A", "B"]
+    got = json.loads(out.read_text())
+    assert [r["commit"] for r in got["rows"]] == ["b", "a", "a", "b"]
+    assert got["summary"]["after_over_before"] == pytest.approx(1.1)
+    assert "after / before 1.100" in capsys.readouterr().out
