@@ -239,3 +239,43 @@ def test_save_ignores_the_fields_a_scaling_does_not_read(tmp_path):
     assert zoo.save_hf(cfg, params, tmp_path) == "llama"
     back = zoo.load_hf(tmp_path)[0]
     assert back == cfg.replace(rope_original_max_len=8192, rope_beta_fast=32.0, rope_attention_factor=None)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """name -> (a perturbed tiny transformers Llama with that rope, zoo cfg, zoo params)."""
+
+    def get(name):
+        torch.manual_seed(0)
+        model = _perturbed(transformers.LlamaForCausalLM(_hf_config(name)).eval())
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        return (model, *zoo.load_hf(path))
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["longrope", "dynamic"])
+def test_cached_step_logits_match_transformers(hf_models, name):
+    """Logits of a 7-token prefill and 12 single-token steps over the KV cache, the steps
+    crossing the original length, against transformers' cached forward."""
+    from zoo import decoding
+
+    model, cfg, params = hf_models(name)
+    ids = np.random.default_rng(3).integers(3, cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        out = model(torch.tensor(ids[:, :7]), use_cache=True)
+        ref, past = [out.logits[:, -1].numpy()], out.cache
+        for t in range(7, 18):
+            out = model(torch.tensor(ids[:, t:t + 1]), cache=past, use_cache=True)
+            ref.append(out.logits[:, -1].numpy())
+    p = decoding.unstacked(params)
+    cache = decoding.new_cache(cfg, 2, 19, decoding.Options(max_new_tokens=12))
+    logits, cache = decoding.prefill(p, cfg, jnp.asarray(ids[:, :7]), None, cache)
+    ours = [np.asarray(logits)]
+    for t in range(7, 18):
+        logits, cache = decoding.step(p, cfg, jnp.asarray(ids[:, t:t + 1]), cache)
+        ours.append(np.asarray(logits[:, -1]))
+    diff = float(np.abs(np.stack(ours) - np.stack(ref)).max())
+    print(f"{name} cached steps: max |logit diff| {diff:.2e}")
+    assert diff <= TOL
