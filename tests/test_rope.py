@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_hf  # noqa: F401  (sets transformers offline and quiet)
+import test_hf
 import zoo
 from test_hf import TOL, _batch, _hf_logits, _max_diff, _perturbed, torch, transformers
 from zoo.hf.common import Unsupported, read_rope, write_rope
