@@ -173,6 +173,47 @@ def test_scan_equals_python_loop(tiny_name):
     np.testing.assert_allclose(scanned, looped, atol=1e-5)
 
 
+# A period of 3 over 5 layers: one scanned period, then 2 layers unrolled after it.
+PATTERN = dict(num_layers=5, layer_pattern=("local", "local", "global"), sliding_window=3,
+               local_rope_theta=100.0)
+
+
+def test_a_pattern_scans_by_period_as_a_python_loop_over_its_kinds():
+    cfg = tiny("tiny-decoder", **PATTERN)
+    stack = zoo.init(cfg, KEY)["decoder"]
+    kinds = layer_kinds(cfg, cfg.num_layers)
+    assert [k.attention for k in kinds] == ["local", "local", "global", "local", "local"]
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    ctx = self_context(stack, cfg, pos, causal=True, valid=None)
+    assert sorted(ctx.attention) == ["global", "local"]
+    x = jax.random.normal(jax.random.key(2), (2, 9, cfg.d_model))
+    scanned, _, _ = run_stack({"layers": stack["layers"]}, x, ctx, cfg)
+    unrolled, _, _ = run_stack({"layers": stack["layers"]}, x, ctx, cfg.replace(scan_layers=False))
+    looped = x
+    for i, kind in enumerate(kinds):
+        looped, _, _ = apply_layer(jax.tree.map(lambda a: a[i], stack["layers"]), looped, kind, ctx, cfg)
+    np.testing.assert_allclose(scanned, looped, atol=1e-5)
+    np.testing.assert_allclose(unrolled, looped, atol=1e-5)
+    # The kinds differ: all-global layers give other numbers.
+    one_kind = cfg.replace(layer_pattern=("global",))
+    other, _, _ = run_stack({"layers": stack["layers"]}, x, self_context(stack, one_kind, pos, causal=True,
+                                                                          valid=None), one_kind)
+    assert float(jnp.max(jnp.abs(other - looped))) > 1e-3
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_applies_on_every_path(scan_layers):
+    """remat reaches the layers whether they are scanned, unrolled, or patterned."""
+    cfg = tiny("tiny-decoder", scan_layers=scan_layers, **PATTERN)
+    params = zoo.init(cfg, KEY)
+    toks = tokens(jax.random.key(1), 2, 8)
+    loss = lambda p, remat: jnp.mean(zoo.forward(p, cfg, toks, remat=remat).logits ** 2)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, "full"))
+    assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= (1 if scan_layers else cfg.num_layers)
+    assert "checkpoint[" not in str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, False))
+    chex.assert_trees_all_close(jax.grad(loss)(params, "full"), jax.grad(loss)(params, False), atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["tiny-encoder", "tiny-decoder", "tiny-encdec", "tiny-moe"])
 def test_transformations(name, dtype):
