@@ -59,6 +59,19 @@ def test_phi3_longrope_below_and_above_the_original_context(tmp_path):
     assert (cfg.rope_scaling, cfg.rope_fraction, cfg.rope_original_max_len) == ("longrope", 0.5, 16)
 
 
+def test_qwen2_config_without_layer_types_slides_from_max_window_layers(tmp_path):
+    """Configs written before transformers had `layer_types`: with use_sliding_window, the
+    layers from max_window_layers on slide (as Qwen2Config fills layer_types in)."""
+    test_hf._hf_model("qwen2", cases=CASES).save_pretrained(tmp_path)
+    cfg = zoo.load_hf(tmp_path)[0]
+    test_hf._edit_config(tmp_path, layer_types=None)
+    assert zoo.load_hf(tmp_path)[0] == cfg and cfg.layer_pattern == ("global", "local")
+    test_hf._edit_config(tmp_path, max_window_layers=0)
+    assert zoo.load_hf(tmp_path)[0] == cfg.replace(layer_pattern=())  # every layer slides
+    test_hf._edit_config(tmp_path, use_sliding_window=False)
+    assert zoo.load_hf(tmp_path)[0] == cfg.replace(layer_pattern=(), sliding_window=None)
+
+
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """name -> (transformers model, zoo cfg, zoo params), as test_generate's fixture."""
