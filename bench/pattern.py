@@ -11,8 +11,9 @@ training step (`train.step.jit_step`: forward, backward, AdamW, as `python -m be
 compiles it) and the jitted forward (`zoo.apply` to logits). Everything is lowered from
 shapes (`jax.eval_shape`), so nothing is allocated; the persistent compilation cache is off
 and jax's in-memory caches are cleared before each program, so every compile is fresh. The
-depths and models are interleaved `--repeats` times, so load from other processes spreads
-over all of them; the table shows the median and each row's JSON keeps every sample.
+depths and models are interleaved `--repeats` times, the depths in turn forward and
+backward, so load from other processes spreads over all of them; the table shows the
+median, and each row's JSON keeps every sample.
 
 cache: the self-attention key/value bytes (`zoo.nn.cache.nbytes`) of the cache
 `zoo.init_cache` builds for one row of `--length` tokens, against the same model with every
@@ -95,8 +96,8 @@ PROGRAMS = {"train_step": train_lowering, "forward": forward_lowering}
 
 
 def compile_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One row per (model, layout, program, depth) with every sample of `total_s`; the
-    depths of one (model, layout, program) follow each other, and the whole set repeats."""
+    """One row per (model, layout, program, depth) with every sample; the depths of one
+    (model, layout, program) follow each other, and the whole set repeats."""
     depths = [int(x) for x in args.layers.split(",")]
     keys = [(m, lay, prog, d) for m in args.models.split(",") for lay in args.layouts.split(",")
             for prog in args.programs.split(",") for d in depths]
@@ -104,21 +105,40 @@ def compile_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         if m not in MODELS or lay not in LAYOUTS or prog not in PROGRAMS:
             raise ValueError(f"bench.pattern: model {m!r}, layout {lay!r} or program {prog!r} unknown; "
                              f"expected {tuple(MODELS)}, {tuple(LAYOUTS)}, {tuple(PROGRAMS)}")
+    # The first program of a process pays one-off costs (lazy imports, compiler set-up): a
+    # discarded compile of the first program takes them.
+    _measure(args, keys[0])
     samples: dict[tuple, list[dict[str, float]]] = {k: [] for k in keys}
-    for _ in range(args.repeats):
-        for m, lay, prog, d in keys:
-            cfg = shrunk(MODELS[m], d, args.d_model, args.vocab, LAYOUTS[lay])
-            samples[(m, lay, prog, d)].append(
-                fresh_seconds(PROGRAMS[prog](cfg, args.batch_size, args.seq_len)))
+    for r in range(args.repeats):
+        # Depths in turn forward and backward (ABBA): a load that drifts, or a program that
+        # gains from following another, weighs on every depth alike.
+        for key in (keys if r % 2 == 0 else _reversed_depths(keys, len(depths))):
+            samples[key].append(_measure(args, key))
     rows = []
     for (m, lay, prog, d), got in samples.items():
-        cfg = shrunk(MODELS[m], d, args.d_model, args.vocab, LAYOUTS[lay])
         med = {f: statistics.median(s[f] for s in got) for f in ("trace_s", "compile_s", "total_s")}
         rows.append({**environment(), "bench": "compile", "model": m, "preset": MODELS[m],
-                     "layout": lay, "program": prog, "layers": d, "period": len(cfg.layer_pattern) or 1,
+                     "layout": lay, "program": prog, "layers": d,
+                     "period": len(_config(args, m, lay, d).layer_pattern) or 1,
                      "d_model": args.d_model, "vocab": args.vocab, "batch": args.batch_size,
                      "seq_len": args.seq_len, **med, "samples": got})
     return with_ratios(rows, depths)
+
+
+def _config(args: argparse.Namespace, model: str, layout: str, layers: int) -> zoo.Config:
+    return shrunk(MODELS[model], layers, args.d_model, args.vocab, LAYOUTS[layout])
+
+
+def _measure(args: argparse.Namespace, key: tuple[str, str, str, int]) -> dict[str, float]:
+    """fresh_seconds of one (model, layout, program, depth)."""
+    model, layout, program, layers = key
+    cfg = _config(args, model, layout, layers)
+    return fresh_seconds(PROGRAMS[program](cfg, args.batch_size, args.seq_len))
+
+
+def _reversed_depths(keys: list[tuple], n: int) -> list[tuple]:
+    """keys in runs of n depths per (model, layout, program), each run reversed."""
+    return [k for i in range(0, len(keys), n) for k in reversed(keys[i:i + n])]
 
 
 def with_ratios(rows: list[dict[str, Any]], depths: list[int]) -> list[dict[str, Any]]:
