@@ -98,6 +98,21 @@ def test_record_mismatch_lists_every_difference():
     check_record({"format": 1, **RECORD}, longer, "x")
 
 
+def test_a_record_from_before_new_config_fields_still_resumes():
+    """A run saved by an older zoo lacks the Config fields added since (they take their
+    defaults, the model had none of them) and JSON gives tuples back as lists."""
+    import json
+
+    cfg = tiny("tiny-decoder")
+    now = {**RECORD, "config": json.loads(cfg.to_json())}
+    old = {k: v for k, v in json.loads(cfg.to_json()).items()
+           if k not in ("qk_norm", "layer_pattern", "norm_offset", "rope_long_factor")}
+    check_record({"format": 1, **RECORD, "config": old}, now, "x")
+    changed = {**RECORD, "config": json.loads(cfg.replace(qk_norm=True).to_json())}
+    with pytest.raises(CheckpointError, match="config.qk_norm: checkpoint False, now True"):
+        check_record({"format": 1, **RECORD, "config": old}, changed, "x")
+
+
 def _largest_file(step_dir):
     return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 

@@ -173,12 +173,12 @@ def test_scan_equals_python_loop(tiny_name):
     np.testing.assert_allclose(scanned, looped, atol=1e-5)
 
 
-# A period of 3 over 5 layers: one scanned period, then 2 layers unrolled after it.
+# A pattern of 3 over 5 layers: the kinds do not line up with the depth.
 PATTERN = dict(num_layers=5, layer_pattern=("local", "local", "global"), sliding_window=3,
                local_rope_theta=100.0)
 
 
-def test_a_pattern_scans_by_period_as_a_python_loop_over_its_kinds():
+def test_a_patterned_stack_scans_as_a_python_loop_over_its_kinds():
     cfg = tiny("tiny-decoder", **PATTERN)
     stack = zoo.init(cfg, KEY)["decoder"]
     kinds = layer_kinds(cfg, cfg.num_layers)
@@ -199,6 +199,22 @@ def test_a_pattern_scans_by_period_as_a_python_loop_over_its_kinds():
     other, _, _ = run_stack({"layers": stack["layers"]}, x, self_context(stack, one_kind, pos, causal=True,
                                                                           valid=None), one_kind)
     assert float(jnp.max(jnp.abs(other - looped))) > 1e-3
+
+
+@pytest.mark.parametrize("pattern", [("local", "local", "global"), ("global",)])
+def test_the_scan_costs_the_backward_no_second_copy_of_the_weights(pattern):
+    """A scanned stack reads its [L, ...] weights as they are: its compiled gradient needs
+    about the temp memory of the same stack unrolled (a reshape into periods, or slicing,
+    held a second copy of the weights and their gradients)."""
+    def temp_bytes(cfg):
+        params = jax.eval_shape(lambda: zoo.init(cfg, KEY))
+        loss = lambda p, t: jnp.mean(zoo.forward(p, cfg, t).logits ** 2)
+        toks = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+        return jax.jit(jax.grad(loss)).lower(params, toks).compile().memory_analysis().temp_size_in_bytes
+
+    cfg = tiny("tiny-decoder", d_model=128, d_ff=512, **{**PATTERN, "num_layers": 6, "layer_pattern": pattern})
+    weights = sum(a.size * 4 for a in jax.tree.leaves(jax.eval_shape(lambda: zoo.init(cfg, KEY))))
+    assert temp_bytes(cfg) < temp_bytes(cfg.replace(scan_layers=False)) + weights / 4
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])

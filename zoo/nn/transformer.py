@@ -7,9 +7,9 @@ config's norm placement (pre, post, or sandwich: a norm on the way in and one on
 out). A stack may mix kinds by `Config.layer_pattern`; every kind of a stack shares one
 parameter layout, so the layers stay stacked on a leading `layers` axis.
 
-A stack runs as a `lax.scan` over the pattern's periods (the P layers of one period
-unrolled in the body, the L mod P layers left over unrolled after it), so compile time stays
-flat in depth with any pattern. A stack also owns what is per-stack in published models:
+A stack runs as one `lax.scan` over its stacked layers whatever the pattern: the kinds of a
+stack differ only in what their attention reads (mask, RoPE tables), so the scanned layer
+picks its kind's by index, and compile time is one layer's at any depth. A stack also owns what is per-stack in published models:
 learned positions, the embedding norm, the T5 relative-bias table and the final norm.
 
 Parameter layouts are explicit (`Config.layout`): "stacked" ([L, ...] leaves, training and
@@ -54,13 +54,6 @@ def layer_kinds(cfg: Config, num_layers: int, cross: bool = False) -> tuple[Laye
     """The kind of every layer of a stack of num_layers."""
     ffn = "moe" if cfg.moe else "mlp"
     return tuple(LayerKind(cfg.layer_kind(i), cross, ffn) for i in range(num_layers))
-
-
-def period(kinds: tuple[LayerKind, ...], cfg: Config) -> int:
-    """P: the stack repeats every P layers (1 when every layer is of one kind)."""
-    if len(set(kinds)) == 1:
-        return 1
-    return len(cfg.layer_pattern)
 
 
 # The feed-forward parts: name -> (spec(cfg), apply(p, x, cfg) -> (y, aux loss)).
@@ -212,8 +205,8 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
               ) -> tuple[jax.Array, jax.Array, StackCache | None]:
     """The stack's layers over x [B, T, D], then the final norm.
 
-    Stacked parameters run as a scan over the pattern's periods (or unrolled when
-    cfg.scan_layers is False or the cache is per layer); the decoding layout runs unrolled.
+    Stacked parameters run as one scan (or unrolled when cfg.scan_layers is False or the
+    cache is per layer); the decoding layout runs unrolled.
     remat: a policy name of REMAT_POLICIES, "none", or a bool (True = "full"); it applies to
     every layer either way. cross: the layers have cross-attention (encdec decoder).
     Returns (hidden [B, T, D], mean MoE balance loss over layers, updated cache or None)."""
@@ -262,45 +255,33 @@ def _run_unrolled(layers: tuple[dict, ...], x: jax.Array, kinds: tuple[LayerKind
 def _run_scanned(layers: dict, x: jax.Array, kinds: tuple[LayerKind, ...], ctx: StackContext,
                  cfg: Config, keys: jax.Array | None, remat: bool | str,
                  cache: StackCache | None) -> tuple[jax.Array, jax.Array, StackCache | None]:
-    """A scan over whole periods of P layers (P unrolled in the body), then the remainder
-    unrolled. Stacked caches belong to single-kind stacks (P = 1)."""
-    num, p_len = len(kinds), period(kinds, cfg)
-    full = num // p_len * p_len
-    fns = [_layer_fn(kinds[j], ctx, cfg, remat) for j in range(p_len)]
-
-    def by_period(a: jax.Array) -> jax.Array:  # [L, ...] -> [L/P, P, ...] of the full periods
-        a = a if full == num else a[:full]
-        return a.reshape(full // p_len, p_len, *a.shape[1:])
+    """One `lax.scan` over the stacked [L, ...] leaves as they are (no copy of the weights or
+    their gradients). The layer kinds of a stack differ only in what their attention reads
+    (mask, RoPE tables: `StackContext.attention`), not in code, so the body is one layer that
+    picks its kind's Context by index: compile time is one layer's at any depth and any
+    pattern. Stacked caches belong to single-kind stacks."""
+    names = sorted({k.attention for k in kinds})
+    body_kind = dataclasses.replace(kinds[0], attention=names[0])
+    if any(dataclasses.replace(k, attention=names[0]) != body_kind for k in kinds):
+        raise NotImplementedError(f"stack: layer kinds {sorted(set(kinds))} differ beyond attention")
+    layer = _layer_fn(body_kind, ctx, cfg, remat)
+    if len(names) > 1:  # each layer's Context, picked from the kinds' stacked Contexts
+        stacked_ctx = jax.tree.map(lambda *c: jnp.stack(c), *(ctx.attention[n] for n in names))
+        ids = jnp.asarray([names.index(k.attention) for k in kinds], jnp.int32)
 
     def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-        period_p, period_keys, period_kv, period_cross = xs
-        auxes, new_kv = [], []
-        for j in range(p_len):
-            take = lambda t, j=j: None if t is None else jax.tree.map(lambda a: a[j], t)
-            layer_cache = None if period_kv is None else LayerCache(take(period_kv), take(period_cross))
-            h, aux, layer_cache = fns[j](take(period_p), h, take(period_keys), layer_cache)
-            auxes.append(aux)
-            new_kv.append(None if layer_cache is None else layer_cache.kv)
-        kv_out = None if period_kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv)
-        return h, (jnp.stack(auxes), kv_out)
+        p, key, kv, cross, kind_id = xs
+        run = layer
+        if kind_id is not None:
+            picked = jax.tree.map(lambda a: a[kind_id], stacked_ctx)
+            run = _layer_fn(body_kind, ctx._replace(attention={names[0]: picked}), cfg, remat)
+        h, aux, layer_cache = run(p, h, key, None if kv is None else LayerCache(kv, cross))
+        return h, (aux, None if layer_cache is None else layer_cache.kv)
 
-    xs = jax.tree.map(by_period, (layers, keys,
-                                  None if cache is None else kv_stacked(cache.kv),
-                                  None if cache is None or cache.cross is None else kv_stacked(cache.cross)))
+    xs = (layers, keys, None if cache is None else kv_stacked(cache.kv),
+          None if cache is None or cache.cross is None else kv_stacked(cache.cross),
+          ids if len(names) > 1 else None)
     x, (aux, kv) = jax.lax.scan(body, x, xs)
-    aux = aux.reshape(-1)
-    if cache is not None:
-        kv = jax.tree.map(lambda a: a.reshape(full, *a.shape[2:]), kv)
-    if full < num:  # the layers after the last whole period
-        rest = jax.tree.map(lambda a: a[full:], layers)
-        rest_cache = None if cache is None else StackCache(
-            jax.tree.map(lambda a: a[full:], cache.kv),
-            None if cache.cross is None else jax.tree.map(lambda a: a[full:], cache.cross))
-        x, rest_aux, rest_cache = _run_unrolled(split_layers(rest), x, kinds[full:], ctx, cfg,
-                                                None if keys is None else keys[full:], remat, rest_cache)
-        aux = jnp.concatenate([aux, jnp.broadcast_to(rest_aux, (num - full,))])
-        if cache is not None:
-            kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), kv, rest_cache.kv)
     return x, jnp.mean(aux), None if cache is None else cache._replace(kv=kv)
 
 
