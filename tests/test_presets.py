@@ -46,6 +46,16 @@ def test_published_parameter_count(name):
     assert counted == PUBLISHED[name] == zoo.param_count(cfg)
 
 
+def test_active_parameters_count_the_routed_experts_only():
+    """Mixtral 8x7B: 12.9B of its 46.7B parameters run per token (2 of 8 experts)."""
+    cfg = zoo.preset("mixtral-8x7b")
+    per_expert = 3 * cfg.d_model * cfg.d_ff  # gate, up, down of one expert in one layer
+    active = zoo.param_count(cfg, active=True)
+    assert active == PUBLISHED["mixtral-8x7b"] - cfg.num_layers * (8 - 2) * per_expert == 12_879_925_248
+    dense = zoo.preset("llama-3.2-1b")
+    assert zoo.param_count(dense, active=True) == zoo.param_count(dense)
+
+
 def test_axes_cover_every_leaf_with_matching_rank():
     for name in zoo.presets.names():
         cfg = zoo.preset(name)

@@ -26,7 +26,7 @@ import jax
 
 from zoo.config import Config
 from zoo.model import spec
-from zoo.nn.param import Param
+from zoo.nn.param import Param, size
 
 GATHERED = ("vocab", "types", "length", "buckets")  # first axis of a looked-up table
 
@@ -51,12 +51,7 @@ def _weights(p: Param, cfg: Config) -> float:
     axes = [a for a in p.axes if a != "layers"]
     if len(axes) < 2 or axes[0] in GATHERED:
         return 0.0
-    size = 1.0
-    for s in p.shape:
-        size *= s
-    if "experts" in p.axes:
-        size *= cfg.experts_per_token / cfg.num_experts
-    return size
+    return float(size(p, (cfg.experts_per_token, cfg.num_experts) if cfg.moe else None))
 
 
 def _rows(names: tuple[str, ...], src: int, tgt: int) -> int:

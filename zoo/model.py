@@ -42,9 +42,12 @@ def axes(cfg: Config) -> dict[str, Any]:
     return P.logical_axes(spec(cfg))
 
 
-def param_count(cfg: Config) -> int:
-    """Number of parameters, without allocating them."""
-    return P.count(spec(cfg))
+def param_count(cfg: Config, active: bool = False) -> int:
+    """Number of parameters, without allocating them. active: the parameters one token
+    uses, with each mixture-of-experts layer counting only its `experts_per_token` routed
+    experts (embeddings, attention and routers whole); the same as the total for a dense
+    model."""
+    return P.count(spec(cfg), (cfg.experts_per_token, cfg.num_experts) if active and cfg.moe else None)
 
 
 def forward(params: dict, cfg: Config, *args: Any, **kwargs: Any):

@@ -100,12 +100,15 @@ def logical_axes(spec: Spec) -> dict[str, Any]:
     return jax.tree.map(lambda p: p.axes, spec, is_leaf=_is_param)
 
 
-def count(spec: Spec) -> int:
-    """Total number of scalars declared."""
-    total = 0
-    for p in jax.tree.leaves(spec, is_leaf=_is_param):
-        n = 1
-        for s in p.shape:
-            n *= s
-        total += n
-    return total
+def size(p: Param, routed: tuple[int, int] | None = None) -> int:
+    """Scalars in one declaration. routed (k, E): a tensor with an "experts" axis counts
+    only the k of its E experts that one token is routed to."""
+    n = math.prod(p.shape)
+    if routed is not None and "experts" in p.axes:
+        n = n // routed[1] * routed[0]
+    return n
+
+
+def count(spec: Spec, routed: tuple[int, int] | None = None) -> int:
+    """Total number of scalars declared (routed: see `size`)."""
+    return sum(size(p, routed) for p in jax.tree.leaves(spec, is_leaf=_is_param))
