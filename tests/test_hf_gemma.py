@@ -10,14 +10,10 @@ layers. The helpers are test_hf's and test_generate's.
 
 import shutil
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
+import test_generate
 import zoo
-from conftest import tokens
-from test_generate import HF_NEW, _hf_generate, _until
 from test_hf import TOL, _edit_config, _perturbed, check_parity_and_round_trip, torch, transformers
 from zoo.hf import MODEL_TYPES
 
@@ -66,19 +62,8 @@ def test_parity_and_round_trip(built, name, tmp_path):
 def test_generate_matches_transformers(built, name, num_beams):
     """As test_generate.test_matches_transformers_generate: greedy and 4-beam token for token
     through the cache, a left-padded row, an EOS the model emits; 7 + 12 tokens > the window."""
-    model, _, cfg, params = built(name)
-    prompt = np.asarray(tokens(jax.random.key(14), 3, 7))
-    mask = np.ones(prompt.shape, bool)
-    mask[1, :3] = False
-    prompt = np.where(mask, prompt, cfg.pad_id)
-    assert prompt.shape[1] + HF_NEW > WINDOW
-    free = zoo.generate(params, cfg, jnp.asarray(prompt), HF_NEW, prompt_mask=jnp.asarray(mask), stop_tokens=())
-    eos = int(free[0, 3])
-    ours = zoo.generate(params, cfg, jnp.asarray(prompt), HF_NEW, prompt_mask=jnp.asarray(mask),
-                        num_beams=num_beams, stop_tokens=(eos,))
-    theirs = _hf_generate(model, cfg, prompt, mask, num_beams, eos)
-    for a, b in zip(np.asarray(ours), theirs):
-        assert _until(a, eos) == _until(b, eos)
+    assert 7 + test_generate.HF_NEW > WINDOW
+    test_generate.test_matches_transformers_generate(lambda n: (built(n)[0], *built(n)[2:]), name, num_beams)
 
 
 # The fields of the published config.json files (written by transformers 4.42 and 4.50, before

@@ -260,10 +260,8 @@ def _run_scanned(layers: dict, x: jax.Array, kinds: tuple[LayerKind, ...], ctx: 
     (mask, RoPE tables: `StackContext.attention`), not in code, so the body is one layer that
     picks its kind's Context by index: compile time is one layer's at any depth and any
     pattern. Stacked caches belong to single-kind stacks."""
-    names = sorted({k.attention for k in kinds})
+    names = sorted({k.attention for k in kinds})  # `layer_kinds` varies only the attention
     body_kind = dataclasses.replace(kinds[0], attention=names[0])
-    if any(dataclasses.replace(k, attention=names[0]) != body_kind for k in kinds):
-        raise NotImplementedError(f"stack: layer kinds {sorted(set(kinds))} differ beyond attention")
     layer = _layer_fn(body_kind, ctx, cfg, remat)
     if len(names) > 1:  # each layer's Context, picked from the kinds' stacked Contexts
         stacked_ctx = jax.tree.map(lambda *c: jnp.stack(c), *(ctx.attention[n] for n in names))
