@@ -38,9 +38,11 @@ INITIALIZERS = ("normal", "gpt2", "t5")  # zoo.nn.param.init_std
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "rows")
 MATMULS = ("auto", "xla", "f32_accumulate")
 LAYOUTS = ("stacked", "decoding")
+ROUTERS = ("softmax", "sigmoid")  # zoo.nn.moe.route
+MOE_DISPATCHES = ("sparse", "dense")  # zoo.nn.moe.apply_moe
 
 
-_TUPLE_FIELDS = ("layer_pattern", "rope_short_factor", "rope_long_factor")
+_TUPLE_FIELDS = ("layer_pattern", "rope_short_factor", "rope_long_factor", "dense_layers")
 
 
 class ConfigError(ValueError):
@@ -140,6 +142,18 @@ class Config:
     # Mixture of experts (0: dense MLP).
     num_experts: int = 0
     experts_per_token: int = 2
+    moe_d_ff: int | None = None  # width of one routed expert; None: d_ff (d_ff stays the dense MLPs')
+    router: str = "softmax"  # expert scores: softmax (Mixtral, Qwen3-MoE, gpt-oss) | sigmoid (DeepSeek-V3)
+    router_norm_topk: bool = True  # renormalise the chosen k weights to sum to 1
+    router_bias: bool = False  # a learned bias on the router logits (gpt-oss)
+    router_score_bias: bool = False  # "score_bias" [E] added for selection only, no gradient (DeepSeek-V3)
+    router_groups: int = 1  # group-limited routing: experts in router_groups groups (n_group),
+    router_topk_groups: int = 1  # tokens pick among the best router_topk_groups groups (topk_group)
+    routed_scaling: float = 1.0  # multiplies the routed experts' sum (routed_scaling_factor)
+    shared_experts: int = 0  # a dense MLP of width shared_experts * moe_d_ff beside the routed ones
+    dense_layers: tuple[int, ...] = ()  # layer indices with the dense MLP in an MoE model
+    swiglu_limit: float | None = None  # gpt-oss experts: clamped SwiGLU (alpha 1.702, up + 1)
+    moe_dispatch: str = "sparse"  # sparse: sorted tokens + ragged_dot (dropless) | dense: every expert
     # Regularisation and numerics.
     dropout: float = 0.0
     # How `zoo.init` draws the weights: the published scheme of a family (init_std).
@@ -293,6 +307,7 @@ def _validate(c: Config) -> None:
     _require(c.num_experts >= 0, "num_experts", f"expected >= 0, got {c.num_experts}")
     _require(c.num_experts == 0 or 1 <= c.experts_per_token <= c.num_experts, "experts_per_token",
              f"expected 1..num_experts={c.num_experts}, got {c.experts_per_token}")
+    _validate_moe(c)
     _require(0.0 <= c.dropout < 1.0, "dropout", f"expected in [0, 1), got {c.dropout}")
     _require(c.attention in ATTENTION_IMPLEMENTATIONS, "attention",
              f"expected one of {ATTENTION_IMPLEMENTATIONS}, got {c.attention!r}")
@@ -306,3 +321,38 @@ def _validate(c: Config) -> None:
         value = getattr(c, name)
         _require(value is None or 0 <= value < c.vocab_size, name,
                  f"expected None or a token id in [0, {c.vocab_size}), got {value!r}")
+
+
+def _validate_moe(c: Config) -> None:
+    """The mixture-of-experts fields (zoo.nn.moe); their defaults are valid without experts."""
+    _require(c.moe_d_ff is None or (isinstance(c.moe_d_ff, int) and c.moe_d_ff > 0), "moe_d_ff",
+             f"expected None or a positive int, got {c.moe_d_ff!r}")
+    _require(c.router in ROUTERS, "router", f"expected one of {ROUTERS}, got {c.router!r}")
+    _require(c.moe_dispatch in MOE_DISPATCHES, "moe_dispatch",
+             f"expected one of {MOE_DISPATCHES}, got {c.moe_dispatch!r}")
+    _require(c.router_groups >= 1 and c.num_experts % c.router_groups == 0, "router_groups",
+             f"expected >= 1 dividing num_experts={c.num_experts}, got {c.router_groups}")
+    _require(1 <= c.router_topk_groups <= c.router_groups, "router_topk_groups",
+             f"expected 1..router_groups={c.router_groups}, got {c.router_topk_groups}")
+    per_group = c.num_experts // c.router_groups
+    _require(c.num_experts == 0 or c.experts_per_token <= c.router_topk_groups * per_group,
+             "router_topk_groups", f"{c.router_topk_groups} group(s) of {per_group} experts cannot "
+             f"hold experts_per_token={c.experts_per_token}")
+    _require(not c.router_score_bias or c.router == "sigmoid", "router_score_bias",
+             f"the selection bias goes with router='sigmoid' (DeepSeek-V3), got router={c.router!r}")
+    _require(c.routed_scaling > 0, "routed_scaling", f"expected > 0, got {c.routed_scaling}")
+    _require(c.shared_experts >= 0, "shared_experts", f"expected >= 0, got {c.shared_experts}")
+    _require(c.swiglu_limit is None or (c.swiglu_limit > 0 and c.activation == "swiglu"), "swiglu_limit",
+             f"expected None or > 0 with activation='swiglu', got {c.swiglu_limit!r} "
+             f"(activation={c.activation!r})")
+    layers = c.decoder_layers if c.family == "decoder" else c.num_layers
+    _require(all(isinstance(i, int) and 0 <= i < layers for i in c.dense_layers)
+             and len(set(c.dense_layers)) == len(c.dense_layers), "dense_layers",
+             f"expected distinct layer indices in [0, {layers}), got {c.dense_layers!r}")
+    uses = {"moe_d_ff": c.moe_d_ff is not None, "router": c.router != "softmax",
+            "router_bias": c.router_bias, "router_score_bias": c.router_score_bias,
+            "router_groups": c.router_groups != 1, "routed_scaling": c.routed_scaling != 1.0,
+            "shared_experts": c.shared_experts > 0, "dense_layers": bool(c.dense_layers),
+            "swiglu_limit": c.swiglu_limit is not None}
+    for name, used in uses.items():
+        _require(c.moe or not used, name, "is a mixture-of-experts setting; set num_experts > 0")

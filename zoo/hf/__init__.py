@@ -124,7 +124,7 @@ def _canonical(c: Config) -> Config:
     configs compare by what they compute."""
     # Numerics and kernels: how a model is computed, not which model it is.
     keep_defaults = [name for name in ("dtype", "param_dtype", "attention", "matmul", "layout",
-                                       "initializer", "scan_layers")
+                                       "initializer", "scan_layers", "moe_dispatch")
                      if name in _DEFAULTS]
     keep_defaults += _unused_rope_fields(c)
     if c.positions != "relative":
