@@ -116,6 +116,7 @@ class Config:
     qk_norm: bool = False  # RMS-normalise each query and key head over head_dim (Qwen3, Gemma 3)
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_softcap: float | None = None  # the same on the vocabulary logits
+    attn_sinks: bool = False  # a learned logit per head ("sinks" [N]) in every softmax, valueless (gpt-oss)
     # auto: cudnn where it applies (NVIDIA GPU, bf16/fp16, no additive bias, not decoding from
     # a cache), else xla | xla: einsums, any device | cudnn: NVIDIA's fused kernel, bf16/fp16
     # rows: the xla einsums one batch row at a time (fast on a CPU). zoo.nn.backend.resolve
@@ -309,6 +310,7 @@ def _validate(c: Config) -> None:
              f"expected 1..num_experts={c.num_experts}, got {c.experts_per_token}")
     _validate_moe(c)
     _require(0.0 <= c.dropout < 1.0, "dropout", f"expected in [0, 1), got {c.dropout}")
+    _require(isinstance(c.attn_sinks, bool), "attn_sinks", f"expected a bool, got {c.attn_sinks!r}")
     _require(c.attention in ATTENTION_IMPLEMENTATIONS, "attention",
              f"expected one of {ATTENTION_IMPLEMENTATIONS}, got {c.attention!r}")
     _require(c.attention != "cudnn" or c.dtype != "float32", "attention",
