@@ -30,7 +30,8 @@ POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
 # How RoPE frequencies are stretched past the trained length (zoo.nn.positions.rope_tables).
 ROPE_SCALINGS = (None, "linear", "llama3", "dynamic", "yarn", "longrope")
 # Per-layer attention kinds of `Config.layer_pattern`: "global" sees every earlier key,
-# "local" the last `sliding_window` keys.
+# "local" the last `sliding_window` keys (an encoder's: those less than sliding_window away
+# on either side).
 LAYER_KINDS = ("global", "local")
 DTYPES = ("float32", "bfloat16", "float16")
 INITIALIZERS = ("normal", "gpt2", "t5")  # zoo.nn.param.init_std
@@ -77,6 +78,7 @@ class Config:
     norm_offset: float = 0.0  # norms scale by (norm_offset + weight): Gemma stores weight - 1
     embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     final_norm: bool = True  # a norm after the last layer (pre-norm models)
+    first_attn_norm: bool = True  # False: layer 0's attention reads the embedding norm's output (ModernBERT)
     # Biases.
     attn_bias: bool = True  # q, k, v (and o unless attn_out_bias says otherwise)
     attn_out_bias: bool | None = None  # None: as attn_bias; Qwen2 has q/k/v biases only
@@ -117,6 +119,12 @@ class Config:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_softcap: float | None = None  # the same on the vocabulary logits
     attn_sinks: bool = False  # a learned logit per head ("sinks" [N]) in every softmax, valueless (gpt-oss)
+    # Multi-head latent attention (DeepSeek-V2/V3, zoo.nn.mla): set kv_lora_rank to use it.
+    q_lora_rank: int | None = None  # queries through a normed [q_lora_rank] bottleneck; None: direct
+    kv_lora_rank: int | None = None  # the joint key/value latent per token (what the cache stores)
+    qk_nope_head_dim: int = 0  # per-head query/key dims without position (from the latent)
+    qk_rope_head_dim: int = 0  # rotated query dims per head and one shared rotated key per token
+    v_head_dim: int | None = None  # value dims per head; None: qk_nope_head_dim
     # auto: cudnn where it applies (NVIDIA GPU, bf16/fp16, no additive bias, not decoding from
     # a cache), else xla | xla: einsums, any device | cudnn: NVIDIA's fused kernel, bf16/fp16
     # rows: the xla einsums one batch row at a time (fast on a CPU). zoo.nn.backend.resolve
@@ -197,6 +205,16 @@ class Config:
     def out_bias(self) -> bool:
         return self.attn_bias if self.attn_out_bias is None else self.attn_out_bias
 
+    @property
+    def mla(self) -> bool:
+        """Self-attention is multi-head latent attention (zoo.nn.mla)."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def v_size(self) -> int:
+        """Value dims per head of MLA (v_head_dim, default qk_nope_head_dim)."""
+        return self.v_head_dim or self.qk_nope_head_dim
+
     def layer_kind(self, i: int) -> str:
         """"global" or "local": the attention kind of layer i (see layer_pattern)."""
         if self.layer_pattern:
@@ -268,8 +286,11 @@ def _validate(c: Config) -> None:
     _require(c.rope_theta > 0, "rope_theta", f"expected > 0, got {c.rope_theta}")
     _require(c.relative_buckets >= 2 and c.relative_max_distance >= 1, "relative_buckets",
              "expected relative_buckets >= 2 and relative_max_distance >= 1")
-    _require(c.sliding_window is None or c.family == "decoder", "sliding_window",
-             f"only decoder models use a sliding window (family={c.family!r})")
+    _require(c.sliding_window is None or c.family in ("decoder", "encoder"), "sliding_window",
+             f"only decoder and encoder models use a sliding window (family={c.family!r})")
+    _require(c.first_attn_norm or (c.family == "encoder" and c.norm_position == "pre" and c.num_layers >= 2),
+             "first_attn_norm", "False needs a pre-norm encoder of >= 2 layers, got "
+             f"family={c.family!r}, norm_position={c.norm_position!r}, num_layers={c.num_layers}")
     _require(all(k in LAYER_KINDS for k in c.layer_pattern), "layer_pattern",
              f"expected entries from {LAYER_KINDS}, got {c.layer_pattern!r}")
     _require("local" not in c.layer_pattern or c.sliding_window is not None, "layer_pattern",
@@ -309,6 +330,7 @@ def _validate(c: Config) -> None:
     _require(c.num_experts == 0 or 1 <= c.experts_per_token <= c.num_experts, "experts_per_token",
              f"expected 1..num_experts={c.num_experts}, got {c.experts_per_token}")
     _validate_moe(c)
+    _validate_mla(c)
     _require(0.0 <= c.dropout < 1.0, "dropout", f"expected in [0, 1), got {c.dropout}")
     _require(isinstance(c.attn_sinks, bool), "attn_sinks", f"expected a bool, got {c.attn_sinks!r}")
     _require(c.attention in ATTENTION_IMPLEMENTATIONS, "attention",
@@ -358,3 +380,28 @@ def _validate_moe(c: Config) -> None:
             "swiglu_limit": c.swiglu_limit is not None}
     for name, used in uses.items():
         _require(c.moe or not used, name, "is a mixture-of-experts setting; set num_experts > 0")
+
+
+def _validate_mla(c: Config) -> None:
+    """The multi-head latent attention fields (zoo.nn.mla); unset unless kv_lora_rank is."""
+    for name in ("q_lora_rank", "kv_lora_rank", "v_head_dim"):
+        value = getattr(c, name)
+        _require(value is None or (isinstance(value, int) and value > 0), name,
+                 f"expected None or a positive int, got {value!r}")
+    if not c.mla:
+        for name, used in (("q_lora_rank", c.q_lora_rank is not None), ("qk_nope_head_dim", c.qk_nope_head_dim != 0),
+                           ("qk_rope_head_dim", c.qk_rope_head_dim != 0), ("v_head_dim", c.v_head_dim is not None)):
+            _require(not used, name, "is a multi-head latent attention setting; set kv_lora_rank")
+        return
+    _require(c.family == "decoder", "kv_lora_rank", f"MLA is a decoder attention (family={c.family!r})")
+    _require(c.positions == "rope", "kv_lora_rank", f"MLA needs positions='rope', got {c.positions!r}")
+    _require(isinstance(c.qk_rope_head_dim, int) and c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2 == 0,
+             "qk_rope_head_dim", f"MLA needs a positive even int, got {c.qk_rope_head_dim!r}")
+    _require(isinstance(c.qk_nope_head_dim, int) and c.qk_nope_head_dim >= 0, "qk_nope_head_dim",
+             f"expected an int >= 0, got {c.qk_nope_head_dim!r}")
+    _require(c.v_size > 0, "v_head_dim", "MLA needs v_head_dim (or qk_nope_head_dim) > 0")
+    for name in ("qk_norm", "attn_bias", "attn_out_bias", "attn_sinks", "attn_softcap", "local_rope_theta"):
+        _require(not getattr(c, name), name, f"is not supported with MLA (kv_lora_rank), got {getattr(c, name)!r}")
+    _require(c.rope_fraction == 1.0, "rope_fraction", "MLA rotates qk_rope_head_dim dims; leave rope_fraction 1")
+    _require(c.rope_scaling not in ("dynamic", "longrope"), "rope_scaling",
+             f"MLA supports none, linear, llama3 and yarn, got {c.rope_scaling!r}")
