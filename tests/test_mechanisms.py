@@ -2,7 +2,8 @@
 formula written here in plain numpy (float64), never through zoo code: QK-norm, attention-
 and final-logit soft-capping, query_pre_attn_scalar, sandwich norms, the (1 + w) RMSNorm,
 the sqrt(d_model) embedding scale, q/k/v biases without an output bias, per-layer
-local/global patterns with their own RoPE base, and the mixed local/global cache."""
+local/global patterns with their own RoPE base, the mixed local/global cache, and gpt-oss's
+attention sinks (also through the cache)."""
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,9 @@ GEMMA = dict(activation="geglu_tanh", norm_eps=1e-6, norm_position="sandwich", n
              layer_pattern=("local", "local", "global"), local_rope_theta=100.0, qk_norm=True,
              attn_softcap=2.0, final_softcap=3.0, embed_scale=32 ** 0.5, attn_scale=24 ** -0.5,
              tie_embeddings=True)
+# A gpt-oss-shaped attention: sinks, q/k/v/o biases, sliding and full layers alternating.
+GPT_OSS = dict(num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=3, layer_pattern=("local", "global"),
+               attn_sinks=True, attn_bias=True)
 
 
 # --- the reference, in numpy ------------------------------------------------------------
@@ -70,10 +74,19 @@ def ref_attention(p, x, cfg, pos, window=None, theta=None, factor=1.0):
     if cfg.attn_softcap:
         s = cfg.attn_softcap * np.tanh(s / cfg.attn_softcap)
     s = np.where(ref_mask(pos, window)[:, None], s, -np.inf)
-    probs = np.exp(s - s.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = ref_softmax(s, p.get("sinks"))
     out = np.einsum("nhd,btnh->btd", p["o"], np.einsum("bnts,bsnh->btnh", probs, v))
     return out + p.get("o_bias", 0)
+
+
+def ref_softmax(s, sinks=None):
+    """Softmax of s [B, N, T, S] over keys; sinks [N]: one more logit per head in the
+    denominator (gpt-oss), whose weight is dropped with it."""
+    if sinks is not None:
+        s = np.concatenate([s, np.broadcast_to(np.asarray(sinks, np.float64)[:, None, None], s.shape[:-1] + (1,))], -1)
+    probs = np.exp(s - s.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return probs if sinks is None else probs[..., :-1]
 
 
 GATES = {"geglu_tanh": lambda a: 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3))),
@@ -278,6 +291,48 @@ def test_local_layers_see_a_window_back_with_their_own_unscaled_rope():
     assert np.abs(outs["local"] - outs["global"]).max() > 1e-2
 
 
+# --- attention sinks (gpt-oss) -------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["xla", "rows", "cache"])
+def test_attention_sinks_join_the_softmax_without_a_value(layout):
+    """A logit per head joins every query's softmax and weighs no value (so the real keys'
+    weights sum to less than one; a query that sees no key outputs 0), on the einsum path,
+    row by row and over keys and values in the cache's layout."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(B, T, 4, 8)).astype(np.float32)
+    k = rng.normal(size=(B, T, 2, 8)).astype(np.float32)
+    v = rng.normal(size=(B, T, 2, 8)).astype(np.float32)
+    sinks = np.asarray([-1.0, 0.0, 1.0, 2.0], np.float32)
+    mask = ref_mask(positions()).copy()
+    mask[1, 0] = False  # this query sees no key at all
+    scale = 8 ** -0.5
+    s = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), np.repeat(k, 2, axis=2)) * scale
+    probs = ref_softmax(np.where(mask[:, None], s, -np.inf), sinks)
+    want = np.einsum("bnts,bsnh->btnh", probs, np.repeat(v, 2, axis=2))
+    if layout == "cache":  # [B*K, S, H] keys and [B*K, H, S] values (zoo.nn.cache)
+        k = k.transpose(0, 2, 1, 3).reshape(B * 2, T, 8)
+        v = v.transpose(0, 2, 3, 1).reshape(B * 2, 8, T)
+    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), None, scale,
+                 "rows" if layout == "rows" else "xla", cache_layout=layout == "cache", sinks=jnp.asarray(sinks))
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    assert float(np.abs(got[1, 0]).max()) == 0.0
+
+
+def test_attention_sinks_are_a_per_head_parameter_of_self_attention():
+    """`Config.attn_sinks`: "sinks" [N] (sharded over heads) in self-attention, not in
+    cross-attention; with gpt-oss's biases on q, k, v and o, against the reference."""
+    cfg = tiny("tiny-decoder", **{**GPT_OSS, "layer_pattern": (), "sliding_window": None})
+    spec = attention_spec(cfg)
+    assert spec["sinks"].shape == (4,) and spec["sinks"].axes == ("heads",)
+    assert {"q_bias", "k_bias", "v_bias", "o_bias"} <= set(spec)
+    assert "sinks" not in attention_spec(cfg, cross=True)
+    p = draw(spec)
+    x = hidden()
+    want = ref_attention(p, x, cfg, positions())
+    np.testing.assert_allclose(self_attention(cfg, p, x), want, atol=ATOL)
+    without = ref_attention({k: v for k, v in p.items() if k != "sinks"}, x, cfg, positions())
+    assert np.abs(without - want).max() > 1e-2  # the sinks are visible at this size
+
+
 # --- embeddings ---------------------------------------------------------------------------
 def test_embedding_scale_is_rounded_to_the_compute_dtype():
     """Gemma multiplies embeddings by sqrt(d_model) held in the compute dtype: in bf16,
@@ -306,12 +361,14 @@ def test_a_gemma_shaped_decoder_equals_the_reference():
     np.testing.assert_allclose(got, ref_decoder(params, cfg, toks), atol=5e-5)
 
 
-def test_a_mixed_cache_keeps_a_ring_per_local_layer_and_decodes_as_the_full_forward():
+@pytest.mark.parametrize("shape", [GEMMA, GPT_OSS], ids=["gemma", "gpt-oss"])
+def test_a_mixed_cache_keeps_a_ring_per_local_layer_and_decodes_as_the_full_forward(shape):
     """Local layers keep a ring of window + chunk - 1 slots, global layers the full length;
     a prompt longer than the ring, chunks of 3 and single tokens give the full forward's
-    logits at every position (one row left-padded)."""
-    cfg = tiny("tiny-decoder", num_layers=3, **GEMMA)
-    length, chunk, window = 20, 3, GEMMA["sliding_window"]
+    logits at every position (one row left-padded). gpt-oss: the sinks join the softmax over
+    the cache as over the full sequence."""
+    cfg = tiny("tiny-decoder", num_layers=3, **shape)
+    length, chunk, window = 20, 3, shape["sliding_window"]
     cache = zoo.init_cache(cfg, B, length, chunk=chunk)
     kinds = [cfg.layer_kind(i) for i in range(cfg.num_layers)]
     assert isinstance(cache.kv, tuple) and len(cache.kv) == cfg.num_layers

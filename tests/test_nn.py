@@ -325,12 +325,13 @@ def test_auto_kernels_are_chosen_once_from_the_platform():
     assert (here.attention, here.matmul) == ("rows", "f32_accumulate")  # this CPU, no mesh
     pinned = cfg.replace(attention="xla", matmul="xla")
     assert backend.resolve(pinned) is pinned
-    # The cuDNN kernel takes only calls it can run: no bias, no cache layout, no soft-cap.
+    # The cuDNN kernel takes only calls it can run: no bias, no cache layout, no soft-cap, no sinks.
     assert attention.cudnn_fits(jnp.bfloat16, has_bias=False, cache_layout=False)
     assert not attention.cudnn_fits(jnp.float32, has_bias=False, cache_layout=False)
     assert not attention.cudnn_fits(jnp.bfloat16, has_bias=True, cache_layout=False)
     assert not attention.cudnn_fits(jnp.bfloat16, has_bias=False, cache_layout=True)
     assert not attention.cudnn_fits(jnp.bfloat16, has_bias=False, cache_layout=False, softcap=50.0)
+    assert not attention.cudnn_fits(jnp.bfloat16, has_bias=False, cache_layout=False, has_sinks=True)
 
 
 def test_the_math_below_the_entry_never_looks_at_the_device(monkeypatch):

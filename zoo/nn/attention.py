@@ -1,5 +1,6 @@
 """One attention for every family: self or cross, bidirectional, causal, prefix, padded,
-packed (segment ids) and sliding-window, with RoPE, ALiBi or T5 relative biases.
+packed (segment ids) and sliding-window, with RoPE, ALiBi or T5 relative biases, and
+optionally learned attention sinks (gpt-oss: one logit per head that joins the softmax).
 
 GQA groups query heads over their shared key/value head (`[B, T, K, G, H]`); keys and
 values are never repeated. Scores and softmax run in fp32.
@@ -55,6 +56,8 @@ def attention_spec(cfg: Config, cross: bool = False) -> Spec:
     if cfg.qk_norm and not cross:
         spec["q_norm"] = norm_spec(cfg, h)
         spec["k_norm"] = norm_spec(cfg, h)
+    if cfg.attn_sinks and not cross:
+        spec["sinks"] = param((n,), ("heads",))  # N(0, 0.02), as transformers inits gpt-oss's
     return spec
 
 
@@ -100,25 +103,28 @@ def project_kv(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
            bias: jax.Array | None, scale: float, implementation: str = "xla",
            causal: bool = False, cache_layout: bool = False,
-           softcap: float | None = None) -> jax.Array:
+           softcap: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
     """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
 
     cache_layout: k [B*K, S, H] and v [B*K, H, S] as a KV cache stores them (`zoo.nn.cache`).
     softcap: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2).
+    sinks: [N] a logit per head that joins every query's softmax without a value (gpt-oss):
+    the weights of the real keys sum to less than 1, and a fully masked row outputs 0.
     implementation (`Config.attention`, resolved by `zoo.nn.backend.resolve`): "xla" is the
     einsum below, on any device; "rows" the same one batch row at a time (a CPU's cache
     holds a row's scores); "cudnn" NVIDIA's fused kernel through
     `jax.nn.dot_product_attention` (`causal` lets it skip masked blocks) where the call
     allows it (`cudnn_fits`), else xla. "auto" here is xla: the math never looks at the
     device it runs on."""
-    if implementation == "cudnn" and cudnn_fits(q.dtype, bias is not None, cache_layout, softcap):
+    if implementation == "cudnn" and cudnn_fits(q.dtype, bias is not None, cache_layout, softcap,
+                                                sinks is not None):
         try:
             return _attend_cudnn(q, k, v, mask, bias, scale, causal, cache_layout)
         except NotImplementedError:  # shapes the kernel rejects (head size, odd lengths)
             pass
     b, t, n, h = q.shape
     if implementation == "rows" and not cache_layout:
-        return _attend_by_rows(q, k, v, mask, bias, scale, softcap)
+        return _attend_by_rows(q, k, v, mask, bias, scale, softcap, sinks)
     kv = k.shape[0] // b if cache_layout else k.shape[2]
     q = q.reshape(b, t, kv, n // kv, h)
     if cache_layout:
@@ -132,7 +138,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kv, n // kv, *bias.shape[2:])
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    sinks = None if sinks is None else sinks.reshape(kv, n // kv, 1, 1)
+    probs = _softmax(scores, sinks).astype(v.dtype)
     if cache_layout:
         out = jnp.einsum("xqs,xhs->xqh", probs.reshape(b * kv, n // kv * t, -1), v)
         out = jnp.transpose(out.reshape(b, kv, n // kv, t, h), (0, 3, 1, 2, 4))
@@ -145,14 +152,25 @@ def _cap(scores: jax.Array, softcap: float | None) -> jax.Array:
     return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
+def _softmax(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """fp32 softmax over the last (key) axis of scores [..., S]; sinks (broadcasting against
+    scores[..., :1]) is one more logit per row in the denominator, with no value to weigh."""
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sinks = sinks.astype(jnp.float32)
+    top = jax.lax.stop_gradient(jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks))
+    e = jnp.exp(scores - top)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sinks - top))
+
+
 def cudnn_fits(dtype: jnp.dtype, has_bias: bool, cache_layout: bool,
-               softcap: float | None = None) -> bool:
+               softcap: float | None = None, has_sinks: bool = False) -> bool:
     """Whether a call can run on the cuDNN kernel: bf16/fp16, without an additive bias
     (ALiBi, T5's relative buckets: the kernel would have to return its gradient), without
-    soft-capping, and outside cached decoding (queries over the cache layout; the kernel is
-    unmeasured there)."""
+    soft-capping or attention sinks (jax.nn.dot_product_attention has neither), and outside
+    cached decoding (queries over the cache layout; the kernel is unmeasured there)."""
     return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not has_bias
-            and not cache_layout and softcap is None)
+            and not cache_layout and softcap is None and not has_sinks)
 
 
 def _attend_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -176,19 +194,22 @@ _MAX_UNROLLED_ROWS = 32
 
 
 def _attend_by_rows(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                    bias: jax.Array | None, scale: float, softcap: float | None) -> jax.Array:
+                    bias: jax.Array | None, scale: float, softcap: float | None,
+                    sinks: jax.Array | None = None) -> jax.Array:
     b = q.shape[0]
     if bias is not None:
         bias = jnp.broadcast_to(bias, (b, *bias.shape[1:]))
     if b <= _MAX_UNROLLED_ROWS:
         return jnp.stack([_attend_row(q[i], k[i], v[i], mask[i], None if bias is None else bias[i],
-                                      scale, softcap) for i in range(b)])
-    return jax.lax.map(lambda xs: _attend_row(*xs, scale=scale, softcap=softcap), (q, k, v, mask, bias))
+                                      scale, softcap, sinks) for i in range(b)])
+    return jax.lax.map(lambda xs: _attend_row(*xs, scale=scale, softcap=softcap, sinks=sinks),
+                       (q, k, v, mask, bias))
 
 
 def _attend_row(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                bias: jax.Array | None, scale: float, softcap: float | None) -> jax.Array:
-    """One row: q [T, N, H], k/v [S, K, H], mask [T, S], bias [N, T, S] -> [T, N, H]."""
+                bias: jax.Array | None, scale: float, softcap: float | None,
+                sinks: jax.Array | None = None) -> jax.Array:
+    """One row: q [T, N, H], k/v [S, K, H], mask [T, S], bias [N, T, S], sinks [N] -> [T, N, H]."""
     t, n, h = q.shape
     kv = k.shape[1]
     g = n // kv
@@ -202,7 +223,7 @@ def _attend_row(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     if bias is not None:
         scores = scores + bias
     scores = jnp.where(mask[None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _softmax(scores, None if sinks is None else sinks[:, None, None]).astype(v.dtype)
     if g == 1:
         return jnp.einsum("nts,snh->tnh", probs, v)
     out = jnp.einsum("kqs,skh->kqh", probs.reshape(kv, g * t, -1), v).reshape(kv, g, t, h)
@@ -264,7 +285,7 @@ def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
     out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, cache_layout,
-                 cfg.attn_softcap)
+                 cfg.attn_softcap, p.get("sinks"))
     # One [N*H, D] matmul: as an einsum over (n, h), XLA may transpose the weight to match
     # the activation's layout, a full copy of W_o on every decoding step.
     y = matmul(out, p["o"], n_in=2, mode=cfg.matmul)
