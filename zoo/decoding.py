@@ -66,7 +66,8 @@ def unstacked(params: dict) -> dict:
 
 
 def _fused(layer: dict) -> dict:
-    out = {**layer, "attn": fuse_qkv(layer["attn"])}
+    # MLA (zoo.nn.mla) has no q/k/v to fuse: its decoding reads the latent cache as is.
+    out = {**layer, "attn": fuse_qkv(layer["attn"]) if "kv_a" not in layer["attn"] else layer["attn"]}
     if "mlp" in layer:
         out["mlp"] = fuse_gate(layer["mlp"])
     return out

@@ -34,6 +34,10 @@ do not stack).
 Slots written past the live length (rejected speculative tokens, after `rewind`) hold
 positions beyond every later query until they are overwritten, so causality hides them.
 
+A multi-head latent attention model (`Config.kv_lora_rank`, `zoo.nn.mla`) stores per token
+and layer its latent and its shared rotated key instead (`LatentKV`: c [B, R, C] and k_rope
+[B, R, R_rope]), kv_lora_rank + qk_rope_head_dim numbers, in the same slots and layouts.
+
 With `quantize=True` keys and values are int8 with one fp32 scale per token and head
 (absmax over head_dim), which halves the memory of a bf16 cache (quarters an fp32 one).
 """
@@ -58,6 +62,14 @@ class LayerKV(NamedTuple):
     v: jax.Array
     k_scale: jax.Array | None = None
     v_scale: jax.Array | None = None
+
+
+class LatentKV(NamedTuple):
+    """An MLA layer's cache (`zoo.nn.mla`): latents c [B, R, C] and shared rotated keys
+    k_rope [B, R, R_rope] (with a leading [L] axis when stacked), in the compute dtype."""
+
+    c: jax.Array
+    k_rope: jax.Array
 
 
 class Plan(NamedTuple):
@@ -124,7 +136,7 @@ class Cache:
 
     @property
     def quantized(self) -> bool:
-        return layer_kv(self.kv, 0).k_scale is not None
+        return getattr(layer_kv(self.kv, 0), "k_scale", None) is not None
 
     @property
     def cross_len(self) -> int:
@@ -132,9 +144,9 @@ class Cache:
         return layer_kv(self.cross, 0).k.shape[-2]
 
 
-def is_stacked(kv: LayerKV | tuple[LayerKV, ...]) -> bool:
-    """True for the stacked layout (LayerKV of [L, ...]), False for a tuple of layers."""
-    return isinstance(kv, LayerKV)
+def is_stacked(kv: LayerKV | LatentKV | tuple) -> bool:
+    """True for the stacked layout (LayerKV or LatentKV of [L, ...]), False for a tuple of layers."""
+    return isinstance(kv, (LayerKV, LatentKV))
 
 
 def layer_kv(kv: LayerKV | tuple[LayerKV, ...], i: int) -> LayerKV:
@@ -146,7 +158,7 @@ def per_layer(kv: LayerKV | tuple[LayerKV, ...]) -> tuple[LayerKV, ...]:
     """Either layout as a tuple of layers (copies when it splits a stack)."""
     if not is_stacked(kv):
         return tuple(kv)
-    return tuple(layer_kv(kv, i) for i in range(kv.k.shape[0]))
+    return tuple(layer_kv(kv, i) for i in range(kv[0].shape[0]))
 
 
 def stacked(kv: LayerKV | tuple[LayerKV, ...]) -> LayerKV:
@@ -183,8 +195,14 @@ def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk:
     kinds = [cfg.layer_kind(i) for i in range(layers)]
     sizes = {kind: slots_needed(cfg, length, chunk, kind) for kind in sorted(set(kinds))}
     per_layer = per_layer or len(sizes) > 1
+    if cfg.mla and quantize:
+        raise ValueError("cache: quantize=True is not supported for the latent cache of MLA (Config.kv_lora_rank)")
 
-    def buffers(size: int, lead: tuple[int, ...]) -> LayerKV:
+    def buffers(size: int, lead: tuple[int, ...]) -> LayerKV | LatentKV:
+        if cfg.mla:  # one latent and one rotated key per token, no heads
+            dt = jnp.dtype(cfg.dtype)
+            return LatentKV(jnp.zeros((*lead, size, cfg.kv_lora_rank), dt),
+                            jnp.zeros((*lead, size, cfg.qk_rope_head_dim), dt))
         k_shape, v_shape = (*lead, size, cfg.head_size), (*lead, cfg.head_size, size)
         if quantize:
             scales = jnp.zeros((*lead, size), jnp.float32)
@@ -192,7 +210,7 @@ def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk:
         dt = jnp.dtype(cfg.dtype)
         return LayerKV(jnp.zeros(k_shape, dt), jnp.zeros(v_shape, dt))
 
-    rows = batch * cfg.kv_heads
+    rows = batch if cfg.mla else batch * cfg.kv_heads
     if per_layer:
         kv = tuple(buffers(sizes[kind][0], (rows,)) for kind in kinds)
     else:
@@ -277,6 +295,20 @@ def update(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> tuple[jax.Arr
         old_k, old_v = _read(layer, k.dtype)
         return jnp.concatenate([old_k, k], axis=1), jnp.concatenate([old_v, v], axis=2), stored
     return (*_read(stored, k.dtype), stored)
+
+
+def update_latent(layer: LatentKV, c: jax.Array, k_rope: jax.Array,
+                  p: Plan) -> tuple[jax.Array, jax.Array, LatentKV]:
+    """Stores an MLA chunk's latents c [B, T, C] and rotated keys k_rope [B, T, R_rope].
+
+    Returns the latents and keys to attend over ([B, R, *], or [B, R + T, *] for a concat
+    plan) in c's dtype, and the updated layer cache."""
+    stored = LatentKV(_write(layer.c, c.astype(layer.c.dtype), p, 1),
+                      _write(layer.k_rope, k_rope.astype(layer.k_rope.dtype), p, 1))
+    if p.concat:
+        return (jnp.concatenate([layer.c.astype(c.dtype), c], axis=1),
+                jnp.concatenate([layer.k_rope.astype(c.dtype), k_rope], axis=1), stored)
+    return stored.c.astype(c.dtype), stored.k_rope.astype(c.dtype), stored
 
 
 def key_positions(slots: Slots, p: Plan, new_positions: jax.Array) -> tuple[jax.Array, Slots]:

@@ -34,7 +34,8 @@ def sinusoidal_table(length: int, dim: int) -> np.ndarray:
 
 
 def _rotated(cfg: Config) -> int:
-    return int(cfg.head_size * cfg.rope_fraction)
+    """Rotated dims per head: MLA's qk_rope_head_dim, else head_size * rope_fraction."""
+    return cfg.qk_rope_head_dim if cfg.mla else int(cfg.head_size * cfg.rope_fraction)
 
 
 def _exponents(rot: int) -> np.ndarray:
@@ -98,7 +99,8 @@ def longrope_attention_factor(stretch: float, original_len: int) -> float:
     return 1.0 if stretch <= 1.0 else math.sqrt(1.0 + math.log(stretch) / math.log(original_len))
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 mscale ln(scale) + 1 (1 when not stretched)."""
     return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -116,8 +118,8 @@ def rope_attention_factor(cfg: Config) -> float:
         return longrope_attention_factor(cfg.max_len / cfg.rope_original_max_len, cfg.rope_original_max_len)
     factor = cfg.rope_scaling_factor
     if cfg.rope_mscale and cfg.rope_mscale_all_dim:
-        return _yarn_mscale(factor, cfg.rope_mscale) / _yarn_mscale(factor, cfg.rope_mscale_all_dim)
-    return _yarn_mscale(factor)
+        return yarn_mscale(factor, cfg.rope_mscale) / yarn_mscale(factor, cfg.rope_mscale_all_dim)
+    return yarn_mscale(factor)
 
 
 def _dynamic_inv_freq(cfg: Config, length: jax.Array) -> jax.Array:

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.nn.attention import (Context, apply_attention, apply_cached_attention, apply_cross_attention,
                               attention_mask, attention_spec, project_kv)
-from zoo.nn.cache import Cache, LayerKV, Plan, Slots, key_positions, plan as cache_plan, window
+from zoo.nn.cache import Cache, LayerKV, Plan, Slots, is_stacked, key_positions, plan as cache_plan, window
 from zoo.nn.cache import per_layer as kv_per_layer, stacked as kv_stacked
 from zoo.nn.embeddings import add_positions, position_spec
+from zoo.nn.mla import apply_cached_mla, apply_mla, mla_spec
 from zoo.nn.mlp import apply_mlp, mlp_spec
 from zoo.nn.moe import apply_moe, moe_spec
 from zoo.nn.norms import apply_norm, norm_spec
@@ -56,6 +57,15 @@ def layer_kinds(cfg: Config, num_layers: int, cross: bool = False) -> tuple[Laye
     return tuple(LayerKind(cfg.layer_kind(i), cross, ffn) for i in range(num_layers))
 
 
+def self_attention_part(cfg: Config) -> tuple[Callable, Callable, Callable]:
+    """(spec(cfg), apply(p, x, ctx, cfg), apply_cached(p, x, ctx, cfg, layer cache, plan)) of
+    the self-attention: multi-head latent attention when cfg sets kv_lora_rank (zoo.nn.mla),
+    else zoo.nn.attention's."""
+    if cfg.mla:
+        return mla_spec, apply_mla, apply_cached_mla
+    return attention_spec, apply_attention, apply_cached_attention
+
+
 # The feed-forward parts: name -> (spec(cfg), apply(p, x, cfg) -> (y, aux loss)).
 FFN_PARTS: dict[str, tuple[Callable[[Config], Spec], Callable]] = {
     "mlp": (mlp_spec, lambda p, x, cfg: (apply_mlp(p, x, cfg), jnp.zeros((), jnp.float32))),
@@ -72,7 +82,7 @@ def _norms(cfg: Config, name: str) -> Spec:
 
 
 def layer_spec(cfg: Config, kind: LayerKind = LayerKind()) -> Spec:
-    spec = {**_norms(cfg, "attn"), "attn": attention_spec(cfg), **_norms(cfg, "mlp")}
+    spec = {**_norms(cfg, "attn"), "attn": self_attention_part(cfg)[0](cfg), **_norms(cfg, "mlp")}
     if kind.cross:
         spec.update(_norms(cfg, "cross"), cross=attention_spec(cfg, cross=True))
     spec[kind.ffn] = FFN_PARTS[kind.ffn][0](cfg)
@@ -166,11 +176,13 @@ def apply_layer(p: dict, x: jax.Array, kind: LayerKind, ctx: StackContext, cfg: 
     attn_ctx = ctx.attention[kind.attention]
     stored = {}
 
+    _, attend, attend_cached = self_attention_part(cfg)
+
     def self_attention(h: jax.Array) -> jax.Array:
         if cache is None:
-            return apply_attention(p["attn"], h, attn_ctx, cfg)
-        y, stored["kv"] = apply_cached_attention(p["attn"], h, attn_ctx, cfg, cache.kv,
-                                                 ctx.plans[kind.attention])
+            return attend(p["attn"], h, attn_ctx, cfg)
+        y, stored["kv"] = attend_cached(p["attn"], h, attn_ctx, cfg, cache.kv,
+                                        ctx.plans[kind.attention])
         return y
 
     x = _residual(x, p, "attn", self_attention, cfg, keys[0])
@@ -214,7 +226,7 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
     num = len(layers) if cfg.layout == "decoding" else jax.tree.leaves(layers)[0].shape[0]
     kinds = layer_kinds(cfg, num, cross)
     keys = jax.random.split(key, num) if key is not None else None
-    per_layer_cache = cache is not None and not isinstance(cache.kv, LayerKV)
+    per_layer_cache = cache is not None and not is_stacked(cache.kv)
     if cfg.layout == "decoding":
         x, aux, cache = _run_unrolled(layers, x, kinds, ctx, cfg, keys, remat, cache)
     elif per_layer_cache or not cfg.scan_layers:
@@ -237,7 +249,7 @@ def _layer_fn(kind: LayerKind, ctx: StackContext, cfg: Config, remat: bool | str
 def _run_unrolled(layers: tuple[dict, ...], x: jax.Array, kinds: tuple[LayerKind, ...],
                   ctx: StackContext, cfg: Config, keys: jax.Array | None, remat: bool | str,
                   cache: StackCache | None) -> tuple[jax.Array, jax.Array, StackCache | None]:
-    stacked_cache = cache is not None and isinstance(cache.kv, LayerKV)
+    stacked_cache = cache is not None and is_stacked(cache.kv)
     kv = None if cache is None else kv_per_layer(cache.kv)
     cross = None if cache is None or cache.cross is None else kv_per_layer(cache.cross)
     fns = {kind: _layer_fn(kind, ctx, cfg, remat) for kind in set(kinds)}
