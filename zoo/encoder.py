@@ -24,7 +24,9 @@ def spec(cfg: Config) -> Spec:
     out = {"embed": embed_spec(cfg), "encoder": stack_spec(cfg, cfg.num_layers)}
     dense_std = init_std(cfg, "dense", cfg.d_model)
     if cfg.mlm_transform:
-        out["mlm"] = {"dense": dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"), std=dense_std),
+        # The transform's dense has a bias where the MLPs have one (BERT yes, ModernBERT no).
+        out["mlm"] = {"dense": dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"), bias=cfg.mlp_bias,
+                                          std=dense_std),
                       "norm": norm_spec(cfg)}
     head = head_spec(cfg)
     if head:

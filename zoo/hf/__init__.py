@@ -3,9 +3,9 @@
     cfg, params = zoo.load_hf("path/to/hf_dir")      # config.json + *.safetensors, no network
     zoo.save_hf(cfg, params, "out_dir")               # transformers' from_pretrained loads it
 
-Supported `model_type`s: bert, roberta, gpt2, llama, mistral, mixtral, t5, bart, gemma2,
+Supported `model_type`s: bert, roberta, modernbert, gpt2, llama, mistral, mixtral, t5, bart, gemma2,
 gemma3_text, qwen2, qwen3, phi3. Each has a key map (data, in
-zoo/hf/{bert,gpt2,llama,t5,bart,gemma,qwen,phi3}.py) applied by one loop in zoo/hf/keymap.py.
+zoo/hf/{bert,modernbert,gpt2,llama,t5,bart,gemma,qwen,phi3}.py) applied by one loop in zoo/hf/keymap.py.
 A config that zoo cannot reproduce exactly is a ValueError naming the field; `save_hf` proves
 each export by reading the written config back and comparing it to the Config it was given.
 """
@@ -32,13 +32,14 @@ from zoo.hf.gemma import GEMMA2, GEMMA3_TEXT
 from zoo.hf.gpt2 import GPT2
 from zoo.hf.keymap import flatten, hf_keys, read_params, unflatten, write_params
 from zoo.hf.llama import LLAMA, MISTRAL, MIXTRAL
+from zoo.hf.modernbert import MODERNBERT
 from zoo.hf.phi3 import PHI3
 from zoo.hf.qwen import QWEN2, QWEN3
 from zoo.hf.t5 import T5
 
 # Order matters to save_hf: the first type that reproduces a Config is the one written.
 MODEL_TYPES: dict[str, ModelType] = {
-    m.name: m for m in (BERT, ROBERTA, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART, GEMMA2, GEMMA3_TEXT,
+    m.name: m for m in (BERT, ROBERTA, MODERNBERT, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART, GEMMA2, GEMMA3_TEXT,
                         QWEN2, QWEN3, PHI3)}
 
 __all__ = ["MODEL_TYPES", "Unsupported", "load_hf", "save_hf"]

@@ -63,19 +63,22 @@ class Rule(NamedTuple):
     (`Transform.fuse_axis`): GPT-2's c_attn and Phi-3's qkv_proj hold q, k and v, Phi-3's
     gate_up_proj the gate and up projections. `when` restricts the rule to configs it applies to (T5's
     `wi` vs `wi_0`/`wi_1`); rules whose zoo leaves a config lacks are skipped anyway.
+    layer_offset: the Hugging Face index `{i}` of the stack's row 0 (a stack that starts
+    after a layer of another layout, e.g. ModernBERT's first layer).
     """
 
     hf: str
     zoo: tuple[str, ...]
     kind: str = "copy"
     when: Callable[[Config], bool] | None = None
+    layer_offset: int = 0
 
 
 def rule(hf: str, zoo: str | tuple[str, ...], kind: str = "copy",
-         when: Callable[[Config], bool] | None = None) -> Rule:
+         when: Callable[[Config], bool] | None = None, layer_offset: int = 0) -> Rule:
     if kind not in TRANSFORMS:
         raise ValueError(f"rule {hf!r}: unknown transform {kind!r}")
-    return Rule(hf, (zoo,) if isinstance(zoo, str) else tuple(zoo), kind, when)
+    return Rule(hf, (zoo,) if isinstance(zoo, str) else tuple(zoo), kind, when, layer_offset)
 
 
 # --- tree helpers -----------------------------------------------------------------------------
@@ -117,11 +120,11 @@ def _slots(rule_: Rule, shape: tuple, lead: int) -> Iterator[tuple[tuple[int, ..
         yield (), rule_.hf
     elif lead == 1:
         for i in range(shape[0]):
-            yield (i,), rule_.hf.format(i=i)
+            yield (i,), rule_.hf.format(i=i + rule_.layer_offset)
     else:
         for i in range(shape[0]):
             for e in range(shape[1]):
-                yield (i, e), rule_.hf.format(i=i, e=e)
+                yield (i, e), rule_.hf.format(i=i + rule_.layer_offset, e=e)
 
 
 def active_rules(rules: list[Rule], cfg: Config, shapes: dict[str, tuple]) -> list[Rule]:

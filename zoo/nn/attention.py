@@ -69,7 +69,9 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool,
 
     causal: a key is visible when its position is <= the query's; `prefix` ([B, T] bool,
     self-attention only) additionally lets prefix queries see every prefix key.
-    window: keys more than window-1 positions back are hidden.
+    window: keys `window` or more positions away are hidden: back from the query when
+    causal, on either side otherwise (an encoder's local attention; ModernBERT's
+    local_attention = 2 * (window - 1)).
     k_valid: [B, Tk] False for padding. Segments: only equal ids attend (packing).
     """
     q = q_pos[:, :, None]
@@ -81,7 +83,7 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool,
             visible = visible | (prefix[:, :, None] & prefix[:, None, :])
         allowed = allowed & visible
     if window is not None:
-        allowed = allowed & (q - k < window)
+        allowed = allowed & ((q - k if causal else jnp.abs(q - k)) < window)
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, :]
     if q_segments is not None and k_segments is not None:

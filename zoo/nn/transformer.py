@@ -44,17 +44,20 @@ from zoo.sharding import constrain
 @dataclasses.dataclass(frozen=True)
 class LayerKind:
     """The parts of one layer. attention: "global" | "local" (`Config.layer_kind`); cross:
-    cross-attention over an encoder's output; ffn: "mlp" | "moe"."""
+    cross-attention over an encoder's output; ffn: "mlp" | "moe"; attn_norm: False when the
+    attention reads the layer's input as is (ModernBERT's first layer)."""
 
     attention: str = "global"
     cross: bool = False
     ffn: str = "mlp"
+    attn_norm: bool = True
 
 
 def layer_kinds(cfg: Config, num_layers: int, cross: bool = False) -> tuple[LayerKind, ...]:
     """The kind of every layer of a stack of num_layers."""
     ffn = "moe" if cfg.moe else "mlp"
-    return tuple(LayerKind(cfg.layer_kind(i), cross, ffn) for i in range(num_layers))
+    return tuple(LayerKind(cfg.layer_kind(i), cross, ffn, attn_norm=i > 0 or cfg.first_attn_norm)
+                 for i in range(num_layers))
 
 
 def self_attention_part(cfg: Config) -> tuple[Callable, Callable, Callable]:
@@ -82,7 +85,8 @@ def _norms(cfg: Config, name: str) -> Spec:
 
 
 def layer_spec(cfg: Config, kind: LayerKind = LayerKind()) -> Spec:
-    spec = {**_norms(cfg, "attn"), "attn": self_attention_part(cfg)[0](cfg), **_norms(cfg, "mlp")}
+    spec = {**(_norms(cfg, "attn") if kind.attn_norm else {}), "attn": self_attention_part(cfg)[0](cfg),
+            **_norms(cfg, "mlp")}
     if kind.cross:
         spec.update(_norms(cfg, "cross"), cross=attention_spec(cfg, cross=True))
     spec[kind.ffn] = FFN_PARTS[kind.ffn][0](cfg)
@@ -90,12 +94,14 @@ def layer_spec(cfg: Config, kind: LayerKind = LayerKind()) -> Spec:
 
 
 def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
-    kinds = layer_kinds(cfg, num_layers, cross)
+    first, kinds = _split_first(layer_kinds(cfg, num_layers, cross))
     layer = layer_spec(cfg, kinds[0])
     if any(layer_spec(cfg, k) != layer for k in kinds[1:]):
         raise ValueError(f"stack: layer kinds {sorted(set(kinds))} differ in parameters; "
                          "a stack holds one parameter layout")
-    spec = {**position_spec(cfg), "layers": stacked(layer, num_layers)}
+    spec = {**position_spec(cfg), "layers": stacked(layer, len(kinds))}
+    if first is not None:
+        spec["first_layer"] = layer_spec(cfg, first)
     if cfg.embed_norm:
         spec["embed_norm"] = norm_spec(cfg)
     if cfg.positions == "relative":
@@ -104,6 +110,12 @@ def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
     if cfg.final_norm:
         spec["final_norm"] = norm_spec(cfg)
     return spec
+
+
+def _split_first(kinds: tuple[LayerKind, ...]) -> tuple[LayerKind | None, tuple[LayerKind, ...]]:
+    """(the first layer's kind when it has a parameter layout of its own, kept unstacked as
+    the stack's "first_layer" (`Config.first_attn_norm`), else None; the stacked kinds)."""
+    return (None, kinds) if kinds[0].attn_norm else (kinds[0], kinds[1:])
 
 
 # --- what the layers of one forward share -------------------------------------------------
@@ -157,11 +169,12 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 def _residual(x: jax.Array, p: dict, name: str, sublayer: Callable[[jax.Array], jax.Array],
               cfg: Config, key: jax.Array | None) -> jax.Array:
-    """x plus sub-layer `name` under the config's norm placement."""
-    norm = p[f"{name}_norm"]
+    """x plus sub-layer `name` under the config's norm placement (a layer without the norm,
+    `LayerKind.attn_norm`, feeds x to the sub-layer as is)."""
+    norm = p.get(f"{name}_norm")
     if cfg.norm_position == "post":
         return apply_norm(norm, x + dropout(sublayer(x), cfg.dropout, key), cfg)
-    y = sublayer(apply_norm(norm, x, cfg))
+    y = sublayer(x if norm is None else apply_norm(norm, x, cfg))
     if cfg.norm_position == "sandwich":
         y = apply_norm(p[f"{name}_post_norm"], y, cfg)
     return x + dropout(y, cfg.dropout, key)
@@ -224,8 +237,13 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
     Returns (hidden [B, T, D], mean MoE balance loss over layers, updated cache or None)."""
     layers = p_stack["layers"]
     num = len(layers) if cfg.layout == "decoding" else jax.tree.leaves(layers)[0].shape[0]
-    kinds = layer_kinds(cfg, num, cross)
-    keys = jax.random.split(key, num) if key is not None else None
+    first = "first_layer" in p_stack  # a first layer of its own layout (encoders, no cache)
+    first_kind, kinds = _split_first(layer_kinds(cfg, num + first, cross))
+    keys = jax.random.split(key, num + first) if key is not None else None
+    if first:
+        x, first_aux, _ = _layer_fn(first_kind, ctx, cfg, remat)(
+            p_stack["first_layer"], x, None if keys is None else keys[num], None)
+        keys = None if keys is None else keys[:num]
     per_layer_cache = cache is not None and not is_stacked(cache.kv)
     if cfg.layout == "decoding":
         x, aux, cache = _run_unrolled(layers, x, kinds, ctx, cfg, keys, remat, cache)
@@ -233,6 +251,8 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
         x, aux, cache = _run_unrolled(split_layers(layers), x, kinds, ctx, cfg, keys, remat, cache)
     else:
         x, aux, cache = _run_scanned(layers, x, kinds, ctx, cfg, keys, remat, cache)
+    if first:
+        aux = (first_aux + num * aux) / (num + 1)
     if "final_norm" in p_stack:
         x = apply_norm(p_stack["final_norm"], x, cfg)
     return x, aux, cache
