@@ -125,6 +125,7 @@ class Config:
     qk_nope_head_dim: int = 0  # per-head query/key dims without position (from the latent)
     qk_rope_head_dim: int = 0  # rotated query dims per head and one shared rotated key per token
     v_head_dim: int | None = None  # value dims per head; None: qk_nope_head_dim
+    rope_interleave: bool = False  # MLA: rotate adjacent pairs (x0, x1), (x2, x3).. (DeepSeek's layout)
     # auto: cudnn where it applies (NVIDIA GPU, bf16/fp16, no additive bias, not decoding from
     # a cache), else xla | xla: einsums, any device | cudnn: NVIDIA's fused kernel, bf16/fp16
     # rows: the xla einsums one batch row at a time (fast on a CPU). zoo.nn.backend.resolve
@@ -390,7 +391,8 @@ def _validate_mla(c: Config) -> None:
                  f"expected None or a positive int, got {value!r}")
     if not c.mla:
         for name, used in (("q_lora_rank", c.q_lora_rank is not None), ("qk_nope_head_dim", c.qk_nope_head_dim != 0),
-                           ("qk_rope_head_dim", c.qk_rope_head_dim != 0), ("v_head_dim", c.v_head_dim is not None)):
+                           ("qk_rope_head_dim", c.qk_rope_head_dim != 0), ("v_head_dim", c.v_head_dim is not None),
+            ("rope_interleave", c.rope_interleave)):
             _require(not used, name, "is a multi-head latent attention setting; set kv_lora_rank")
         return
     _require(c.family == "decoder", "kv_lora_rank", f"MLA is a decoder attention (family={c.family!r})")

@@ -77,13 +77,22 @@ def _queries(p: dict, x: jax.Array, rope, cfg: Config) -> tuple[jax.Array, jax.A
         q = matmul(x, p["q"], mode=cfg.matmul)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
-    return q_nope, apply_rope(q_rope, rope)
+    return q_nope, _rotate(q_rope, rope, cfg)
+
+
+def _rotate(x: jax.Array, rope, cfg: Config) -> jax.Array:
+    """RoPE on x [B, T, N, R]. rope_interleave: the checkpoint pairs dims (0, 1), (2, 3), ..;
+    they are gathered into halves first (evens, odds), the layout apply_rope rotates. Queries
+    and keys both come out in that layout, so their dot products are the interleaved ones."""
+    if cfg.rope_interleave:
+        x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+    return apply_rope(x, rope)
 
 
 def latent(p: dict, x: jax.Array, rope, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D] -> the cached part of each token: c [B, T, C] (normed), k_rope [B, T, R] (rotated)."""
     c, k_rope = jnp.split(matmul(x, p["kv_a"], mode=cfg.matmul), [cfg.kv_lora_rank], axis=-1)
-    return apply_norm(p["kv_a_norm"], c, cfg), apply_rope(k_rope[:, :, None], rope)[:, :, 0]
+    return apply_norm(p["kv_a_norm"], c, cfg), _rotate(k_rope[:, :, None], rope, cfg)[:, :, 0]
 
 
 def _probs(scores: jax.Array, mask: jax.Array, scale: float, dtype: jnp.dtype) -> jax.Array:
