@@ -139,11 +139,11 @@ def test_masks():
 # --- norms and MoE ----------------------------------------------------------------------
 def test_moe_routes_each_token_to_k_experts():
     logits = jax.random.normal(jax.random.key(4), (3, 11, 8))
-    gates, chosen, probs = moe.route(logits, 2)
-    assert chosen.shape == (3, 11, 2)
-    np.testing.assert_array_equal((gates > 0).sum(-1), 2)
-    np.testing.assert_allclose(gates.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_array_equal(jnp.argmax(gates, -1), jnp.argmax(probs, -1))
+    r = moe.route(logits, tiny("tiny-moe", num_experts=8))
+    assert r.chosen.shape == r.weights.shape == (3, 11, 2)
+    assert bool(jnp.all(r.chosen[..., 0] != r.chosen[..., 1]))
+    np.testing.assert_allclose(r.weights.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(r.chosen[..., 0], jnp.argmax(r.scores, -1))
 
 
 def test_moe_balance_loss():
@@ -185,7 +185,7 @@ class BlocksEagerAndJitted(chex.TestCase):
         cfg = tiny("tiny-moe")
         p = jax.tree.map(lambda a: a[0], zoo.init(cfg, jax.random.key(5))["decoder"]["layers"]["moe"])
         x = jax.random.normal(jax.random.key(6), (2, 3, cfg.d_model))
-        y, aux = self.variant(moe.apply_moe, static_argnums=2)(p, x, cfg)
+        y, aux = self.variant(moe.apply_moe, static_argnums=2)(p, x, cfg.replace(moe_dispatch="dense"))
         chex.assert_shape(y, x.shape)
         probs = jax.nn.softmax(x @ p["router"], -1)
         for b in range(2):
@@ -323,7 +323,8 @@ def test_auto_kernels_are_chosen_once_from_the_platform():
     assert backend.choose_matmul("cpu") == "f32_accumulate" and backend.choose_matmul("tpu") == "xla"
     here = backend.resolve(cfg)
     assert (here.attention, here.matmul) == ("rows", "f32_accumulate")  # this CPU, no mesh
-    pinned = cfg.replace(attention="xla", matmul="xla")
+    assert backend.choose_grouped_matmul("cpu") == "tiles" and backend.choose_grouped_matmul("cuda") == "ragged"
+    pinned = cfg.replace(attention="xla", matmul="xla", grouped_matmul="ragged")
     assert backend.resolve(pinned) is pinned
     # The cuDNN kernel takes only calls it can run: no bias, no cache layout, no soft-cap, no sinks.
     assert attention.cudnn_fits(jnp.bfloat16, has_bias=False, cache_layout=False)

@@ -41,6 +41,7 @@ MATMULS = ("auto", "xla", "f32_accumulate")
 LAYOUTS = ("stacked", "decoding")
 ROUTERS = ("softmax", "sigmoid")  # zoo.nn.moe.route
 MOE_DISPATCHES = ("sparse", "dense")  # zoo.nn.moe.apply_moe
+GROUPED_MATMULS = ("auto", "ragged", "tiles")  # zoo.nn.moe.grouped_matmul
 
 
 _TUPLE_FIELDS = ("layer_pattern", "rope_short_factor", "rope_long_factor", "dense_layers")
@@ -164,6 +165,9 @@ class Config:
     dense_layers: tuple[int, ...] = ()  # layer indices with the dense MLP in an MoE model
     swiglu_limit: float | None = None  # gpt-oss experts: clamped SwiGLU (alpha 1.702, up + 1)
     moe_dispatch: str = "sparse"  # sparse: sorted tokens + ragged_dot (dropless) | dense: every expert
+    # The sparse dispatch's grouped matmul (zoo.nn.moe.grouped_matmul): ragged (jax.lax.ragged_dot,
+    # GPU/TPU) | tiles (a scan over one-expert row tiles: a CPU's form) | auto: zoo.nn.backend picks.
+    grouped_matmul: str = "auto"
     # Regularisation and numerics.
     dropout: float = 0.0
     # How `zoo.init` draws the weights: the published scheme of a family (init_std).
@@ -355,6 +359,10 @@ def _validate_moe(c: Config) -> None:
     _require(c.router in ROUTERS, "router", f"expected one of {ROUTERS}, got {c.router!r}")
     _require(c.moe_dispatch in MOE_DISPATCHES, "moe_dispatch",
              f"expected one of {MOE_DISPATCHES}, got {c.moe_dispatch!r}")
+    _require(c.grouped_matmul in GROUPED_MATMULS, "grouped_matmul",
+             f"expected one of {GROUPED_MATMULS}, got {c.grouped_matmul!r}")
+    _require(not c.dense_layers or c.family == "decoder", "dense_layers",
+             f"only decoder stacks mix dense and MoE layers (family={c.family!r})")
     _require(c.router_groups >= 1 and c.num_experts % c.router_groups == 0, "router_groups",
              f"expected >= 1 dividing num_experts={c.num_experts}, got {c.router_groups}")
     _require(1 <= c.router_topk_groups <= c.router_groups, "router_topk_groups",

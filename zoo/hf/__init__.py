@@ -125,7 +125,8 @@ def _canonical(c: Config) -> Config:
     configs compare by what they compute."""
     # Numerics and kernels: how a model is computed, not which model it is.
     keep_defaults = [name for name in ("dtype", "param_dtype", "attention", "matmul", "layout",
-                                       "initializer", "scan_layers", "moe_dispatch")
+                                       "initializer", "scan_layers", "moe_dispatch",
+                                       "grouped_matmul")
                      if name in _DEFAULTS]
     keep_defaults += _unused_rope_fields(c)
     if c.positions != "relative":

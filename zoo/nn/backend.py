@@ -41,10 +41,16 @@ def choose_matmul(where: str) -> str:
     return "f32_accumulate" if where == "cpu" else "xla"
 
 
+def choose_grouped_matmul(where: str) -> str:
+    """What grouped_matmul="auto" runs: XLA's CPU backend expands jax.lax.ragged_dot into
+    every group over every row (the cost of the dense experts), so a CPU gets the tile scan."""
+    return "tiles" if where == "cpu" else "ragged"
+
+
 def resolve(cfg: Config) -> Config:
-    """cfg with attention and matmul "auto" replaced by this device's choice (the same cfg
-    when neither is "auto"). Call at trace time: it reads the active mesh."""
-    if cfg.attention != "auto" and cfg.matmul != "auto":
+    """cfg with attention, matmul and grouped_matmul "auto" replaced by this device's choice
+    (the same cfg when none is "auto"). Call at trace time: it reads the active mesh."""
+    if "auto" not in (cfg.attention, cfg.matmul, cfg.grouped_matmul):
         return cfg
     where = platform()
     changes = {}
@@ -52,4 +58,6 @@ def resolve(cfg: Config) -> Config:
         changes["attention"] = choose_attention(cfg, where, active_devices())
     if cfg.matmul == "auto":
         changes["matmul"] = choose_matmul(where)
+    if cfg.grouped_matmul == "auto":
+        changes["grouped_matmul"] = choose_grouped_matmul(where)
     return cfg.replace(**changes)

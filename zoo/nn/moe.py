@@ -1,26 +1,59 @@
-"""Mixture of experts: top-k routing over `num_experts` MLPs, with the Switch-style
-load-balancing loss returned to the caller.
+"""Mixture of experts: a router picks `experts_per_token` of `num_experts` MLPs per token,
+and only those run (`Config.moe_dispatch="sparse"`).
 
-Every expert runs on every token and the gate zeroes the unselected ones. That is exact (no
-capacity, no dropped tokens, the same numbers as Mixtral), works under vmap/grad/pmap and
-shards over the `experts` mesh axis as a plain einsum; it costs num_experts/k times the
-FLOPs of a sorted dispatch (`jax.lax.ragged_dot`). MFU counts only the routed experts
-(`zoo.flops`).
+Routing (`route`): softmax (Mixtral, Qwen3-MoE, gpt-oss, DeepSeek-V2) or sigmoid
+(DeepSeek-V3) scores of the router logits (plus a learned bias, gpt-oss); the top k of the
+scores plus an optional selection-only bias (DeepSeek-V3's aux-loss-free balancing, moved
+by the training option `train.step.update_score_bias`), optionally among the best groups
+of experts (group-limited routing); the chosen scores, renormalised or not, times
+`routed_scaling`. Shared experts (DeepSeek) are one dense MLP beside the routed ones.
+
+Dispatch (`Config.moe_dispatch`):
+- "sparse": the k (token, expert) assignments are sorted by expert and each expert's rows
+  go through one grouped matmul (`grouped_matmul`): dropless, the FLOPs of the k routed
+  experts. Two kernels compute it (`Config.grouped_matmul`, chosen per device by
+  `zoo.nn.backend.resolve`): `jax.lax.ragged_dot` ("ragged"; GPUs and TPUs) or, on a CPU,
+  where XLA expands ragged_dot into every group over every row, a scan over row tiles of
+  one expert each ("tiles").
+- "dense": every expert runs on every token and the gates zero the unselected ones: E/k
+  times the FLOPs, kept as the reference the sparse path is tested against.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from zoo.config import Config
-from zoo.nn.mlp import activation
+from zoo.nn.mlp import activation, apply_mlp, mlp_spec
 from zoo.nn.param import Spec, init_std, param
 from zoo.sharding import constrain
 
+SWIGLU_ALPHA = 1.702  # gpt-oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
+
+
+def expert_width(cfg: Config) -> int:
+    """The hidden width of one routed expert."""
+    return cfg.moe_d_ff or cfg.d_ff
+
+
+def shared_config(cfg: Config) -> Config:
+    """The config of the shared experts' dense MLP (width shared_experts * expert width)."""
+    return cfg.replace(d_ff=cfg.shared_experts * expert_width(cfg), num_experts=0, **_NO_MOE)
+
+
+_NO_MOE = dict(moe_d_ff=None, router="softmax", router_bias=False, router_score_bias=False,
+               router_groups=1, router_topk_groups=1, routed_scaling=1.0, shared_experts=0,
+               dense_layers=(), swiglu_limit=None)
+
 
 def moe_spec(cfg: Config) -> Spec:
-    d, f, e = cfg.d_model, cfg.d_ff, cfg.num_experts
+    """router [D, E] (+ router_bias [E], score_bias [E]); experts wi, wg [E, D, F], wo
+    [E, F, D] (+ biases bi, bg [E, F], bo [E, D] with mlp_bias); shared: a dense MLP."""
+    d, f, e = cfg.d_model, expert_width(cfg), cfg.num_experts
     std_in = init_std(cfg, "in", d)
     spec = {
         "router": param((d, e), ("embed", None), std=init_std(cfg, "dense", d)),
@@ -29,38 +62,184 @@ def moe_spec(cfg: Config) -> Spec:
     }
     if cfg.gated:
         spec["wg"] = param((e, d, f), ("experts", "embed", "mlp"), std=std_in)
+    if cfg.router_bias:
+        spec["router_bias"] = param((e,), (None,), "zeros")
+    if cfg.router_score_bias:
+        spec["score_bias"] = param((e,), (None,), "zeros")
+    if cfg.mlp_bias:
+        spec["bi"] = param((e, f), ("experts", "mlp"), "zeros")
+        spec["bo"] = param((e, d), ("experts", "embed"), "zeros")
+        if cfg.gated:
+            spec["bg"] = param((e, f), ("experts", "mlp"), "zeros")
+    if cfg.shared_experts:
+        spec["shared"] = mlp_spec(shared_config(cfg))
     return spec
 
 
-def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """router_logits [..., E] -> (gates [..., E] with k non-zeros summing to 1,
-    chosen [..., k] expert ids, probs [..., E] full softmax)."""
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    top, chosen = jax.lax.top_k(probs, k)
-    top = top / jnp.sum(top, axis=-1, keepdims=True)
-    gates = jnp.sum(jax.nn.one_hot(chosen, probs.shape[-1], dtype=probs.dtype) * top[..., None], axis=-2)
-    return gates, chosen, probs
+# --- routing ------------------------------------------------------------------------------
+class Routing(NamedTuple):
+    """weights [..., k] fp32: the factor of each chosen expert's output; chosen [..., k]
+    int32 expert ids; scores [..., E] fp32: the router's scores (for the balance loss)."""
+
+    weights: jax.Array
+    chosen: jax.Array
+    scores: jax.Array
 
 
-def balance_loss(probs: jax.Array, chosen: jax.Array, num_experts: int) -> jax.Array:
-    """E * sum_e(fraction of routed slots on e * mean router prob of e); 1.0 when uniform."""
-    counts = jnp.mean(jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32), axis=-2),
-                      axis=tuple(range(chosen.ndim - 1)))
-    fraction = counts / chosen.shape[-1]
-    mean_prob = jnp.mean(probs, axis=tuple(range(probs.ndim - 1)))
-    return num_experts * jnp.sum(fraction * mean_prob)
+def route(logits: jax.Array, cfg: Config, score_bias: jax.Array | None = None) -> Routing:
+    """router logits [..., E] -> Routing under cfg's router settings. score_bias [E] shifts
+    the scores for the choice only and gets no gradient (DeepSeek-V3)."""
+    logits = logits.astype(jnp.float32)
+    scores = jax.nn.softmax(logits, axis=-1) if cfg.router == "softmax" else jax.nn.sigmoid(logits)
+    choice = scores if score_bias is None else scores + jax.lax.stop_gradient(score_bias.astype(jnp.float32))
+    if cfg.router_groups > 1:
+        choice = _limit_groups(choice, cfg)
+    _, chosen = jax.lax.top_k(choice, cfg.experts_per_token)
+    weights = jnp.take_along_axis(scores, chosen, axis=-1)
+    if cfg.router_norm_topk:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(weights * cfg.routed_scaling, chosen.astype(jnp.int32), scores)
+
+
+def _limit_groups(choice: jax.Array, cfg: Config) -> jax.Array:
+    """choice [..., E] with every expert outside the token's best router_topk_groups groups
+    at -inf. A group's score: its best expert (DeepSeek-V2, softmax) or the sum of its best
+    two (DeepSeek-V3, sigmoid)."""
+    g = cfg.router_groups
+    grouped = choice.reshape(*choice.shape[:-1], g, choice.shape[-1] // g)
+    if cfg.router == "sigmoid":
+        group_score = jnp.sum(jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0], axis=-1)
+    else:
+        group_score = jnp.max(grouped, axis=-1)
+    _, best = jax.lax.top_k(group_score, cfg.router_topk_groups)
+    keep = jnp.any(best[..., :, None] == jnp.arange(g), axis=-2)  # [..., g]
+    return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(choice.shape)
+
+
+def expert_load(chosen: jax.Array, num_experts: int) -> jax.Array:
+    """chosen [..., k] -> [E] fp32: the share of the routed slots each expert got (sums to 1)."""
+    counts = jnp.zeros((num_experts,), jnp.float32).at[chosen.reshape(-1)].add(1.0)
+    return counts / chosen.size
+
+
+def balance_loss(scores: jax.Array, chosen: jax.Array, num_experts: int) -> jax.Array:
+    """Switch's E * sum_e(share of routed slots on e * mean router probability of e); 1.0
+    when uniform. Sigmoid scores are normalised per token first (DeepSeek-V3's form)."""
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    mean_prob = jnp.mean(probs.reshape(-1, num_experts), axis=0)
+    return num_experts * jnp.sum(expert_load(chosen, num_experts) * mean_prob)
+
+
+# --- the experts --------------------------------------------------------------------------
+def _gate(g: jax.Array, h: jax.Array, cfg: Config) -> jax.Array:
+    """The gated activation act(g) * h; with swiglu_limit gpt-oss's clamped form."""
+    if cfg.swiglu_limit is None:
+        return activation(cfg.activation)(g) * h
+    g = jnp.minimum(g, cfg.swiglu_limit)
+    h = jnp.clip(h, -cfg.swiglu_limit, cfg.swiglu_limit)
+    return g * jax.nn.sigmoid(SWIGLU_ALPHA * g) * (h + 1)
 
 
 def apply_moe(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """x: [B, T, D] -> (y [B, T, D], balance loss scalar)."""
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), p["router"].astype(jnp.float32))
+    if "router_bias" in p:
+        logits = logits + p["router_bias"].astype(jnp.float32)
+    r = route(logits, cfg, p.get("score_bias"))
+    dispatch = _dense if cfg.moe_dispatch == "dense" else _sparse
+    y = dispatch(p, x, r, cfg)
+    if "shared" in p:
+        y = y + apply_mlp(p["shared"], x, cfg)
+    return y, balance_loss(r.scores, r.chosen, cfg.num_experts)
+
+
+def _dense(p: dict, x: jax.Array, r: Routing, cfg: Config) -> jax.Array:
+    """Every expert on every token; the gates [B, T, E] keep the chosen k."""
     dt = x.dtype
-    gates, chosen, probs = route(x @ p["router"].astype(dt), cfg.experts_per_token)
-    act = activation(cfg.activation)
-    h = jnp.einsum("btd,edf->btef", x, p["wi"].astype(dt))
+    gates = jnp.sum(jax.nn.one_hot(r.chosen, cfg.num_experts, dtype=jnp.float32) * r.weights[..., None], axis=-2)
+    h = jnp.einsum("btd,edf->btef", x, p["wi"].astype(dt)) + _bias(p, "bi", dt)
     if cfg.gated:
-        h = act(jnp.einsum("btd,edf->btef", x, p["wg"].astype(dt))) * h
+        h = _gate(jnp.einsum("btd,edf->btef", x, p["wg"].astype(dt)) + _bias(p, "bg", dt), h, cfg)
     else:
-        h = act(h)
+        h = activation(cfg.activation)(h)
     h = constrain(h, ("batch", "length", "experts", "mlp"))
     y = jnp.einsum("btef,efd,bte->btd", h, p["wo"].astype(dt), gates.astype(dt))
-    return y, balance_loss(probs, chosen, cfg.num_experts)
+    if "bo" in p:
+        y = y + jnp.einsum("bte,ed->btd", gates.astype(dt), p["bo"].astype(dt))
+    return y
+
+
+def _bias(p: dict, name: str, dt) -> jax.Array | float:
+    return p[name].astype(dt) if name in p else 0.0
+
+
+def _sparse(p: dict, x: jax.Array, r: Routing, cfg: Config) -> jax.Array:
+    """The N*k assignments sorted by expert, each expert's rows through its weights only."""
+    b, t, d = x.shape
+    k, dt = cfg.experts_per_token, x.dtype
+    tokens = x.reshape(b * t, d)
+    expert = r.chosen.reshape(-1)  # [N*k], assignment j belongs to token j // k
+    order = jnp.argsort(expert, stable=True)
+    sorted_expert = expert[order]
+    sizes = jnp.zeros((cfg.num_experts,), jnp.int32).at[expert].add(1)
+    rows = tokens[order // k]  # [N*k, D]
+
+    def project(h: jax.Array, w: str, bias: str) -> jax.Array:
+        y = grouped_matmul(h, p[w].astype(dt), sizes, cfg.grouped_matmul, cfg.matmul)
+        return y + p[bias].astype(dt)[sorted_expert] if bias in p else y
+
+    h = project(rows, "wi", "bi")
+    h = _gate(project(rows, "wg", "bg"), h, cfg) if cfg.gated else activation(cfg.activation)(h)
+    out = project(h, "wo", "bo") * r.weights.reshape(-1)[order][:, None].astype(dt)
+    y = jnp.zeros((b * t, d), dt).at[order // k].add(out)
+    return y.reshape(b, t, d)
+
+
+# --- grouped matmul -----------------------------------------------------------------------
+def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, kernel: str = "ragged",
+                   mode: str = "xla") -> jax.Array:
+    """x [M, K] (rows sorted by group, sizes [G] int32 summing to M) times w [G, K, F]: each
+    group's rows by its own matrix -> [M, F]. kernel: `Config.grouped_matmul` ("auto" is
+    "ragged" here); mode: `Config.matmul`."""
+    accumulate = x.dtype == jnp.bfloat16 and mode == "f32_accumulate"
+    out_type = jnp.float32 if accumulate else None
+    if kernel == "tiles":
+        y = _tiled(x, w, sizes, out_type)
+    else:
+        y = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=out_type)
+    return y.astype(x.dtype)
+
+
+def tile_rows(rows: int, groups: int) -> int:
+    """The tile height of `_tiled`: a power of two near rows / (4 groups), in [8, 256], so
+    the padding (under one tile per group) stays near a quarter of the rows."""
+    target = max(1, rows // (4 * groups))
+    return int(min(256, max(8, 2 ** int(math.log2(target)))))
+
+
+def _tiled(x: jax.Array, w: jax.Array, sizes: jax.Array, out_type) -> jax.Array:
+    """grouped_matmul as a scan over tiles of m rows that each belong to one group: every
+    group's rows are padded to whole tiles, the scan multiplies each used tile by its
+    group's matrix and skips the unused ones (`lax.cond`). Costs the rows plus under one
+    tile of padding per group, whatever the number of groups."""
+    (n, kdim), (g, _, f) = x.shape, w.shape
+    m = tile_rows(n, g)
+    tiles = -(-n // m) + min(g, n)  # static bound: ceil(n/m) full tiles + one partial per group
+    padded = (sizes + m - 1) // m * m
+    pad_end = jnp.cumsum(padded)
+    group = jnp.repeat(jnp.arange(g), sizes, total_repeat_length=n)  # group of each row
+    dest = pad_end[group] - padded[group] + jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[group]
+    xt = jnp.zeros((tiles * m, kdim), x.dtype).at[dest].set(x).reshape(tiles, m, kdim)
+    tile_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(tiles) * m, side="right"), g - 1)
+    used = pad_end[-1] // m
+    out_dtype = out_type or x.dtype
+
+    def body(_, xs):
+        i, rows, gid = xs
+        y = jax.lax.cond(i < used,
+                         lambda: jax.lax.dot(rows, w[gid], preferred_element_type=out_type).astype(out_dtype),
+                         lambda: jnp.zeros((m, f), out_dtype))
+        return None, y
+
+    _, y = jax.lax.scan(body, None, (jnp.arange(tiles), xt, tile_group))
+    return y.reshape(tiles * m, f)[dest]

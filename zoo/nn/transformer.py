@@ -55,8 +55,8 @@ class LayerKind:
 
 def layer_kinds(cfg: Config, num_layers: int, cross: bool = False) -> tuple[LayerKind, ...]:
     """The kind of every layer of a stack of num_layers."""
-    ffn = "moe" if cfg.moe else "mlp"
-    return tuple(LayerKind(cfg.layer_kind(i), cross, ffn, attn_norm=i > 0 or cfg.first_attn_norm)
+    ffn = lambda i: "moe" if cfg.moe and i not in cfg.dense_layers else "mlp"
+    return tuple(LayerKind(cfg.layer_kind(i), cross, ffn(i), attn_norm=i > 0 or cfg.first_attn_norm)
                  for i in range(num_layers))
 
 
@@ -96,10 +96,13 @@ def layer_spec(cfg: Config, kind: LayerKind = LayerKind()) -> Spec:
 def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
     first, kinds = _split_first(layer_kinds(cfg, num_layers, cross))
     layer = layer_spec(cfg, kinds[0])
-    if any(layer_spec(cfg, k) != layer for k in kinds[1:]):
+    if cfg.dense_layers:  # MoE and dense layers: one stacked tree per segment (`segments`)
+        layer = {str(a): stacked(layer_spec(cfg, kinds[a]), b - a) for a, b in segments(kinds)}
+    elif any(layer_spec(cfg, k) != layer for k in kinds[1:]):
         raise ValueError(f"stack: layer kinds {sorted(set(kinds))} differ in parameters; "
                          "a stack holds one parameter layout")
-    spec = {**position_spec(cfg), "layers": stacked(layer, len(kinds))}
+    layers = layer if cfg.dense_layers else stacked(layer, len(kinds))
+    spec = {**position_spec(cfg), "layers": layers}
     if first is not None:
         spec["first_layer"] = layer_spec(cfg, first)
     if cfg.embed_norm:
@@ -110,6 +113,15 @@ def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
     if cfg.final_norm:
         spec["final_norm"] = norm_spec(cfg)
     return spec
+
+
+def segments(kinds: tuple[LayerKind, ...]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of consecutive layers with the same feed-forward part. A
+    stack with dense layers in an MoE model (`Config.dense_layers`) stores each run as its
+    own stacked tree, `layers/{start}` (DeepSeek's first dense layers: "0" and "3"), and runs
+    it as its own scan: the layers of one scan must share one parameter layout."""
+    starts = [i for i in range(len(kinds)) if i == 0 or kinds[i].ffn != kinds[i - 1].ffn]
+    return list(zip(starts, starts[1:] + [len(kinds)]))
 
 
 def _split_first(kinds: tuple[LayerKind, ...]) -> tuple[LayerKind | None, tuple[LayerKind, ...]]:
@@ -236,6 +248,9 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
     every layer either way. cross: the layers have cross-attention (encdec decoder).
     Returns (hidden [B, T, D], mean MoE balance loss over layers, updated cache or None)."""
     layers = p_stack["layers"]
+    if cfg.dense_layers and cfg.layout != "decoding":
+        x, aux, cache = _run_segments(layers, x, ctx, cfg, key, remat, cache, cross)
+        return (apply_norm(p_stack["final_norm"], x, cfg) if "final_norm" in p_stack else x), aux, cache
     num = len(layers) if cfg.layout == "decoding" else jax.tree.leaves(layers)[0].shape[0]
     first = "first_layer" in p_stack  # a first layer of its own layout (encoders, no cache)
     first_kind, kinds = _split_first(layer_kinds(cfg, num + first, cross))
@@ -256,6 +271,34 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
     if "final_norm" in p_stack:
         x = apply_norm(p_stack["final_norm"], x, cfg)
     return x, aux, cache
+
+
+def _run_segments(layers: dict, x: jax.Array, ctx: StackContext, cfg: Config, key: jax.Array | None,
+                  remat: bool | str, cache: StackCache | None, cross: bool
+                  ) -> tuple[jax.Array, jax.Array, StackCache | None]:
+    """The stacked segments `layers/{start}` (`segments`) one after the other, each as a scan
+    (or unrolled, as run_stack decides). Returns the balance loss averaged over the MoE
+    layers, and the cache with every segment's layers written."""
+    num = sum(jax.tree.leaves(seg)[0].shape[0] for seg in layers.values())
+    kinds = layer_kinds(cfg, num, cross)
+    keys = jax.random.split(key, num) if key is not None else None
+    per_layer_cache = cache is not None and not is_stacked(cache.kv)
+    cut = lambda kv, a, b: None if kv is None else (jax.tree.map(lambda t: t[a:b], kv) if is_stacked(kv) else kv[a:b])
+    total, parts = jnp.zeros((), jnp.float32), []
+    for a, b in segments(kinds):
+        part = None if cache is None else StackCache(cut(cache.kv, a, b), cut(cache.cross, a, b))
+        seg_keys = None if keys is None else keys[a:b]
+        if per_layer_cache or not cfg.scan_layers:
+            x, aux, part = _run_unrolled(split_layers(layers[str(a)]), x, kinds[a:b], ctx, cfg, seg_keys,
+                                         remat, part)
+        else:
+            x, aux, part = _run_scanned(layers[str(a)], x, kinds[a:b], ctx, cfg, seg_keys, remat, part)
+        total, parts = total + aux * (b - a), parts + [part]
+    if cache is not None:
+        kv = [part.kv for part in parts]
+        joined = jax.tree.map(lambda *t: jnp.concatenate(t), *kv) if is_stacked(kv[0]) else sum(kv, ())
+        cache = cache._replace(kv=joined)
+    return x, total / max(1, sum(k.ffn == "moe" for k in kinds)), cache
 
 
 def _layer_fn(kind: LayerKind, ctx: StackContext, cfg: Config, remat: bool | str) -> Callable:
@@ -326,10 +369,18 @@ def split_layers(layers: dict) -> tuple[dict, ...]:
 
 
 def unstack_layers(p_stack: dict) -> dict:
-    """A stack with its `layers` ([L, ...] leaves) as a tuple of L per-layer trees."""
+    """A stack with its `layers` ([L, ...] leaves, or segments of them: `segments`) as a
+    tuple of L per-layer trees."""
     layers = p_stack["layers"]
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**p_stack, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
+    parts = [layers[k] for k in sorted(layers, key=int)] if is_segmented(layers) else [layers]
+    per_layer = lambda seg: tuple(jax.tree.map(lambda a, i=i: a[i], seg)
+                                  for i in range(jax.tree.leaves(seg)[0].shape[0]))
+    return {**p_stack, "layers": sum((per_layer(seg) for seg in parts), ())}
+
+
+def is_segmented(layers: dict | tuple) -> bool:
+    """True for a stack's layers stored as segments `{start: stacked tree}` (`segments`)."""
+    return isinstance(layers, dict) and all(k.isdigit() for k in layers)
 
 
 # --- contexts -----------------------------------------------------------------------------
