@@ -35,6 +35,10 @@ PUBLISHED = {
     "phi-3-mini": 3_821_079_552,
     "gemma-2-2b": 2_614_341_888,
     "gemma-3-1b": 999_885_952,
+    # DeepseekV3ForCausalLM (no multi-token-prediction layer; + the selection biases, buffers
+    # there) and DeepseekV2ForCausalLM of the published config.json files.
+    "deepseek-v3": 671_026_404_352 + 58 * 256,
+    "deepseek-v2-lite": 15_706_484_224,
 }
 
 
@@ -54,6 +58,17 @@ def test_active_parameters_count_the_routed_experts_only():
     assert active == PUBLISHED["mixtral-8x7b"] - cfg.num_layers * (8 - 2) * per_expert == 12_879_925_248
     dense = zoo.preset("llama-3.2-1b")
     assert zoo.param_count(dense, active=True) == zoo.param_count(dense)
+
+
+@pytest.mark.parametrize("name,total,active", [("deepseek-v3", 671e9, 37e9), ("deepseek-v2-lite", 15.7e9, 2.4e9)])
+def test_deepseek_published_totals_and_activated_parameters(name, total, active):
+    """DeepSeek's papers: V3 671B total, 37B activated per token; V2-Lite 15.7B and 2.4B.
+    Their activated counts leave out the embedding table (a lookup, not a matmul): with it
+    zoo counts 37.55B and 2.66B."""
+    cfg = zoo.preset(name)
+    assert round(zoo.param_count(cfg) / total, 3) == 1.0
+    looked_up = zoo.param_count(cfg, active=True) - cfg.vocab_size * cfg.d_model
+    assert round(looked_up / active, 1) == 1.0 and abs(looked_up - active) < 0.03 * active
 
 
 def test_axes_cover_every_leaf_with_matching_rank():

@@ -43,6 +43,13 @@ _GEMMA = dict(family="decoder", activation="geglu_tanh", norm="rmsnorm", norm_bi
 _QWEN = dict(_LLAMA, vocab_size=151936, norm_eps=1e-6, rope_theta=1e6, pad_id=151643, bos_id=151643,
              eos_id=151645)
 
+# DeepSeek-V2/V3: multi-head latent attention (512-dim latent, 128 + 64 query/key dims per head,
+# interleaved rope pairs, YaRN x40 from 4k), dense first layers, then routed + shared experts.
+_DEEPSEEK = dict(_LLAMA, norm_eps=1e-6, max_len=163840, rope_theta=10000.0, rope_scaling="yarn",
+                 rope_scaling_factor=40.0, rope_original_max_len=4096, kv_lora_rank=512,
+                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, head_dim=192,
+                 rope_interleave=True, tie_embeddings=False, pad_id=None)
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "bert-base-uncased": dict(_BERT, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
     "bert-large-uncased": dict(_BERT, d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
@@ -82,6 +89,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
                        local_rope_theta=1e4, sliding_window=512,
                        layer_pattern=("local",) * 5 + ("global",), qk_norm=True,
                        embed_scale=1152 ** 0.5),
+    # DeepSeek-V3 without its multi-token-prediction layer; V3's sigmoid router with the
+    # selection bias over 8 groups of 32 experts, 4 groups per token.
+    "deepseek-v3": dict(_DEEPSEEK, vocab_size=129280, d_model=7168, num_layers=61, num_heads=128, d_ff=18432,
+                        q_lora_rank=1536, num_experts=256, experts_per_token=8, moe_d_ff=2048, shared_experts=1,
+                        dense_layers=(0, 1, 2), router="sigmoid", router_score_bias=True, router_groups=8,
+                        router_topk_groups=4, routed_scaling=2.5, rope_mscale=1.0, rope_mscale_all_dim=1.0,
+                        bos_id=0, eos_id=1),
+    "deepseek-v2-lite": dict(_DEEPSEEK, vocab_size=102400, d_model=2048, num_layers=27, num_heads=16, d_ff=10944,
+                             num_experts=64, experts_per_token=6, moe_d_ff=1408, shared_experts=2, dense_layers=(0,),
+                             router_norm_topk=False, rope_mscale=0.707, rope_mscale_all_dim=0.707,
+                             bos_id=100000, eos_id=100001),
     # Tiny shapes for tests and demos: same code paths, seconds on a CPU.
     "tiny-encoder": dict(_BERT, vocab_size=128, d_model=32, num_layers=2, num_heads=4, d_ff=64,
                          max_len=64, norm_eps=1e-5),
