@@ -1,7 +1,7 @@
 """Parameter counts of the published presets equal the published models'.
 
 Numbers are those of the Hugging Face `transformers` classes holding the same tensors:
-BertModel + MLM head (pooler included), RobertaModel + MLM head, GPT2LMHeadModel,
+BertModel + MLM head (pooler included), RobertaModel + MLM head, ModernBertForMaskedLM, GPT2LMHeadModel,
 LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, T5ForConditionalGeneration,
 BartForConditionalGeneration (+ its final_logits_bias, which transformers keeps as a buffer),
 Gemma2ForCausalLM and Gemma3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and
@@ -19,6 +19,7 @@ PUBLISHED = {
     "bert-base-uncased": 109_482_240 + 622_650,
     "bert-large-uncased": 335_141_888 + 1_082_170,
     "roberta-base": 124_645_632 + 642_393,
+    "modernbert-base": 149_655_232,
     "gpt2": 124_439_808,
     "gpt2-medium": 354_823_168,
     "llama-3.2-1b": 1_235_814_400,

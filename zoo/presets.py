@@ -50,8 +50,20 @@ _DEEPSEEK = dict(_LLAMA, norm_eps=1e-6, max_len=163840, rope_theta=10000.0, rope
                  qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, head_dim=192,
                  rope_interleave=True, tie_embeddings=False, pad_id=None)
 
+# ModernBERT: pre-LayerNorm without biases (layer 0's attention reads the embedding norm),
+# GeGLU, RoPE with a global and a local base, a global layer every third and two-sided local
+# windows of +-64 (local_attention 128); GPT-2's scaled init of the residual projections.
+_MODERNBERT = dict(family="encoder", vocab_size=50368, activation="geglu", norm="layernorm",
+                   norm_bias=False, norm_eps=1e-5, norm_position="pre", embed_norm=True,
+                   final_norm=True, first_attn_norm=False, attn_bias=False, mlp_bias=False,
+                   positions="rope", max_len=8192, rope_theta=160000.0, local_rope_theta=10000.0,
+                   sliding_window=65, layer_pattern=("global", "local", "local"), tie_embeddings=True,
+                   logits_bias=True, mlm_transform=True, initializer="gpt2",
+                   pad_id=50283, bos_id=50281, eos_id=50282)
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "bert-base-uncased": dict(_BERT, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
+    "modernbert-base": dict(_MODERNBERT, d_model=768, num_layers=22, num_heads=12, d_ff=1152),
     "bert-large-uncased": dict(_BERT, d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
     "roberta-base": dict(_BERT, vocab_size=50265, norm_eps=1e-5, type_vocab_size=1,
                          position_offset=2, d_model=768, num_layers=12, num_heads=12, d_ff=3072,

@@ -136,6 +136,7 @@ def _write(cfg: Config) -> dict:
     local_theta = cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta
     window = cfg.sliding_window if cfg.sliding_window is not None else 65  # unused without local layers
     act = hf_activation(cfg)
+    act = "gelu_pytorch_tanh" if act == "gelu_new" else act  # the tanh GELU ModernBERT configs name
     return {
         "architectures": ["ModernBertForMaskedLM" if cfg.mlm_transform else "ModernBertModel"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
