@@ -310,18 +310,18 @@ def test_encoder_pooler_and_heads():
     seq = _perturbed(zoo.heads.init(cfg, jax.random.key(2), num_labels=5), 2)
     got = zoo.heads.apply(seq, cfg, out)
     chex.assert_shape(got, (3, 5))
-    chex.assert_trees_all_close(got, dense(pooled, seq["out"]), atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(got, dense(pooled, seq.params["out"]), atol=1e-5, rtol=0)
     tok = _perturbed(zoo.heads.init(cfg, jax.random.key(2), num_labels=4, kind="token"), 3)
-    got = zoo.heads.apply(tok, cfg, out, kind="token")
+    got = zoo.heads.apply(tok, cfg, out)
     chex.assert_shape(got, (3, 6, 4))
-    chex.assert_trees_all_close(got, dense(out.hidden, tok["out"]), atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(got, dense(out.hidden, tok.params["out"]), atol=1e-5, rtol=0)
 
     nopool = tiny("tiny-encoder", pooler=False)
     head = _perturbed(zoo.heads.init(nopool, jax.random.key(2), num_labels=2), 4)
-    assert "dense" in head
+    assert "dense" in head.params
     out = forward(zoo.init(nopool, KEY), nopool, toks)
     assert out.pooled is None
-    want = dense(np.tanh(dense(np.asarray(out.hidden)[:, 0], head["dense"])), head["out"])
+    want = dense(np.tanh(dense(np.asarray(out.hidden)[:, 0], head.params["dense"])), head.params["out"])
     chex.assert_trees_all_close(zoo.heads.apply(head, nopool, out), want, atol=1e-5, rtol=0)
 
 

@@ -31,6 +31,7 @@ from zoo.hf.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from zoo.hf.files import SAFETENSORS, SAFETENSORS_INDEX, open_weights, write_safetensors
 from zoo.hf.gemma import GEMMA2, GEMMA3_TEXT
 from zoo.hf.gpt2 import GPT2
+from zoo.hf import heads as _heads
 from zoo.hf.keymap import flatten, hf_keys, read_params, unflatten, write_params
 from zoo.hf.llama import LLAMA, MISTRAL, MIXTRAL
 from zoo.hf.modernbert import MODERNBERT
@@ -82,6 +83,10 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Confi
     model_type = _model_type(d)
     with open_weights(directory) as weights:
         weights.set_prefix(model_type.prefix)
+        task = _heads.find(d, model_type, weights, str(directory))
+        if task is not None:  # a *For... class: the body, read without an LM head
+            weights.set_prefix(model_type.prefix, stored_as=task.base)
+            d = _heads.body_config(d, model_type, weights)
         cfg = model_type.read_config(d, weights)
         stored = dtype or _DTYPE_NAMES.get(weights.float_dtype().name, "float32")
         if stored not in ("float32", "bfloat16", "float16"):
@@ -96,7 +101,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Confi
             return weights.get(key)
 
         buffers, used = read_params(get, model_type.rules, cfg, _shapes(cfg), jnp.dtype(stored))
-        _check_all_used(model_type, cfg, weights, used)
+        _check_all_used(model_type, cfg, weights, used | _heads.stored_keys(task, weights))
     # One leaf at a time, so host memory never holds two copies of the model.
     params = {}
     for leaf in list(buffers):
@@ -250,23 +255,28 @@ def _remove_old_weights(directory: Path) -> None:
 
 
 def save_hf(cfg: Config, params: dict[str, Any], path: str | os.PathLike, *,
-            model_type: str | None = None, max_shard_size: int = 2 * 1024 ** 3) -> str:
+            model_type: str | None = None, max_shard_size: int = 2 * 1024 ** 3, head: Any = None) -> str:
     """Writes a directory that transformers' AutoModelFor*.from_pretrained loads with the same
     logits: config.json and model.safetensors (or shards of at most max_shard_size bytes with
     model.safetensors.index.json).
 
     model_type: the Hugging Face type to write; default: the first supported type that
     reproduces `cfg` exactly. Raises ValueError when none does. Returns the model_type written.
+    head: a `zoo.heads.Head`: the directory is then its type's *For... class (e.g.
+    BertForSequenceClassification) with the head's labels and problem type.
     """
     if not isinstance(cfg, Config):
         raise TypeError(f"save_hf: cfg must be a zoo.Config, got {type(cfg).__name__}")
     chosen, hf = _choose(cfg, model_type)
     flat = {p: np.asarray(jax.device_get(a)) for p, a in flatten(params).items()}
     _check_params(cfg, flat)
+    tensors = write_params(flat, chosen.rules, cfg)
+    if head is not None:  # checked before anything is written
+        tensors = _heads.write(head, cfg, chosen, hf, tensors)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_old_weights(directory)
-    write_safetensors(write_params(flat, chosen.rules, cfg), directory, max_shard_size)
+    write_safetensors(tensors, directory, max_shard_size)
     hf["dtype"] = str(flat["embed/tokens"].dtype)  # what the tensors are stored in
     (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     return chosen.name

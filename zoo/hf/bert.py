@@ -12,6 +12,7 @@ from typing import Any
 from zoo.config import Config
 from zoo.hf.common import (ModelType, Unsupported, activation, dropout_of, expect, head_is_tied,
                            hf_activation, positive, special_ids, write_special_ids)
+from zoo.hf.heads import Recipe, encoder_heads
 from zoo.hf.keymap import Rule, rule
 
 
@@ -110,11 +111,14 @@ BERT = ModelType(
     lambda d, w: _read(d, w, "bert", "bert.", _BERT_MLM),
     lambda cfg: _write(cfg, "bert", "Bert"),
     _rules("bert.", _BERT_MLM), prefix="bert.",
-    ignore=(r"position_ids$", r"^cls\.predictions\.decoder\.bias$", r"^cls\.seq_relationship\."))
+    ignore=(r"position_ids$", r"^cls\.predictions\.decoder\.bias$", r"^cls\.seq_relationship\."),
+    heads=encoder_heads("Bert", Recipe(pool="pooled")))
 
 ROBERTA = ModelType(
     "roberta", "encoder",
     lambda d, w: _read(d, w, "roberta", "roberta.", _ROBERTA_MLM),
     lambda cfg: _write(cfg, "roberta", "Roberta"),
     _rules("roberta.", _ROBERTA_MLM), prefix="roberta.",
-    ignore=(r"position_ids$", r"^lm_head\.decoder\.bias$"))
+    ignore=(r"position_ids$", r"^lm_head\.decoder\.bias$"),
+    heads=encoder_heads("Roberta", Recipe(pool="first", act="tanh"),
+                        {"dense": "classifier.dense", "out": "classifier.out_proj"}))

@@ -17,7 +17,8 @@ class ModelType(NamedTuple):
     write_config(cfg) -> the Hugging Face config dict (without model_type).
     rules: the key map (see zoo.hf.keymap). prefix: the base-model prefix that checkpoints of a
     bare base model lack. ignore: regexes of stored keys that carry nothing zoo needs (buffers,
-    copies of tied weights).
+    copies of tied weights). heads: its task-head classes, a `zoo.hf.heads.HeadFormat` each
+    (zoo/heads.py says how to declare them).
     """
 
     name: str
@@ -27,6 +28,7 @@ class ModelType(NamedTuple):
     rules: list[Rule]
     prefix: str = ""
     ignore: tuple[str, ...] = ()
+    heads: tuple = ()
 
 
 class Unsupported(ValueError):

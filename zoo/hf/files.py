@@ -31,15 +31,21 @@ class Weights:
     def __init__(self, files: dict[str, "_File"]):
         self._files = files  # key -> open file holding it
         self._prefix = ""
+        self._stored_as: str | None = None
 
-    def set_prefix(self, prefix: str) -> None:
+    def set_prefix(self, prefix: str, stored_as: str | None = None) -> None:
+        """stored_as: the prefix this checkpoint keeps the base model under instead of `prefix`
+        (LlamaForQuestionAnswering: "transformer." for "model.")."""
         self._prefix = prefix
+        self._stored_as = stored_as
 
     def keys(self) -> set[str]:
         return set(self._files)
 
     def resolve(self, key: str) -> str | None:
         """The stored name of `key`, or None when the checkpoint lacks it."""
+        if self._stored_as is not None and self._prefix and key.startswith(self._prefix):
+            key = self._stored_as + key[len(self._prefix):]
         for name in _aliases(key):
             if name in self._files:
                 return name

@@ -16,6 +16,7 @@ from typing import Any
 from zoo.config import Config
 from zoo.hf.common import (ModelType, Unsupported, activation, expect, layer_pattern, positive,
                            read_layer_kinds, read_rope, require, write_layer_types, write_rope)
+from zoo.hf.heads import decoder_heads
 from zoo.hf.keymap import Rule, rule
 from zoo.hf.llama import decoder_rules, read_decoder, write_decoder
 
@@ -170,8 +171,12 @@ def _write(cfg: Config, name: str) -> dict:
 
 
 def _model_type(name: str) -> ModelType:
+    # transformers has Gemma2ForSequence/TokenClassification and Gemma3TextForSequenceClassification.
+    heads = decoder_heads("Gemma3Text", ("sequence",)) if name == "gemma3_text" else \
+        decoder_heads("Gemma2", ("sequence", "token"))
     return ModelType(name, "decoder", lambda d, w: _read(d, w, name), lambda cfg: _write(cfg, name),
-                     _rules(qk_norm=name == "gemma3_text"), prefix="model.", ignore=(r"rotary_emb\.",))
+                     _rules(qk_norm=name == "gemma3_text"), prefix="model.", ignore=(r"rotary_emb\.",),
+                     heads=heads)
 
 
 GEMMA2 = _model_type("gemma2")

@@ -14,6 +14,7 @@ from zoo.config import Config
 from zoo.hf.common import (ModelType, activation, dropout_of, expect, head_is_tied, hf_activation,
                            positive, read_rope, require, special_ids, write_rope,
                            write_special_ids)
+from zoo.hf.heads import decoder_heads
 from zoo.hf.keymap import Rule, rule
 
 _L = "model.layers.{i}."
@@ -126,8 +127,10 @@ def _write(cfg: Config, name: str) -> dict:
 
 
 def _model_type(name: str, moe: bool = False) -> ModelType:
+    # LlamaForQuestionAnswering keeps its body under "transformer.", Mistral's and Mixtral's under "model.".
+    heads = decoder_heads(name.capitalize(), qa_base="transformer." if name == "llama" else None)
     return ModelType(name, "decoder", lambda d, w: _read(d, w, name), lambda cfg: _write(cfg, name),
-                     decoder_rules(moe), prefix="model.", ignore=(r"rotary_emb\.inv_freq$",))
+                     decoder_rules(moe), prefix="model.", ignore=(r"rotary_emb\.inv_freq$",), heads=heads)
 
 
 LLAMA = _model_type("llama")

@@ -13,6 +13,7 @@ from typing import Any
 
 from zoo.config import Config
 from zoo.hf.common import ModelType, dropout_of, read_rope, require
+from zoo.hf.heads import decoder_heads
 from zoo.hf.llama import decoder_rules, read_decoder, write_decoder
 
 _NAME = "phi3"
@@ -37,4 +38,4 @@ def _write(cfg: Config) -> dict:
 
 
 PHI3 = ModelType(_NAME, "decoder", _read, _write, decoder_rules(fused=True), prefix="model.",
-                 ignore=(r"rotary_emb\.inv_freq$",))
+                 ignore=(r"rotary_emb\.inv_freq$",), heads=decoder_heads("Phi3", ("sequence", "token")))

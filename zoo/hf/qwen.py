@@ -14,6 +14,7 @@ from typing import Any
 from zoo.config import Config
 from zoo.hf.common import (ModelType, layer_pattern, positive, read_layer_kinds, require,
                            write_layer_types)
+from zoo.hf.heads import decoder_heads
 from zoo.hf.keymap import Rule, rule
 from zoo.hf.llama import decoder_rules, read_decoder, write_decoder
 
@@ -68,7 +69,8 @@ def _write(cfg: Config, name: str) -> dict:
 
 def _model_type(name: str) -> ModelType:
     return ModelType(name, "decoder", lambda d, w: _read(d, w, name), lambda cfg: _write(cfg, name),
-                     _rules(), prefix="model.", ignore=(r"rotary_emb\.inv_freq$",))
+                     _rules(), prefix="model.", ignore=(r"rotary_emb\.inv_freq$",),
+                     heads=decoder_heads(name.capitalize()))  # their QA keeps the body under "transformer."
 
 
 QWEN2 = _model_type("qwen2")
