@@ -88,6 +88,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
                        head_dim=128, d_ff=3072, max_len=40960, tie_embeddings=True),
     "qwen3-8b": dict(_QWEN, qk_norm=True, d_model=4096, num_layers=36, num_heads=32, num_kv_heads=8,
                      d_ff=12288, max_len=40960, tie_embeddings=False),
+    # Qwen3-30B-A3B: 128 experts of width 768, 8 routed per token (renormalised), no dense layer.
+    "qwen3-30b-a3b": dict(_QWEN, qk_norm=True, d_model=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+                          head_dim=128, d_ff=6144, moe_d_ff=768, num_experts=128, experts_per_token=8,
+                          max_len=40960, tie_embeddings=False),
     # Phi-3-mini-4k: q/k/v and gate/up fused in its checkpoints, every layer sliding.
     "phi-3-mini": dict(_LLAMA, vocab_size=32064, d_model=3072, num_layers=32, num_heads=32,
                        num_kv_heads=32, d_ff=8192, max_len=4096, sliding_window=2047,

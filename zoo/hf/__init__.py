@@ -37,12 +37,13 @@ from zoo.hf.llama import LLAMA, MISTRAL, MIXTRAL
 from zoo.hf.modernbert import MODERNBERT
 from zoo.hf.phi3 import PHI3
 from zoo.hf.qwen import QWEN2, QWEN3
+from zoo.hf.qwen3_moe import QWEN3_MOE
 from zoo.hf.t5 import T5
 
 # Order matters to save_hf: the first type that reproduces a Config is the one written.
 MODEL_TYPES: dict[str, ModelType] = {
     m.name: m for m in (BERT, ROBERTA, MODERNBERT, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART, GEMMA2, GEMMA3_TEXT,
-                        QWEN2, QWEN3, PHI3, DEEPSEEK_V2, DEEPSEEK_V3)}
+                        QWEN2, QWEN3, QWEN3_MOE, PHI3, DEEPSEEK_V2, DEEPSEEK_V3)}
 
 __all__ = ["MODEL_TYPES", "Unsupported", "load_hf", "save_hf"]
 

@@ -14,8 +14,8 @@ one tensor per expert (`mlp.experts.{e}.gate_proj`...), as the published checkpo
 transformers' save_pretrained write them.
 
 A model with dense first layers keeps them in their own stacked tree (`decoder/layers/0`)
-and the MoE layers in another (`decoder/layers/{k}`, zoo.nn.transformer.segments), so the
-key map carries one rule set per possible k.
+and the MoE layers in another (`decoder/layers/{k}`, zoo.nn.transformer.segments); the key
+map is written for one stacked tree and zoo.hf.keymap copies it per segment.
 """
 
 from __future__ import annotations
@@ -55,15 +55,11 @@ def _layer_rules(layers: str, offset: int) -> list[Rule]:
 
 
 def _rules() -> list[Rule]:
-    """Embeddings, final norm and head; the layers as one stack (no dense layers) or as the
-    dense segment "0" followed by the MoE segment "k" for every k up to _MAX_DENSE (only the
-    rules whose zoo leaves a config has apply)."""
+    """Embeddings, final norm and head; the layers (dense or MoE, only the rules whose zoo
+    leaves a config has apply)."""
     out = [rule("model.embed_tokens.weight", "embed/tokens"), rule("model.norm.weight", "decoder/final_norm/scale"),
            rule("lm_head.weight", "head/kernel", "linear")]
-    out += _layer_rules("decoder/layers/", 0)
-    for k in range(_MAX_DENSE + 1):
-        out += _layer_rules(f"decoder/layers/{k}/", k)
-    return out
+    return out + _layer_rules("decoder/layers/", 0)
 
 
 # --- config ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ leading axes, so a rule with `{i}` fills one row of a stacked leaf per layer.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -127,9 +128,28 @@ def _slots(rule_: Rule, shape: tuple, lead: int) -> Iterator[tuple[tuple[int, ..
                 yield (i, e), rule_.hf.format(i=i + rule_.layer_offset, e=e)
 
 
+def _segmented(rules: list[Rule], shapes: dict[str, tuple]) -> list[Rule]:
+    """The rules with per-layer zoo leaves (`.../layers/...`) copied once per segment of a
+    segmented stack (`.../layers/{start}/...`, zoo.nn.transformer.segments), each copy
+    offset to the segment's first Hugging Face layer; a map written for one stacked tree
+    then reads any mix of dense and MoE layers."""
+    starts = sorted({int(m.group(1)) for p in shapes if (m := re.search(r"/layers/(\d+)/", f"/{p}"))})
+    if not starts:
+        return rules
+    out = []
+    for r in rules:
+        if not any("/layers/" in f"/{p}" for p in r.zoo):
+            out.append(r)
+            continue
+        out += [r._replace(zoo=tuple(re.sub(r"(^|/)layers/", rf"\1layers/{s}/", p, count=1) for p in r.zoo),
+                           layer_offset=r.layer_offset + s) for s in starts]
+    return out
+
+
 def active_rules(rules: list[Rule], cfg: Config, shapes: dict[str, tuple]) -> list[Rule]:
     """The rules that apply to this config; every zoo leaf must be covered exactly once."""
-    active = [r for r in rules if (r.when is None or r.when(cfg)) and all(p in shapes for p in r.zoo)]
+    active = [r for r in _segmented(rules, shapes)
+              if (r.when is None or r.when(cfg)) and all(p in shapes for p in r.zoo)]
     covered: dict[str, str] = {}
     for r in active:
         for p in r.zoo:
