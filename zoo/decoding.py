@@ -70,6 +70,8 @@ def _fused(layer: dict) -> dict:
     out = {**layer, "attn": fuse_qkv(layer["attn"]) if "kv_a" not in layer["attn"] else layer["attn"]}
     if "mlp" in layer:
         out["mlp"] = fuse_gate(layer["mlp"])
+    if "shared" in layer.get("moe", {}):  # the shared experts run as a dense MLP (zoo.nn.moe)
+        out["moe"] = {**layer["moe"], "shared": fuse_gate(layer["moe"]["shared"])}
     return out
 
 
