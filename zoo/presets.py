@@ -50,6 +50,15 @@ _DEEPSEEK = dict(_LLAMA, norm_eps=1e-6, max_len=163840, rope_theta=10000.0, rope
                  qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, head_dim=192,
                  rope_interleave=True, tie_embeddings=False, pad_id=None)
 
+# gpt-oss: mixture-of-experts layers (biased router, biased experts with a clamped SwiGLU),
+# attention sinks, q/k/v/o biases, sliding (128) and full layers alternating, YaRN x32.
+_GPT_OSS = dict(family="decoder", vocab_size=201088, activation="swiglu", norm="rmsnorm", norm_bias=False,
+                norm_eps=1e-5, attn_bias=True, mlp_bias=True, attn_sinks=True, positions="rope",
+                rope_theta=150000.0, rope_scaling="yarn", rope_scaling_factor=32.0,
+                rope_original_max_len=4096, rope_truncate=False, max_len=131072, head_dim=64,
+                num_heads=64, num_kv_heads=8, sliding_window=128, layer_pattern=("local", "global"),
+                router_bias=True, swiglu_limit=7.0, tie_embeddings=False, pad_id=199999, eos_id=200002)
+
 # ModernBERT: pre-LayerNorm without biases (layer 0's attention reads the embedding norm),
 # GeGLU, RoPE with a global and a local base, a global layer every third and two-sided local
 # windows of +-64 (local_attention 128); GPT-2's scaled init of the residual projections.
@@ -105,6 +114,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
                        local_rope_theta=1e4, sliding_window=512,
                        layer_pattern=("local",) * 5 + ("global",), qk_norm=True,
                        embed_scale=1152 ** 0.5),
+    "gpt-oss-20b": dict(_GPT_OSS, d_model=2880, num_layers=24, d_ff=2880, num_experts=32, experts_per_token=4),
     # DeepSeek-V3 without its multi-token-prediction layer; V3's sigmoid router with the
     # selection bias over 8 groups of 32 experts, 4 groups per token.
     "deepseek-v3": dict(_DEEPSEEK, vocab_size=129280, d_model=7168, num_layers=61, num_heads=128, d_ff=18432,

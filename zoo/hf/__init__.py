@@ -4,8 +4,8 @@
     zoo.save_hf(cfg, params, "out_dir")               # transformers' from_pretrained loads it
 
 Supported `model_type`s: bert, roberta, modernbert, gpt2, llama, mistral, mixtral, t5, bart, gemma2,
-gemma3_text, qwen2, qwen3, phi3, deepseek_v2, deepseek_v3. Each has a key map (data, in
-zoo/hf/{bert,modernbert,gpt2,llama,t5,bart,gemma,qwen,phi3,deepseek}.py) applied by one loop in zoo/hf/keymap.py.
+gemma3_text, qwen2, qwen3, phi3, deepseek_v2, deepseek_v3, gpt_oss. Each has a key map (data, in
+zoo/hf/{bert,modernbert,gpt2,llama,t5,bart,gemma,qwen,phi3,deepseek,gpt_oss}.py) applied by one loop in zoo/hf/keymap.py.
 A config that zoo cannot reproduce exactly is a ValueError naming the field; `save_hf` proves
 each export by reading the written config back and comparing it to the Config it was given.
 """
@@ -31,6 +31,7 @@ from zoo.hf.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from zoo.hf.files import SAFETENSORS, SAFETENSORS_INDEX, open_weights, write_safetensors
 from zoo.hf.gemma import GEMMA2, GEMMA3_TEXT
 from zoo.hf.gpt2 import GPT2
+from zoo.hf.gpt_oss import GPT_OSS
 from zoo.hf import heads as _heads
 from zoo.hf.keymap import flatten, hf_keys, read_params, unflatten, write_params
 from zoo.hf.llama import LLAMA, MISTRAL, MIXTRAL
@@ -43,7 +44,7 @@ from zoo.hf.t5 import T5
 # Order matters to save_hf: the first type that reproduces a Config is the one written.
 MODEL_TYPES: dict[str, ModelType] = {
     m.name: m for m in (BERT, ROBERTA, MODERNBERT, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART, GEMMA2, GEMMA3_TEXT,
-                        QWEN2, QWEN3, QWEN3_MOE, PHI3, DEEPSEEK_V2, DEEPSEEK_V3)}
+                        QWEN2, QWEN3, QWEN3_MOE, PHI3, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS)}
 
 __all__ = ["MODEL_TYPES", "Unsupported", "load_hf", "save_hf"]
 

@@ -24,12 +24,15 @@ class Transform(NamedTuple):
     to_zoo(hf, zoo_shape) -> zoo array; to_hf(zoo) -> hf array; hf_shape(zoo_shape) -> shape.
     fuse_axis: the axis of the HF tensor along which a fused tensor stacks its parts (the
     output axis: 0 for torch Linear's [out, in], -1 for GPT-2's Conv1D [in, out]).
+    interleave: the parts of a fused tensor alternate along fuse_axis (part j at indices
+    j, j + n, ...) instead of following each other.
     """
 
     to_zoo: Callable[[np.ndarray, tuple], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
     hf_shape: Callable[[tuple], tuple]
     fuse_axis: int = -1
+    interleave: bool = False
 
 
 def _prod(shape: tuple) -> int:
@@ -54,6 +57,9 @@ TRANSFORMS: dict[str, Transform] = {
                       lambda s: (s[0], _prod(s[1:]))),
     "conv_out": Transform(lambda w, s: w.reshape(s), lambda z: z.reshape(-1, z.shape[-1]),
                           lambda s: (_prod(s[:-1]), s[-1])),
+    # Same layout, parts alternating on the last axis: gpt-oss's expert gate_up_proj
+    # [E, D, 2F] (and its bias [E, 2F]) holds the gate in even and the up projection in odd columns.
+    "interleaved": Transform(lambda w, s: w.reshape(s), lambda z: z, lambda s: tuple(s), interleave=True),
 }
 
 
@@ -165,8 +171,24 @@ def active_rules(rules: list[Rule], cfg: Config, shapes: dict[str, tuple]) -> li
 def _split(w: np.ndarray, transform: Transform, shapes: list[tuple]) -> list[np.ndarray]:
     axis = transform.fuse_axis
     sizes = [transform.hf_shape(s)[axis] for s in shapes]
-    parts = np.split(w, np.cumsum(sizes)[:-1], axis=axis) if len(shapes) > 1 else [w]
+    if transform.interleave and len(shapes) > 1:
+        n = len(shapes)
+        parts = [np.take(w, np.arange(j, w.shape[axis], n), axis=axis) for j in range(n)]
+    else:
+        parts = np.split(w, np.cumsum(sizes)[:-1], axis=axis) if len(shapes) > 1 else [w]
     return [transform.to_zoo(p, s) for p, s in zip(parts, shapes)]
+
+
+def _join(parts: list[np.ndarray], transform: Transform) -> np.ndarray:
+    """The HF tensor of a rule's parts (already in HF layout): the inverse of `_split`."""
+    if len(parts) == 1:
+        return parts[0]
+    if not transform.interleave:
+        return np.concatenate(parts, axis=transform.fuse_axis)
+    axis = transform.fuse_axis % parts[0].ndim
+    shape = list(parts[0].shape)
+    shape[axis] *= len(parts)
+    return np.stack(parts, axis=axis + 1).reshape(shape)
 
 
 def _expected_hf_shape(transform: Transform, shapes: list[tuple]) -> tuple:
@@ -211,7 +233,7 @@ def write_params(flat: dict[str, np.ndarray], rules: list[Rule],
         lead = _lead_axes(r, r.zoo[0])
         for index, key in _slots(r, shapes[r.zoo[0]], lead):
             parts = [transform.to_hf(flat[p][index]) for p in r.zoo]
-            fused = np.concatenate(parts, axis=transform.fuse_axis) if len(parts) > 1 else parts[0]
+            fused = _join(parts, transform)
             yield key, np.ascontiguousarray(fused)
 
 
