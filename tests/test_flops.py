@@ -32,6 +32,18 @@ def _encdec_by_hand(src: int, tgt: int) -> float:
     return 3 * (2 * (encoder + decoder) + attention)
 
 
+def test_mla_flops_match_a_hand_count():
+    """Multi-head latent attention (tests/test_mla.py's shape: 4 heads, query bottleneck 12,
+    latent 16, 8 + 4 query/key dims and 6 value dims per head): its five projections, and
+    scores over 12 dims plus values over 6."""
+    cfg = tiny("tiny-decoder", kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+               v_head_dim=6, head_dim=12)
+    attn = 32 * 12 + 12 * 4 * 12 + 32 * (16 + 4) + 16 * 4 * (8 + 6) + 4 * 6 * 32  # q_a, q_b, kv_a, kv_b, o
+    per_token = 2 * (2 * (attn + 3 * 32 * 64) + 32 * 128)
+    attention = 2 * 2 * T * T * 4 * (8 + 4 + 6)  # 2 layers x 2 FLOPs x T x T x heads x dims
+    assert zoo.flops.train_flops(cfg, T) == 3 * (per_token * T + attention)
+
+
 @pytest.mark.parametrize("name", ["tiny-decoder", "tiny-moe"])
 def test_decoder_flops_match_a_hand_count(name):
     cfg = tiny(name)

@@ -92,3 +92,30 @@ def test_a_shrunk_gemma_3_trains_through_the_cli_on_one_device_and_a_mesh(tmp_pa
     one, mesh = losses.values()
     assert len(one) == 4 and one[-1] < one[0], one
     np.testing.assert_allclose(mesh, one, rtol=RTOL)
+
+
+# deepseek-v3 at test size: MLA with a query bottleneck, one dense layer, then 8 routed
+# experts in 4 groups (2 picked per token) and a shared expert. Slow (minutes on 2 shared cores).
+DEEPSEEK_V3_SHRUNK = dict(d_model=D_MODEL, num_heads=4, head_dim=12, q_lora_rank=12, kv_lora_rank=16,
+                          qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, d_ff=64, moe_d_ff=16,
+                          num_layers=2, dense_layers=[0], num_experts=8, experts_per_token=2,
+                          router_groups=4, router_topk_groups=2)
+
+
+@pytest.mark.slow
+def test_a_shrunk_deepseek_v3_trains_through_the_cli_on_one_device_and_expert_parallel(tmp_path, tokenizer_path):
+    """`python -m train --model deepseek-v3 ...` logs the same losses on one device and with
+    the experts sharded over `--mesh expert=4,data=2`, and its loss falls."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in DEEPSEEK_V3_SHRUNK.items()]
+    losses = {}
+    for mesh in ("data=1", "expert=4,data=2"):
+        run_dir = tmp_path / mesh.replace(",", "_").replace("=", "")
+        argv = cli_args(run_dir, tokenizer_path, "--model", "deepseek-v3", "--steps", "4", "--lr", "1e-2",
+                        "--warmup", "0", "--eval-every", "4", "--eval-batches", "1", "--mesh", mesh, *overrides)
+        assert main(argv) == 0, mesh
+        losses[mesh] = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    saved = zoo.Config.from_json((run_dir / "config.json").read_text())
+    assert saved.mla and saved.router == "sigmoid" and saved.dense_layers == (0,)
+    one, mesh = losses.values()
+    assert len(one) == 4 and one[-1] < one[0], one
+    np.testing.assert_allclose(mesh, one, rtol=RTOL)

@@ -15,7 +15,9 @@ forward = matmuls + attention, 2 FLOPs per multiply-add:
   experts_per_token / num_experts of its size: the FLOPs of the experts a token is routed
   to (model FLOPs; zoo's MoE runs every expert and gates, `zoo.nn.moe`).
 - attention, per layer: 4 x queries x keys x num_heads x head_dim (scores and values over
-  the full T x T square, the masked half included, as PaLM's 12 L H Q T per token counts).
+  the full T x T square, the masked half included, as PaLM's 12 L H Q T per token counts);
+  multi-head latent attention: 2 x queries x keys x num_heads x (qk_nope + qk_rope + v head
+  dims), its projections (latent down and up, queries, output) counted as weights above.
 
 train = 3 x forward (the backward costs two forwards), rematerialisation not counted.
 """
@@ -67,8 +69,10 @@ def _rows(names: tuple[str, ...], src: int, tgt: int) -> int:
 
 def attention_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
     """Forward FLOPs of attention scores and values for one example, every layer."""
-    width = cfg.num_heads * cfg.head_size
-    square = lambda queries, keys: 4.0 * queries * keys * width
+    # 2 x queries x keys x heads x (score dims + value dims); MLA scores Hn + R dims per head
+    # (zoo.nn.mla, expanded as training runs it) and sums Hv-dim values.
+    dims = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_size) if cfg.mla else 2 * cfg.head_size
+    square = lambda queries, keys: 2.0 * queries * keys * cfg.num_heads * dims
     if cfg.family == "encdec":
         encoder = cfg.num_layers * square(inputs_len, inputs_len)
         decoder = square(targets_len, targets_len) + square(targets_len, inputs_len)
