@@ -81,6 +81,18 @@ def test_sweep_refuses_the_bench_flags_it_would_ignore(capsys):
     assert "drop --vs" in capsys.readouterr().err
 
 
+def test_mla_cache_row(tmp_path, capsys):
+    from bench import mla
+    out = tmp_path / "mla.json"
+    assert mla.main(["--length", "64", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    # deepseek-v2-lite: 27 layers of a 512 latent + a 64-dim rope key, against 16 heads of
+    # 192-dim keys and 128-dim values; bf16.
+    assert row["latent_bytes_per_token"] == 27 * (512 + 64) * 2
+    assert row["expanded_bytes_per_token"] == 27 * 16 * (192 + 128) * 2
+    assert "latent_bytes_per_token" in capsys.readouterr().out
+
+
 def test_pattern_compile_and_cache_rows(tmp_path, capsys):
     from bench import pattern
     out = tmp_path / "compile.json"
