@@ -72,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="override the depth (compile-time scaling)")
     p.add_argument("--no-scan-layers", action="store_true",
                    help="run the layers unrolled (Config.scan_layers=False) instead of a scan")
+    p.add_argument("--padding", type=float, default=0.0,
+                   help="encode: the share of each row that is padding on average; rows for the "
+                        "padded batch and for its documents packed into fewer rows")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
     return p
@@ -98,8 +101,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             bf16 = model_bench.decode_row(half, args.prompt_len, args.new_tokens, bandwidth, args.iters)
             row["bf16_tokens_per_s"] = bf16["tokens_per_s"]
     else:
-        row = model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters)
+        row = model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters, args.padding)
     rows = [{**common, **row}]
+    if args.bench == "encode" and args.padding:
+        rows.append({**common, **model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters,
+                                                        args.padding, packed=True)})
     for peer, detail in got.items():
         theirs = detail["tokens_per_s"]
         rows.append({**common, **row, "peer": peer, "peer_tokens_per_s": theirs,
@@ -114,7 +120,7 @@ def environment(cfg: zoo.Config, peak: float) -> dict[str, Any]:
             "scan_layers": cfg.scan_layers}
 
 
-COLUMNS = ("bench", "family", "dtype", "tokens_per_s", "mfu", "bound_tokens_per_s",
+COLUMNS = ("bench", "family", "dtype", "layout", "rows", "tokens_per_s", "mfu", "bound_tokens_per_s",
            "compile_s", "peak_bytes", "peer", "peer_tokens_per_s", "ratio")
 
 

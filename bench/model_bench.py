@@ -93,25 +93,64 @@ def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: flo
             "param_bytes": param_bytes}
 
 
-def encode_runner(cfg: zoo.Config, batch: int, seq_len: int) -> tuple[Callable[[], Any], Any, float]:
-    """(one call: hidden states [batch, seq_len, D] of jitted `zoo.encoder.forward`, the
-    compiled program, compile seconds)."""
+def encode_inputs(cfg: zoo.Config, batch: int, seq_len: int, padding: float = 0.0, packed: bool = False,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Encoder inputs of `batch` documents of random lengths averaging (1 - padding) * seq_len
+    (all seq_len when padding is 0): one per row, right-padded (tokens, mask: [batch,
+    seq_len]); or packed: the same documents first-fit into as few rows of seq_len as hold
+    them, with segment_ids and positions restarting per document, so no row spends work on
+    the padding the first layout carries."""
+    rng = np.random.default_rng(seed)
+    mean = round((1.0 - padding) * seq_len)
+    half = min(mean - 1, seq_len - mean)
+    lengths = rng.integers(mean - half, mean + half + 1, batch) if padding else np.full(batch, seq_len)
+    docs = [rng.integers(3, cfg.vocab_size, n).astype(np.int32) for n in lengths]
+    bins: list[list[np.ndarray]] = []
+    for doc in (sorted(docs, key=len, reverse=True) if packed else docs):
+        fits = [b for b in bins if packed and sum(map(len, b)) + len(doc) <= seq_len]
+        if fits:
+            fits[0].append(doc)
+        else:
+            bins.append([doc])
+    out = {k: np.zeros((len(bins), seq_len), np.int32) for k in ("tokens", "segment_ids", "positions")}
+    for r, row in enumerate(bins):
+        start = 0
+        for s, doc in enumerate(row):
+            out["tokens"][r, start:start + len(doc)] = doc
+            out["segment_ids"][r, start:start + len(doc)] = s + 1
+            out["positions"][r, start:start + len(doc)] = np.arange(len(doc))
+            start += len(doc)
+    out["mask"] = out["segment_ids"] > 0
+    if not packed:
+        del out["segment_ids"], out["positions"]
+    return out
+
+
+def encode_runner(cfg: zoo.Config, batch: int, seq_len: int, padding: float = 0.0,
+                  packed: bool = False) -> tuple[Callable[[], Any], Any, float, dict[str, np.ndarray]]:
+    """(one call: hidden states [rows, seq_len, D] of jitted `zoo.encoder.forward` on
+    `encode_inputs`, the compiled program, compile seconds, the inputs)."""
     params = zoo.init(cfg, jax.random.key(0))
-    toks = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, seq_len)), jnp.int32)
-    mask = jnp.ones((batch, seq_len), bool)
-    f = jax.jit(lambda p, t, m: zoo.encoder.forward(p, cfg, t, mask=m).hidden)
-    compiled, compile_s = timing.compile_seconds(f, params, toks, mask)
-    return (lambda: compiled(params, toks, mask)), compiled, compile_s
+    inputs = encode_inputs(cfg, batch, seq_len, padding, packed)
+    args = {k: jnp.asarray(v) for k, v in inputs.items()}
+    f = jax.jit(lambda p, a: zoo.encoder.forward(p, cfg, a["tokens"], mask=a["mask"],
+                                                 segment_ids=a.get("segment_ids"),
+                                                 positions=a.get("positions")).hidden)
+    compiled, compile_s = timing.compile_seconds(f, params, args)
+    return (lambda: compiled(params, args)), compiled, compile_s, inputs
 
 
-def encode_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5) -> dict[str, Any]:
-    """Encoder inference: the hidden states of jitted `zoo.encoder.forward` (no MLM head)."""
-    one, compiled, compile_s = encode_runner(cfg, batch, seq_len)
+def encode_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int = 5,
+               padding: float = 0.0, packed: bool = False) -> dict[str, Any]:
+    """Encoder inference: the hidden states of jitted `zoo.encoder.forward` (no MLM head).
+    tokens_per_s and mfu count real tokens only (`encode_inputs`: padding, packed)."""
+    one, compiled, compile_s, inputs = encode_runner(cfg, batch, seq_len, padding, packed)
     seconds = timing.median_time(one, iters=iters, warmup=2)
-    tokens = batch * seq_len
+    tokens = int(inputs["mask"].sum())
     fwd = (flops.forward_flops_per_token(cfg, seq_len)
            - 2.0 * cfg.vocab_size * cfg.d_model)  # hidden states only: no vocabulary projection
     achieved = fwd * tokens / seconds
     return {"bench": "encode", "family": cfg.family, "dtype": cfg.dtype, "batch": batch,
-            "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens / seconds,
+            "seq_len": seq_len, "padding": padding, "layout": "packed" if packed else "padded",
+            "rows": len(inputs["mask"]), "step_s": seconds, "tokens_per_s": tokens / seconds,
             "mfu": achieved / peak, "compile_s": compile_s, "peak_bytes": timing.memory_bytes(compiled)}

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.bench == "train":
         fn, _, _ = model_bench.train_runner(cfg, args.batch_size, args.seq_len, args.remat, args.loss_chunk)
     elif args.bench == "encode":
-        fn, _, _ = model_bench.encode_runner(cfg, args.batch_size, args.seq_len)
+        fn, _, _, _ = model_bench.encode_runner(cfg, args.batch_size, args.seq_len)
     else:
         params = unstacked(zoo.init(cfg, jax.random.key(0)))
         prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, args.prompt_len)),

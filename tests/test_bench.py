@@ -130,3 +130,34 @@ def test_paired_alternates_the_trees(tmp_path, monkeypatch, capsys):
     assert [r["commit"] for r in got["rows"]] == ["b", "a", "a", "b"]
     assert got["summary"]["after_over_before"] == pytest.approx(1.1)
     assert "after / before 1.100" in capsys.readouterr().out
+
+
+def test_packed_encode_inputs_give_the_padded_hidden_states():
+    """`bench encode --padding`: the documents packed into fewer rows (segment ids, positions
+    restarting per document) encode as they do one per padded row, through a shrunk
+    ModernBERT's two-sided local windows."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import zoo
+    from bench import model_bench
+
+    cfg = zoo.preset("modernbert-base", d_model=32, num_heads=4, d_ff=48, num_layers=4, sliding_window=5,
+                     vocab_size=128, pad_id=0, bos_id=None, eos_id=1)
+    params = zoo.init(cfg, jax.random.key(0))
+    encode = jax.jit(lambda a: zoo.encoder.forward(params, cfg, a["tokens"], mask=a["mask"],
+                                                   segment_ids=a.get("segment_ids"),
+                                                   positions=a.get("positions")).hidden)
+    by_doc = []
+    for packed in (False, True):
+        inputs = model_bench.encode_inputs(cfg, 6, 24, padding=0.5, packed=packed)
+        hidden = np.asarray(encode({k: jnp.asarray(v) for k, v in inputs.items()}))
+        segments = inputs.get("segment_ids", inputs["mask"].astype(np.int32))
+        by_doc.append({tuple(inputs["tokens"][r][segments[r] == s]): hidden[r][segments[r] == s]
+                       for r in range(len(segments)) for s in set(segments[r][segments[r] > 0])})
+    padded, packed = by_doc
+    assert len(packed) == len(padded) == 6 and len(inputs["tokens"]) < 6  # fewer rows
+    assert max(map(len, padded)) > 2 * cfg.sliding_window  # windows cut documents on both sides
+    for doc, h in padded.items():
+        np.testing.assert_allclose(packed[doc], h, atol=1e-5)
