@@ -39,6 +39,7 @@ def _max_diff(a, b) -> float:
     ("tiny-decoder", dict(positions="learned", num_kv_heads=1)),  # absolute positions, MQA
     ("tiny-decoder", dict(positions="alibi")),
     ("tiny-moe", {}),                                       # Mixtral-style experts
+    ("tiny-moe", dict(num_layers=3, dense_layers=(1,), shared_experts=1, moe_d_ff=16)),  # segments
 ])
 def test_cached_decoding_equals_full_forward(name, overrides):
     cfg = tiny(name, **overrides)
