@@ -57,6 +57,9 @@ def test_replace_validates():
     (dict(dtype="int8"), "dtype"),
     (dict(eos_id=1000), "eos_id"),
     (dict(norm_position="middle"), "norm_position"),
+    (dict(qk_rope_head_dim=4), "qk_rope_head_dim"),  # an MLA field without kv_lora_rank
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=3, attn_bias=False), "qk_rope_head_dim"),
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4), "attn_bias"),  # MLA has no biases
 ])
 def test_invalid_fields_name_the_field(changes, field):
     base = dict(family="decoder", vocab_size=100, d_model=32, num_layers=1, num_heads=4, d_ff=64,
