@@ -12,6 +12,7 @@ import pytest
 
 import zoo
 from conftest import tiny, tokens
+import zoo.flops
 from zoo.nn import moe
 
 ROUTERS = {
@@ -143,3 +144,17 @@ def test_stack_with_dense_layers_runs_as_segments():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), step(params, c, remat), want)
     # The balance loss is the mean over the two MoE layers, not diluted by the dense one.
     assert 0.9 < float(jax.jit(zoo.forward, static_argnums=1)(params, cfg, toks).aux_loss) < 2.0
+
+
+def test_flops_count_the_active_experts_only():
+    """qwen3-30b-a3b: 2 FLOPs per active weight that multiplies (the token table is gathered,
+    norms are not matmuls); a shared expert and a dense layer count whole, expert biases not."""
+    cfg = zoo.preset("qwen3-30b-a3b")
+    norms = 48 * (2 * 2048 + 2 * 128) + 2048
+    assert zoo.flops.matmul_flops(cfg, 1) == 2 * (zoo.param_count(cfg, active=True) - 151936 * 2048 - norms)
+    small = tiny("tiny-moe", num_layers=2, dense_layers=(0,), shared_experts=1, moe_d_ff=16, mlp_bias=True)
+    d, v = small.d_model, small.vocab_size
+    dense, shared, routed = 3 * d * small.d_ff, 3 * d * 16, 2 * 3 * d * 16  # 2 of 4 experts
+    attention = 2 * (d * 4 * 8 + d * 2 * 8)  # q, o: 4 heads of 8; k, v: 2
+    want = 2 * (2 * attention + dense + shared + routed + d * 4 + d * v)  # + router + head
+    assert zoo.flops.matmul_flops(small, 1) == want

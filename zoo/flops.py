@@ -13,7 +13,8 @@ forward = matmuls + attention, 2 FLOPs per multiply-add:
   out, as in the "6N" rule.
 - mixture of experts: the router runs on every token, each expert weight counts
   experts_per_token / num_experts of its size: the FLOPs of the experts a token is routed
-  to (model FLOPs; zoo's MoE runs every expert and gates, `zoo.nn.moe`).
+  to (model FLOPs; zoo's sparse dispatch runs just those, `zoo.nn.moe`). Dense layers of an
+  MoE model (`Config.dense_layers`) and shared experts count whole.
 - attention, per layer: 4 x queries x keys x num_heads x head_dim (scores and values over
   the full T x T square, the masked half included, as PaLM's 12 L H Q T per token counts);
   multi-head latent attention: 2 x queries x keys x num_heads x (qk_nope + qk_rope + v head
@@ -50,7 +51,7 @@ def matmul_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
 
 def _weights(p: Param, cfg: Config) -> float:
     """Multiply-adds one row makes with this tensor (0 for gathered tables, biases, norms)."""
-    axes = [a for a in p.axes if a != "layers"]
+    axes = [a for a in p.axes if a not in ("layers", "experts")]  # an expert's bias is a bias
     if len(axes) < 2 or axes[0] in GATHERED:
         return 0.0
     return float(size(p, (cfg.experts_per_token, cfg.num_experts) if cfg.moe else None))
