@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 import test_hf
 import test_hf_gemma
+import test_hf_modernbert
 import test_hf_qwen_phi
 import zoo
 from test_hf import TOL, torch, transformers
@@ -32,7 +33,8 @@ _BODIES = {"bert": ("Bert", test_hf.CASES["bert"]), "roberta": ("Roberta", test_
            "mixtral": ("Mixtral", test_hf.CASES["mixtral"]), "qwen2": ("Qwen2", test_hf_qwen_phi.CASES["qwen2"]),
            "qwen3": ("Qwen3", test_hf_qwen_phi.CASES["qwen3"]), "phi3": ("Phi3", test_hf_qwen_phi.CASES["phi3"]),
            "gemma2": ("Gemma2", test_hf_gemma.CASES["gemma2"]),
-           "gemma3_text": ("Gemma3Text", test_hf_gemma.CASES["gemma3_text"])}
+           "gemma3_text": ("Gemma3Text", test_hf_gemma.CASES["gemma3_text"]),
+           "modernbert": ("ModernBert", ("ModernBertConfig", test_hf_modernbert.SHAPE))}
 _SUFFIX = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification",
            "qa": "ForQuestionAnswering"}
 # Every head class transformers has for a zoo type.
@@ -53,7 +55,7 @@ def _head_kwargs(name: str, kind: str) -> dict:
     if kind == "token":
         problem, labels = "single_label_classification", ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     else:
-        problem, labels = _PROBLEMS[sorted(_BODIES).index(name) % len(_PROBLEMS)]
+        problem, labels = _PROBLEMS[list(_BODIES).index(name) % len(_PROBLEMS)]  # roberta multi, llama regression
     return dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
                 problem_type=problem)
 
@@ -197,6 +199,10 @@ def test_init_saves_as_the_class_transformers_loads(saved, name, tmp_path):
         model = getattr(transformers, _BODIES[name][0] + _SUFFIX[kind]).from_pretrained(tmp_path / kind).eval()
         valid = slice(None) if kind == "sequence" else mask
         np.testing.assert_allclose(got[valid], hf_logits(model, tokens, mask, kind)[valid], atol=TOL, rtol=0)
+        if head.dropout:  # a key turns the classifier dropout on
+            out = _forward(params, cfg, jnp.asarray(tokens), mask=jnp.asarray(mask))
+            dropped = np.asarray(zoo.heads.apply(head, cfg, out, mask=jnp.asarray(mask), key=jax.random.key(0)))
+            assert not np.allclose(dropped, got)
     out = _forward(params, cfg, jnp.asarray(tokens), mask=jnp.asarray(mask))
     grads = jax.grad(lambda h: jnp.sum(_apply(h, cfg, out, mask=jnp.asarray(mask))))(head)
     assert isinstance(grads, zoo.heads.Head) and grads.kind == "qa"
