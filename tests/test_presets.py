@@ -1,7 +1,10 @@
 """Parameter counts of the published presets equal the published models'.
 
 Numbers are those of the Hugging Face `transformers` classes holding the same tensors:
-BertModel + MLM head (pooler included), RobertaModel + MLM head, ModernBertForMaskedLM, GPT2LMHeadModel,
+BertModel + MLM head (pooler included), RobertaModel + MLM head, ModernBertForMaskedLM,
+AlbertModel + MLM head (pooler included, as for BERT: 11_683_584 + 128_688; transformers'
+AlbertForMaskedLM leaves the pooler out), DistilBertForMaskedLM (DistilBertModel's
+66_362_880 + 622_650), GPT2LMHeadModel,
 LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, T5ForConditionalGeneration,
 BartForConditionalGeneration (+ its final_logits_bias, which transformers keeps as a buffer),
 Gemma2ForCausalLM and Gemma3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and
@@ -19,6 +22,8 @@ PUBLISHED = {
     "bert-base-uncased": 109_482_240 + 622_650,
     "bert-large-uncased": 335_141_888 + 1_082_170,
     "roberta-base": 124_645_632 + 642_393,
+    "albert-base-v2": 11_683_584 + 128_688,
+    "distilbert-base-uncased": 66_362_880 + 622_650,
     "modernbert-base": 149_655_232,
     "gpt2": 124_439_808,
     "gpt2-medium": 354_823_168,

@@ -143,6 +143,10 @@ class Config:
     # (no per-layer slicing and stacking of weights, activations and gradients: faster steps
     # on GPUs, compile time growing with depth). Parameters keep the stacked layout either way.
     scan_layers: bool = True
+    # Cross-layer parameter sharing (ALBERT): 0, every layer its own parameters; n > 0, the
+    # stack holds n layers' parameters and layer i of a stack of depth L runs set
+    # int(i / (L / n)) (ALBERT's num_hidden_groups: blocks of consecutive layers share).
+    shared_layers: int = 0
     # Embeddings and heads.
     tie_embeddings: bool = True
     embed_scale: float = 1.0  # multiplies token embeddings (BART scale_embedding: sqrt(d))
@@ -150,6 +154,10 @@ class Config:
     logits_bias: bool = False  # a learned bias on the vocabulary logits (BART, BERT MLM)
     mlm_transform: bool = False  # BERT-style dense+act+norm before the MLM projection
     pooler: bool = False  # BERT pooler: tanh(dense(hidden[:, 0]))
+    # Factorised embeddings (ALBERT): token, type and position tables (and the embedding
+    # norm) this wide, projected to d_model into the stack; the MLM transform maps back.
+    # None: d_model wide, no projection.
+    embed_dim: int | None = None
     # Mixture of experts (0: dense MLP).
     num_experts: int = 0
     experts_per_token: int = 2
@@ -197,6 +205,10 @@ class Config:
     @property
     def decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
+
+    @property
+    def embed_size(self) -> int:
+        return self.embed_dim or self.d_model
 
     @property
     def gated(self) -> bool:
@@ -331,6 +343,16 @@ def _validate(c: Config) -> None:
     _require(c.type_vocab_size >= 0, "type_vocab_size", f"expected >= 0, got {c.type_vocab_size}")
     _require(not c.mlm_transform or c.family == "encoder", "mlm_transform", "only the encoder has an MLM head")
     _require(not c.pooler or c.family == "encoder", "pooler", "only the encoder has a pooler")
+    _require(c.embed_dim is None or (isinstance(c.embed_dim, int) and c.embed_dim > 0), "embed_dim",
+             f"expected None or a positive int, got {c.embed_dim!r}")
+    _require(c.embed_dim is None or c.family == "encoder", "embed_dim",
+             f"only the encoder factorises its embeddings (family={c.family!r})")
+    depths = sorted({c.num_layers, c.decoder_layers})
+    _require(isinstance(c.shared_layers, int) and c.shared_layers >= 0
+             and all(d % c.shared_layers == 0 for d in depths if c.shared_layers), "shared_layers",
+             f"expected 0 or a number of parameter sets that divides the depth {depths}, got {c.shared_layers!r}")
+    _require(not (c.shared_layers and c.dense_layers), "shared_layers",
+             f"shared parameter sets hold one layer layout; dense_layers={c.dense_layers!r} mixes two")
     _require(c.num_experts >= 0, "num_experts", f"expected >= 0, got {c.num_experts}")
     _require(c.num_experts == 0 or 1 <= c.experts_per_token <= c.num_experts, "experts_per_token",
              f"expected 1..num_experts={c.num_experts}, got {c.experts_per_token}")

@@ -25,9 +25,10 @@ def spec(cfg: Config) -> Spec:
     dense_std = init_std(cfg, "dense", cfg.d_model)
     if cfg.mlm_transform:
         # The transform's dense has a bias where the MLPs have one (BERT yes, ModernBERT no).
-        out["mlm"] = {"dense": dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"), bias=cfg.mlp_bias,
+        # ... and maps back to the embedding width (ALBERT: D -> E).
+        out["mlm"] = {"dense": dense_spec(cfg.d_model, cfg.embed_size, ("embed", "mlp"), bias=cfg.mlp_bias,
                                           std=dense_std),
-                      "norm": norm_spec(cfg)}
+                      "norm": norm_spec(cfg, cfg.embed_size)}
     head = head_spec(cfg)
     if head:
         out["head"] = head
@@ -36,11 +37,15 @@ def spec(cfg: Config) -> Spec:
     return out
 
 
-def mlm_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
-    """hidden [B, T, D] -> MLM logits [B, T, V] (BERT: dense, act, norm, tied projection)."""
+def mlm_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array | None:
+    """hidden [B, T, D] -> MLM logits [B, T, V] (BERT: dense, act, norm, tied projection;
+    ALBERT's dense maps D to its embedding width E). None for a model whose embeddings are
+    narrower than D and that has no MLM head to map back (a bare ALBERT body)."""
     if "mlm" in params:
         h = activation(cfg.activation)(dense(hidden, params["mlm"]["dense"], cfg.matmul))
         hidden = apply_norm(params["mlm"]["norm"], h, cfg)
+    elif cfg.embed_size != cfg.d_model:
+        return None
     return vocab_logits(params, hidden, cfg)
 
 
@@ -52,7 +57,8 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | N
 
     tokens: int [B, T]; mask: bool [B, T], True on real tokens; token_types: int [B, T]
     (BERT segment A/B); segment_ids: int [B, T] for packed rows; key: dropout RNG.
-    Returns Output(logits [B, T, V] MLM, hidden [B, T, D], pooled [B, D] with a pooler).
+    Returns Output(logits [B, T, V] MLM (see `mlm_logits`), hidden [B, T, D], pooled [B, D]
+    with a pooler).
     """
     if cfg.family != "encoder":
         raise ValueError(f"zoo.encoder.forward: cfg.family must be 'encoder', got {cfg.family!r}")

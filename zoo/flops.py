@@ -43,10 +43,19 @@ def matmul_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
     total = 0.0
     for path, p in jax.tree_util.tree_leaves_with_path(spec(cfg), is_leaf=lambda x: isinstance(x, Param)):
         names = tuple(k.key for k in path)
-        total += 2.0 * _weights(p, cfg) * _rows(names, src, tgt)
+        total += 2.0 * _weights(p, cfg) * _rows(names, src, tgt) * _runs(names, cfg)
     if cfg.tie_embeddings:
-        total += 2.0 * cfg.vocab_size * cfg.d_model * tgt
+        total += 2.0 * cfg.vocab_size * cfg.embed_size * tgt
     return total
+
+
+def _runs(names: tuple[str, ...], cfg: Config) -> float:
+    """Layers that run each stored layer of a stack: depth / sets when layers share
+    parameters (`Config.shared_layers`), else 1."""
+    if not cfg.shared_layers or "layers" not in names:
+        return 1.0
+    depth = cfg.decoder_layers if names[0] == "decoder" else cfg.num_layers
+    return depth / cfg.shared_layers
 
 
 def _weights(p: Param, cfg: Config) -> float:

@@ -74,6 +74,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "bert-base-uncased": dict(_BERT, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
     "modernbert-base": dict(_MODERNBERT, d_model=768, num_layers=22, num_heads=12, d_ff=1152),
     "bert-large-uncased": dict(_BERT, d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
+    # ALBERT: BERT's layer, 128-wide embeddings projected to the width, one layer's
+    # parameters run 12 times; [CLS] 2, [SEP] 3.
+    "albert-base-v2": dict(_BERT, vocab_size=30000, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
+                           activation="gelu_tanh", embed_dim=128, shared_layers=1, bos_id=2, eos_id=3),
+    # DistilBERT: BERT-base's layer, half the depth, no token types, no pooler.
+    "distilbert-base-uncased": dict(_BERT, d_model=768, num_layers=6, num_heads=12, d_ff=3072,
+                                    type_vocab_size=0, pooler=False),
     "roberta-base": dict(_BERT, vocab_size=50265, norm_eps=1e-5, type_vocab_size=1,
                          position_offset=2, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
                          pad_id=1, bos_id=0, eos_id=2),

@@ -3,9 +3,9 @@
     cfg, params = zoo.load_hf("path/to/hf_dir")      # config.json + *.safetensors, no network
     zoo.save_hf(cfg, params, "out_dir")               # transformers' from_pretrained loads it
 
-Supported `model_type`s: bert, roberta, modernbert, gpt2, llama, mistral, mixtral, t5, bart, gemma2,
+Supported `model_type`s: bert, roberta, albert, distilbert, modernbert, gpt2, llama, mistral, mixtral, t5, bart, gemma2,
 gemma3_text, qwen2, qwen3, phi3, deepseek_v2, deepseek_v3, gpt_oss. Each has a key map (data, in
-zoo/hf/{bert,modernbert,gpt2,llama,t5,bart,gemma,qwen,phi3,deepseek,gpt_oss}.py) applied by one loop in zoo/hf/keymap.py.
+zoo/hf/{bert,albert,distilbert,modernbert,gpt2,llama,t5,bart,gemma,qwen,phi3,deepseek,gpt_oss}.py) applied by one loop in zoo/hf/keymap.py.
 A config that zoo cannot reproduce exactly is a ValueError naming the field; `save_hf` proves
 each export by reading the written config back and comparing it to the Config it was given.
 """
@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.config import Config
+from zoo.hf.albert import ALBERT
 from zoo.hf.bart import BART
 from zoo.hf.bert import BERT, ROBERTA
 from zoo.hf.common import ModelType, Unsupported, layer_pattern
 from zoo.hf.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from zoo.hf.distilbert import DISTILBERT
 from zoo.hf.files import SAFETENSORS, SAFETENSORS_INDEX, open_weights, write_safetensors
 from zoo.hf.gemma import GEMMA2, GEMMA3_TEXT
 from zoo.hf.gpt2 import GPT2
@@ -43,7 +45,8 @@ from zoo.hf.t5 import T5
 
 # Order matters to save_hf: the first type that reproduces a Config is the one written.
 MODEL_TYPES: dict[str, ModelType] = {
-    m.name: m for m in (BERT, ROBERTA, MODERNBERT, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART, GEMMA2, GEMMA3_TEXT,
+    m.name: m for m in (BERT, ROBERTA, ALBERT, DISTILBERT,
+                        MODERNBERT, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART, GEMMA2, GEMMA3_TEXT,
                         QWEN2, QWEN3, QWEN3_MOE, PHI3, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS)}
 
 __all__ = ["MODEL_TYPES", "Unsupported", "load_hf", "save_hf"]
@@ -158,6 +161,8 @@ def _canonical(c: Config) -> Config:
         changes["attn_scale"] = None
     if c.attn_out_bias == c.attn_bias:
         changes["attn_out_bias"] = None
+    if c.shared_layers == c.num_layers == c.decoder_layers:  # one set per layer: no sharing
+        changes["shared_layers"] = 0
     # Layers compute by their kinds, however the pattern spells them; a window without
     # local layers is never used.
     kinds = [c.layer_kind(i) for i in range(c.num_layers)]

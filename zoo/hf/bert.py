@@ -90,6 +90,8 @@ def _write(cfg: Config, name: str, arch: str) -> dict:
     if cfg.mlm_transform != cfg.logits_bias:
         raise Unsupported(f"save_hf: a {name} MLM head has both the transform and the logits bias "
                           f"(Config.mlm_transform={cfg.mlm_transform}, logits_bias={cfg.logits_bias})")
+    if not cfg.type_vocab_size:  # transformers embeds token type 0 whatever the config says
+        raise Unsupported(f"save_hf: {name} embeds token types; Config.type_vocab_size must be >= 1, got 0")
     if name == "roberta" and cfg.pad_id != cfg.position_offset - 1:
         raise Unsupported(f"save_hf: roberta numbers positions from its pad id, so Config.pad_id="
                           f"{cfg.pad_id} needs position_offset={cfg.pad_id + 1}, got {cfg.position_offset}")

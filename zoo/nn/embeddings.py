@@ -14,19 +14,21 @@ from zoo.nn.positions import sinusoidal_table
 
 
 def embed_spec(cfg: Config) -> Spec:
+    """Token (and type) tables [V, E], E = cfg.embed_size (d_model unless factorised)."""
     std = init_std(cfg, "embed", 1)
-    spec = {"tokens": param((cfg.vocab_size, cfg.d_model), ("vocab", "embed"), std=std)}
+    spec = {"tokens": param((cfg.vocab_size, cfg.embed_size), ("vocab", "embed"), std=std)}
     if cfg.type_vocab_size:
-        spec["types"] = param((cfg.type_vocab_size, cfg.d_model), ("types", "embed"), std=std)
+        spec["types"] = param((cfg.type_vocab_size, cfg.embed_size), ("types", "embed"), std=std)
     return spec
 
 
 def head_spec(cfg: Config) -> Spec:
-    """Output projection [D, V] when untied, and the logits bias [V] when configured."""
+    """Output projection [E, V] when untied (E = cfg.embed_size), and the logits bias [V]
+    when configured."""
     spec = {}
     if not cfg.tie_embeddings:
-        spec["kernel"] = param((cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                               std=init_std(cfg, "head", cfg.d_model))
+        spec["kernel"] = param((cfg.embed_size, cfg.vocab_size), ("embed", "vocab"),
+                               std=init_std(cfg, "head", cfg.embed_size))
     if cfg.logits_bias:
         spec["bias"] = param((cfg.vocab_size,), ("vocab",), "zeros")
     return spec
@@ -34,7 +36,7 @@ def head_spec(cfg: Config) -> Spec:
 
 def embed_tokens(p: dict, tokens: jax.Array, cfg: Config,
                  token_types: jax.Array | None = None) -> jax.Array:
-    """tokens [B, T] int -> [B, T, D] in the compute dtype."""
+    """tokens [B, T] int -> [B, T, E] in the compute dtype (E = cfg.embed_size)."""
     dt = jnp.dtype(cfg.dtype)
     x = jnp.take(p["tokens"], tokens, axis=0, mode="clip").astype(dt)
     if cfg.embed_scale != 1.0:
@@ -48,25 +50,25 @@ def embed_tokens(p: dict, tokens: jax.Array, cfg: Config,
 def position_spec(cfg: Config) -> Spec:
     if cfg.positions == "learned":
         rows = cfg.max_len + cfg.position_offset
-        return {"positions": param((rows, cfg.d_model), ("length", "embed"), std=init_std(cfg, "embed", 1))}
+        return {"positions": param((rows, cfg.embed_size), ("length", "embed"), std=init_std(cfg, "embed", 1))}
     return {}
 
 
 def add_positions(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config) -> jax.Array:
-    """Adds learned or sinusoidal absolute position embeddings; x: [B, T, D],
+    """Adds learned or sinusoidal absolute position embeddings; x: [B, T, E],
     positions [B, T] < max_len (`check_positions`)."""
     check_positions(positions, cfg)
     if cfg.positions == "learned":
         table = p_stack["positions"]
         return x + jnp.take(table, positions + cfg.position_offset, axis=0, mode="clip").astype(x.dtype)
     if cfg.positions == "sinusoidal":
-        table = jnp.asarray(sinusoidal_table(cfg.max_len, cfg.d_model))
+        table = jnp.asarray(sinusoidal_table(cfg.max_len, x.shape[-1]))
         return x + jnp.take(table, positions, axis=0, mode="clip").astype(x.dtype)
     return x
 
 
 def vocab_logits(params: dict, hidden: jax.Array, cfg: Config) -> jax.Array:
-    """hidden [B, T, D] -> logits [B, T, V] in the compute dtype (soft-capped when
+    """hidden [B, T, E] -> logits [B, T, V] in the compute dtype (soft-capped when
     cfg.final_softcap is set)."""
     head = params.get("head", {})
     if cfg.tie_embeddings:

@@ -32,7 +32,7 @@ from zoo.nn.cache import Cache, LayerKV, Plan, Slots, is_stacked, key_positions,
 from zoo.nn.cache import per_layer as kv_per_layer, stacked as kv_stacked
 from zoo.nn.embeddings import add_positions, position_spec
 from zoo.nn.mla import apply_cached_mla, apply_mla, mla_spec
-from zoo.nn.mlp import apply_mlp, mlp_spec
+from zoo.nn.mlp import apply_mlp, dense, dense_spec, mlp_spec
 from zoo.nn.moe import apply_moe, moe_spec
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param, stacked
@@ -101,12 +101,15 @@ def stack_spec(cfg: Config, num_layers: int, cross: bool = False) -> Spec:
     elif any(layer_spec(cfg, k) != layer for k in kinds[1:]):
         raise ValueError(f"stack: layer kinds {sorted(set(kinds))} differ in parameters; "
                          "a stack holds one parameter layout")
-    layers = layer if cfg.dense_layers else stacked(layer, len(kinds))
+    layers = layer if cfg.dense_layers else stacked(layer, cfg.shared_layers or len(kinds))
     spec = {**position_spec(cfg), "layers": layers}
     if first is not None:
         spec["first_layer"] = layer_spec(cfg, first)
     if cfg.embed_norm:
-        spec["embed_norm"] = norm_spec(cfg)
+        spec["embed_norm"] = norm_spec(cfg, cfg.embed_size)
+    if cfg.embed_dim is not None:  # factorised embeddings (ALBERT): [E] -> [D]
+        spec["embed_proj"] = dense_spec(cfg.embed_dim, cfg.d_model, (None, "embed"),
+                                        std=init_std(cfg, "dense", cfg.embed_dim))
     if cfg.positions == "relative":
         spec["rel_bias"] = param((cfg.relative_buckets, cfg.num_heads), ("buckets", "heads"),
                                  std=init_std(cfg, "rel_bias", cfg.d_model))
@@ -253,6 +256,10 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
         return (apply_norm(p_stack["final_norm"], x, cfg) if "final_norm" in p_stack else x), aux, cache
     num = len(layers) if cfg.layout == "decoding" else jax.tree.leaves(layers)[0].shape[0]
     first = "first_layer" in p_stack  # a first layer of its own layout (encoders, no cache)
+    sets = None
+    if cfg.shared_layers:  # the stored parameter sets run over the stack's whole depth
+        num_sets, num = num, (cfg.decoder_layers if cross else cfg.num_layers) - first
+        sets = layer_sets(cfg, num, num_sets)
     first_kind, kinds = _split_first(layer_kinds(cfg, num + first, cross))
     keys = jax.random.split(key, num + first) if key is not None else None
     if first:
@@ -261,11 +268,12 @@ def run_stack(p_stack: dict, x: jax.Array, ctx: StackContext, cfg: Config, *,
         keys = None if keys is None else keys[:num]
     per_layer_cache = cache is not None and not is_stacked(cache.kv)
     if cfg.layout == "decoding":
-        x, aux, cache = _run_unrolled(layers, x, kinds, ctx, cfg, keys, remat, cache)
+        x, aux, cache = _run_unrolled(_by_set(layers, sets), x, kinds, ctx, cfg, keys, remat, cache)
     elif per_layer_cache or not cfg.scan_layers:
-        x, aux, cache = _run_unrolled(split_layers(layers), x, kinds, ctx, cfg, keys, remat, cache)
+        x, aux, cache = _run_unrolled(_by_set(split_layers(layers), sets), x, kinds, ctx, cfg, keys,
+                                      remat, cache)
     else:
-        x, aux, cache = _run_scanned(layers, x, kinds, ctx, cfg, keys, remat, cache)
+        x, aux, cache = _run_scanned(layers, x, kinds, ctx, cfg, keys, remat, cache, sets)
     if first:
         aux = (first_aux + num * aux) / (num + 1)
     if "final_norm" in p_stack:
@@ -301,6 +309,22 @@ def _run_segments(layers: dict, x: jax.Array, ctx: StackContext, cfg: Config, ke
     return x, total / max(1, sum(k.ffn == "moe" for k in kinds)), cache
 
 
+def layer_sets(cfg: Config, depth: int, num_sets: int) -> tuple[int, ...]:
+    """The parameter set each of a stack's depth layers runs (`Config.shared_layers` = n
+    sets, num_sets of them stored): blocks of depth / n consecutive layers share one, as
+    ALBERT's num_hidden_groups do."""
+    n = cfg.shared_layers
+    if num_sets != n or depth % n:
+        raise ValueError(f"stack: {depth} layers over {num_sets} stored parameter sets, but "
+                         f"Config.shared_layers={n} must equal the sets and divide the depth")
+    return tuple(i // (depth // n) for i in range(depth))
+
+
+def _by_set(layers: tuple[dict, ...], sets: tuple[int, ...] | None) -> tuple[dict, ...]:
+    """Per-layer trees: each layer's parameter set (sets None: the layers as they are)."""
+    return layers if sets is None else tuple(layers[s] for s in sets)
+
+
 def _layer_fn(kind: LayerKind, ctx: StackContext, cfg: Config, remat: bool | str) -> Callable:
     def layer(p: dict, x: jax.Array, key: jax.Array | None, cache: LayerCache | None):
         return apply_layer(p, x, kind, ctx, cfg, key, cache)
@@ -329,12 +353,16 @@ def _run_unrolled(layers: tuple[dict, ...], x: jax.Array, kinds: tuple[LayerKind
 
 def _run_scanned(layers: dict, x: jax.Array, kinds: tuple[LayerKind, ...], ctx: StackContext,
                  cfg: Config, keys: jax.Array | None, remat: bool | str,
-                 cache: StackCache | None) -> tuple[jax.Array, jax.Array, StackCache | None]:
+                 cache: StackCache | None, sets: tuple[int, ...] | None = None
+                 ) -> tuple[jax.Array, jax.Array, StackCache | None]:
     """One `lax.scan` over the stacked [L, ...] leaves as they are (no copy of the weights or
     their gradients). The layer kinds of a stack differ only in what their attention reads
     (mask, RoPE tables: `StackContext.attention`), not in code, so the body is one layer that
     picks its kind's Context by index: compile time is one layer's at any depth and any
-    pattern. Stacked caches belong to single-kind stacks."""
+    pattern. Stacked caches belong to single-kind stacks. Shared parameter sets
+    (`layer_sets`) run as a scan over the sets around a scan over each set's block of
+    layers: inside a block the weights are loop-invariant, so the backward pass keeps one
+    copy of each set, not one per layer."""
     names = sorted({k.attention for k in kinds})  # `layer_kinds` varies only the attention
     body_kind = dataclasses.replace(kinds[0], attention=names[0])
     layer = _layer_fn(body_kind, ctx, cfg, remat)
@@ -351,11 +379,28 @@ def _run_scanned(layers: dict, x: jax.Array, kinds: tuple[LayerKind, ...], ctx: 
         h, aux, layer_cache = run(p, h, key, None if kv is None else LayerCache(kv, cross))
         return h, (aux, None if layer_cache is None else layer_cache.kv)
 
-    xs = (layers, keys, None if cache is None else kv_stacked(cache.kv),
-          None if cache is None or cache.cross is None else kv_stacked(cache.cross),
-          ids if len(names) > 1 else None)
-    x, (aux, kv) = jax.lax.scan(body, x, xs)
+    per_layer = (keys, None if cache is None else kv_stacked(cache.kv),
+                 None if cache is None or cache.cross is None else kv_stacked(cache.cross),
+                 ids if len(names) > 1 else None)
+    if sets is None:
+        x, (aux, kv) = jax.lax.scan(body, x, (layers, *per_layer))
+    else:
+        x, (aux, kv) = _scan_blocks(body, x, layers, per_layer, len(kinds) // (sets[-1] + 1))
     return x, jnp.mean(aux), None if cache is None else cache._replace(kv=kv)
+
+
+def _scan_blocks(body: Callable, x: jax.Array, layers: dict, per_layer: tuple, block: int):
+    """`lax.scan(body, x, (p, *per_layer))` over layers that run their parameter sets
+    [n, ...] in blocks of `block` consecutive layers: a scan over the sets whose body scans
+    its block with p fixed. per_layer: [L, ...] leaves (keys, caches, kind ids) or None."""
+    blocked = jax.tree.map(lambda a: a.reshape(-1, block, *a.shape[1:]), per_layer)
+
+    def run_block(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+        p, rest = xs
+        return jax.lax.scan(lambda h_, r: body(h_, (p, *r)), h, rest, length=block)
+
+    x, out = jax.lax.scan(run_block, x, (layers, blocked))
+    return x, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
 
 
 def split_layers(layers: dict) -> tuple[dict, ...]:
@@ -455,11 +500,15 @@ def cached_context(p_stack: dict, cfg: Config, positions: jax.Array, valid: jax.
 
 def embed_for_stack(p_stack: dict, x: jax.Array, positions: jax.Array, cfg: Config,
                     key: jax.Array | None = None) -> jax.Array:
-    """Token embeddings [B, T, D] -> stack input: absolute positions, embedding norm, dropout."""
+    """Token embeddings [B, T, E] -> stack input [B, T, D]: absolute positions, embedding
+    norm, dropout, and the projection to d_model of factorised embeddings (E = embed_dim)."""
     x = add_positions(p_stack, x, positions, cfg)
     if "embed_norm" in p_stack:
         x = apply_norm(p_stack["embed_norm"], x, cfg)
-    return dropout(x, cfg.dropout, key)
+    x = dropout(x, cfg.dropout, key)
+    if "embed_proj" in p_stack:
+        x = dense(x, p_stack["embed_proj"], cfg.matmul)
+    return x
 
 
 def cached_positions(cache: Cache, valid: jax.Array | None, length: int) -> jax.Array:
