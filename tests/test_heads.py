@@ -245,8 +245,13 @@ def test_refusals(saved, tmp_path):
     test_hf._edit_config(bad, id2label={"0": "a", "1": "b"})  # the classifier has 3 rows
     with pytest.raises(ValueError, match=r"2 labels in id2label.*'classifier.weight' has shape \(3, 32\)"):
         zoo.heads.load_hf(bad, cfg)
-    with pytest.raises(ValueError, match=r"a qa head has 2 outputs \(start, end\), got num_labels=3"):
-        zoo.heads.init(cfg, jax.random.key(0), num_labels=3, kind="qa")
+    with pytest.raises(ValueError, match=r"num_labels must be >= 1, got 0"):
+        zoo.heads.init(cfg, jax.random.key(0), num_labels=0)
+    qa3 = zoo.heads.init(cfg, jax.random.key(0), num_labels=3, kind="qa")  # id2label only, as transformers
+    assert qa3.outputs == 2 and qa3.params["out"]["kernel"].shape == (cfg.d_model, 2)
+    with pytest.raises(ValueError, match=r"BertForQuestionAnswering has one qa_outputs row per label, so it "
+                                         r"holds 2 labels \(start, end\); the head has 3"):
+        zoo.save_hf(cfg, params, tmp_path / "qa3", head=qa3)
     with pytest.raises(ValueError, match=r"problem_type must be one of"):
         zoo.heads.init(cfg, jax.random.key(0), num_labels=3, problem_type="ranking")
     # apply: a mask of the wrong shape.

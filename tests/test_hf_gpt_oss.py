@@ -51,7 +51,8 @@ def test_parity_and_round_trip(built, tmp_path):
     assert check_parity_and_round_trip(model, tmp_path) <= TOL  # on 24 > WINDOW tokens
 
 
-@pytest.mark.parametrize("num_beams", [1, 4])
+# Greedy runs with -m slow (CI time): the 4-beam check runs greedy decoding too (to pick its EOS).
+@pytest.mark.parametrize("num_beams", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_generate_matches_transformers(built, num_beams):
     """As test_generate.test_matches_transformers_generate: greedy and 4-beam token for token
     through the cache (sinks over the ring of the sliding layer and the full cache of the

@@ -88,7 +88,8 @@ class Head:
 
     params: {"out": {"kernel": [D, L], "bias"?: [L]}, "dense"?: {"kernel": [D, D], "bias"?},
     "norm"?: {...}}; kind: one of KINDS; labels: the name of each label in id order (HF
-    `id2label`; qa: 2 entries, start and end); problem_type: one of PROBLEM_TYPES (the loss
+    `id2label`; a qa head keeps them too, as transformers' config does, but always has 2
+    outputs, start and end); problem_type: one of PROBLEM_TYPES (the loss
     transformers trains it with); recipe: `Recipe`; dropout: the rate before the output
     projection; pad_id: the pad token id a "last"-pooling head skips (None: the checkpoint has
     none, so, as transformers, it scores the last position of a single row).
@@ -111,6 +112,15 @@ class Head:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    @property
+    def outputs(self) -> int:
+        """The output projection's width: num_labels, or 2 (start, end) for qa."""
+        return outputs(self.kind, self.num_labels)
+
+
+def outputs(kind: str, num_labels: int) -> int:
+    return 2 if kind == "qa" else num_labels
+
 
 jax.tree_util.register_dataclass(Head, data_fields=["params"],
                                  meta_fields=["kind", "labels", "problem_type", "recipe", "dropout", "pad_id"])
@@ -120,8 +130,6 @@ def check(kind: str, num_labels: int, problem_type: str, recipe: Recipe, where: 
     """ValueError naming what zoo does not support: kind, label count, problem type, recipe."""
     if kind not in KINDS:
         raise ValueError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
-    if kind == "qa" and num_labels != 2:
-        raise ValueError(f"{where}: a qa head has 2 outputs (start, end), got num_labels={num_labels}")
     if num_labels < 1:
         raise ValueError(f"{where}: num_labels must be >= 1, got {num_labels}")
     if problem_type not in PROBLEM_TYPES:
@@ -139,15 +147,15 @@ def default_problem_type(num_labels: int) -> str:
     return "regression" if num_labels == 1 else "single_label_classification"
 
 
-def spec(cfg: Config, num_labels: int, recipe: Recipe) -> Spec:
-    """The head's parameter declarations (one `Param` per tensor)."""
+def spec(cfg: Config, num_outputs: int, recipe: Recipe) -> Spec:
+    """The head's parameter declarations (one `Param` per tensor); num_outputs: `Head.outputs`."""
     std = init_std(cfg, "dense", cfg.d_model)
     out: Spec = {}
     if recipe.act is not None:
         out["dense"] = dense_spec(cfg.d_model, cfg.d_model, ("embed", "mlp"), recipe.dense_bias, std)
     if recipe.norm:
         out["norm"] = norm_spec(cfg)
-    out["out"] = dense_spec(cfg.d_model, num_labels, ("embed", None), recipe.bias, std)
+    out["out"] = dense_spec(cfg.d_model, num_outputs, ("embed", None), recipe.bias, std)
     return out
 
 
@@ -164,7 +172,8 @@ def default_recipe(cfg: Config, kind: str) -> Recipe:
 def init(cfg: Config, key: jax.Array, num_labels: int = 2, kind: str = "sequence", *,
          labels: tuple[str, ...] | None = None, problem_type: str | None = None,
          dropout: float | None = None, model_type: str | None = None) -> Head:
-    """A random head of `kind` with `num_labels` outputs (qa: 2, start and end).
+    """A random head of `kind` with `num_labels` outputs (qa: always 2, start and end; its
+    num_labels only sizes the config's id2label, as in transformers' generic QA classes).
 
     labels: label names in id order (default "LABEL_i", as transformers); problem_type:
     default "regression" for one label, else "single_label_classification"; dropout: default
@@ -187,7 +196,7 @@ def init(cfg: Config, key: jax.Array, num_labels: int = 2, kind: str = "sequence
     check(kind, num_labels, problem_type, recipe, "heads.init")
     if dropout is None:
         dropout = cfg.dropout if fmt is None or fmt.dropout else 0.0
-    params = materialize(spec(cfg, num_labels, recipe), key, jnp.dtype(cfg.param_dtype))
+    params = materialize(spec(cfg, outputs(kind, num_labels), recipe), key, jnp.dtype(cfg.param_dtype))
     return Head(params, kind, labels, problem_type, recipe, float(dropout),
                 cfg.pad_id if recipe.pool == "last" else None)
 
@@ -240,9 +249,9 @@ def _check_inputs(head: Head, hidden: jax.Array, mask: jax.Array | None, tokens:
     check_mask("mask", mask, "out.hidden[:, :, 0]", like)
     check_same_shape("tokens", tokens, "out.hidden[:, :, 0]", like)
     kernel = head.params["out"]["kernel"]
-    if tuple(kernel.shape) != (hidden.shape[-1], head.num_labels):
+    if tuple(kernel.shape) != (hidden.shape[-1], head.outputs):
         raise ValueError(f"heads.apply: head.params['out']['kernel'] has shape {tuple(kernel.shape)}, "
-                         f"expected (d_model={hidden.shape[-1]}, num_labels={head.num_labels})")
+                         f"expected (d_model={hidden.shape[-1]}, {head.outputs} outputs of this {head.kind} head)")
 
 
 def _pool(head: Head, out: Output, mask: jax.Array | None, tokens: jax.Array | None) -> jax.Array:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from zoo.config import Config
-from zoo.heads import KINDS, Head, Recipe, check, default_problem_type, spec
+from zoo.heads import KINDS, Head, Recipe, check, default_problem_type, outputs, spec
 from zoo.hf.files import open_weights
 from zoo.hf.keymap import Rule, flatten, read_params, rule, unflatten, write_params
 
@@ -34,7 +34,8 @@ class HeadFormat(NamedTuple):
     when it is not the model type's (LlamaForQuestionAnswering: "transformer."); dropout: the
     config fields holding the classifier dropout rate, the first one set wins (() = none);
     read(config) -> recipe fields the config chooses; write(head) -> the config fields that
-    choose them (both None when the recipe is fixed).
+    choose them (both None when the recipe is fixed); qa_by_labels: a QA class whose
+    qa_outputs has num_labels rows (BERT's), so it holds only 2 labels.
     """
 
     arch: str
@@ -45,6 +46,7 @@ class HeadFormat(NamedTuple):
     dropout: tuple[str, ...] = ()
     read: Callable[[dict], dict] | None = None
     write: Callable[[Head], dict] | None = None
+    qa_by_labels: bool = False
 
     @property
     def out_key(self) -> str:
@@ -72,7 +74,7 @@ def encoder_heads(arch: str, recipe: Recipe, modules: dict[str, str] | None = No
                        modules or {"out": "classifier"}, dropout=dropout),
             HeadFormat(f"{arch}ForTokenClassification", "token", Recipe(), {"out": "classifier"},
                        dropout=dropout),
-            HeadFormat(f"{arch}ForQuestionAnswering", "qa", Recipe(), {"out": "qa_outputs"}))
+            HeadFormat(f"{arch}ForQuestionAnswering", "qa", Recipe(), {"out": "qa_outputs"}, qa_by_labels=True))
 
 
 def decoder_heads(arch: str, kinds: tuple[str, ...] = KINDS, qa_base: str | None = "transformer.") -> tuple[HeadFormat, ...]:
@@ -205,7 +207,7 @@ def load(path: str | os.PathLike, cfg: Config) -> Head:
         problem_type = d.get("problem_type") or default_problem_type(len(labels))
         check(fmt.kind, len(labels), problem_type, recipe, f"heads.load_hf: {where} ({fmt.arch})")
         _check_pooler(fmt, recipe, cfg, "heads.load_hf")
-        shapes = {p: s.shape for p, s in flatten(spec(cfg, len(labels), recipe)).items()}
+        shapes = {p: s.shape for p, s in flatten(spec(cfg, outputs(fmt.kind, len(labels)), recipe)).items()}
 
         def get(key: str) -> np.ndarray:
             if not weights.has(key):
@@ -244,6 +246,9 @@ def write(head: Head, cfg: Config, model_type: Any, hf: dict,
         raise ValueError(f"save_hf: a {fmt.arch} computes {recipe}, the head {head.recipe} "
                          f"(zoo.heads.init(cfg, key, ..., model_type={model_type.name!r}) makes its head)")
     _check_pooler(fmt, recipe, cfg, "save_hf")
+    if fmt.qa_by_labels and head.num_labels != 2:
+        raise ValueError(f"save_hf: a {fmt.arch} has one qa_outputs row per label, so it holds 2 labels "
+                         f"(start, end); the head has {head.num_labels}")
     if head.dropout and not fmt.dropout:
         raise ValueError(f"save_hf: a {fmt.arch} has no classifier dropout, head.dropout={head.dropout}")
     _check_params(head, cfg)
@@ -262,10 +267,10 @@ def write(head: Head, cfg: Config, model_type: Any, hf: dict,
 
 
 def _check_params(head: Head, cfg: Config) -> None:
-    want = {p: s.shape for p, s in flatten(spec(cfg, head.num_labels, head.recipe)).items()}
+    want = {p: s.shape for p, s in flatten(spec(cfg, head.outputs, head.recipe)).items()}
     got = {p: tuple(a.shape) for p, a in flatten(head.params).items()}
     if got != want:
-        raise ValueError(f"save_hf: head.params do not match its recipe and {head.num_labels} labels: "
+        raise ValueError(f"save_hf: head.params do not match its recipe and {head.outputs} outputs: "
                          f"got {got}, expected {want}")
 
 
