@@ -50,8 +50,8 @@ _PROBLEMS = [("single_label_classification", ["neg", "neu", "pos"]),
 
 
 def _head_kwargs(name: str, kind: str) -> dict:
-    if kind == "qa":
-        return {}
+    if kind == "qa":  # the generic (decoder) classes keep any id2label and 2 outputs; BERT's needs 2 labels
+        return {} if name in ("bert", "roberta") else dict(id2label={0: "a", 1: "b", 2: "c"})
     if kind == "token":
         problem, labels = "single_label_classification", ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     else:
