@@ -39,7 +39,7 @@ def built(tmp_path_factory):
 
 def test_parity_and_round_trip(built, tmp_path):
     model, _, cfg, params = built
-    assert (cfg.attn_sinks, cfg.router_bias, cfg.attn_bias, cfg.mlp_bias, cfg.swiglu_limit) == (True, True, True, True, 0.5)
+    assert cfg.attn_sinks and cfg.router_bias and cfg.attn_bias and cfg.mlp_bias and cfg.swiglu_limit == 0.5
     assert cfg.layer_pattern == ("local", "global") and cfg.sliding_window == WINDOW
     assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_max_len, cfg.rope_truncate) == (
         "yarn", 32.0, 4096, False)
