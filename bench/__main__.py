@@ -1,4 +1,5 @@
 """`python -m bench train|decode|encode [--family F] [--vs hf|hf-flax] [--json out.json]`
+(`python -m bench moe ...`: bench/moe.py)
 
 Prints a table and writes JSON rows: bench, family, tokens_per_s, mfu (and with --vs: peer,
 peer_tokens_per_s, ratio = zoo / peer; decode rows: bound_tokens_per_s). Ceilings (matmul
@@ -145,6 +146,11 @@ def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["moe"]:  # its own options (bench/moe.py)
+        from bench import moe
+
+        return moe.main(argv[1:])
     args = parser().parse_args(argv)
     rows = run(args)
     r = rows[0]

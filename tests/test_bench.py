@@ -161,3 +161,19 @@ def test_packed_encode_inputs_give_the_padded_hidden_states():
     assert max(map(len, padded)) > 2 * cfg.sliding_window  # windows cut documents on both sides
     for doc, h in padded.items():
         np.testing.assert_allclose(packed[doc], h, atol=1e-5)
+
+
+def test_moe_rows_compare_expert_counts_and_dispatches(tmp_path, capsys):
+    """`python -m bench moe` at tiny sizes: a layer row per (dispatch, expert count) with its
+    time against the fewest experts, and the Mixtral-style decoder trained sparse and dense."""
+    out = tmp_path / "moe.json"
+    assert bench_cli.main(["moe", "--d-model", "32", "--d-ff", "32", "--batch-size", "2", "--seq-len", "8",
+                           "--layers", "1", "--vocab", "128", "--iters", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    layer = [(r["dispatch"], r["experts"]) for r in rows if r["bench"] == "moe_layer"]
+    assert layer == [("sparse", 4), ("sparse", 32), ("dense", 4), ("dense", 32)]
+    assert all(r["seconds"] > 0 and r["vs_fewest"] > 0 for r in rows if r["bench"] == "moe_layer")
+    assert rows[0]["kernel"] == "tiles"  # auto on a CPU
+    train = [r for r in rows if r["bench"] == "moe_train"]
+    assert [r["dispatch"] for r in train] == ["sparse", "dense"] and all(r["tokens_per_s"] > 0 for r in train)
+    assert "| moe_layer" in capsys.readouterr().out
