@@ -60,6 +60,8 @@ def test_replace_validates():
     (dict(qk_rope_head_dim=4), "qk_rope_head_dim"),  # an MLA field without kv_lora_rank
     (dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=3, attn_bias=False), "qk_rope_head_dim"),
     (dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4), "attn_bias"),  # MLA has no biases
+    (dict(attn_sinks=1), "attn_sinks"),
+    (dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, attn_bias=False, attn_sinks=True), "attn_sinks"),
 ])
 def test_invalid_fields_name_the_field(changes, field):
     base = dict(family="decoder", vocab_size=100, d_model=32, num_layers=1, num_heads=4, d_ff=64,
