@@ -44,14 +44,17 @@ ALL = [(name, kind) for name, (arch, _) in _BODIES.items() for kind in _SUFFIX
 # decoder's QA body under "transformer."); the others with -m slow.
 FAST = {("bert", "sequence"), ("roberta", "sequence"), ("llama", "sequence"), ("roberta", "token"),
         ("llama", "qa")}
+# The types whose QA class is transformers' GenericForQuestionAnswering (2 outputs whatever
+# num_labels is); the encoders' size qa_outputs by num_labels.
+_GENERIC_QA = {"llama", "mistral", "mixtral", "qwen2", "qwen3"}
 # A label set per head, problem types rotated over the sequence heads.
 _PROBLEMS = [("single_label_classification", ["neg", "neu", "pos"]),
              ("multi_label_classification", ["sport", "art", "tech", "food"]), ("regression", ["score"])]
 
 
 def _head_kwargs(name: str, kind: str) -> dict:
-    if kind == "qa":  # the generic (decoder) classes keep any id2label and 2 outputs; BERT's needs 2 labels
-        return {} if name in ("bert", "roberta") else dict(id2label={0: "a", 1: "b", 2: "c"})
+    if kind == "qa":  # transformers' generic QA classes keep any id2label and 2 outputs; BERT's needs 2 labels
+        return dict(id2label={0: "a", 1: "b", 2: "c"}) if name in _GENERIC_QA else {}
     if kind == "token":
         problem, labels = "single_label_classification", ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     else:
