@@ -25,7 +25,7 @@ How each Hugging Face class reads the body, as zoo's `Recipe`:
 Adding a model type's heads (zoo/hf/heads.py has the pieces): give its `ModelType` a
 `heads=` tuple of `zoo.hf.heads.HeadFormat`s, one per transformers class, e.g.
 
-    heads=encoder_heads("Bert", pooled=True)                     # zoo/hf/bert.py
+    heads=encoder_heads("Bert", Recipe(pool="pooled"))           # zoo/hf/bert.py
     heads=decoder_heads("Llama")                                 # zoo/hf/llama.py
     heads=(HeadFormat("DistilBertForSequenceClassification", "sequence",
                       Recipe(pool="first", act="relu"),
@@ -34,16 +34,17 @@ Adding a model type's heads (zoo/hf/heads.py has the pieces): give its `ModelTyp
 
 A format names the HF module of each head part ("out", "dense", "norm"; ".weight"/".bias"
 are appended), the recipe, where the class keeps the body when not at the type's prefix
-(`base`), the config fields holding its dropout rate, and optional hooks that read recipe
-fields from / write them to the config (ModernBERT's `classifier_pooling`). tests/test_heads.py
-checks each (type, kind) against transformers: add the type to its CASES.
+(`base`), the config fields holding its dropout rate, whether its QA output has a row per
+label (`qa_by_labels`, BERT-shaped classes) and optional hooks that read recipe fields from /
+write them to the config (ModernBERT's `classifier_pooling`). tests/test_heads.py checks each
+(type, kind) transformers has a class for against it: add the type's body to its `_BODIES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
