@@ -9,6 +9,7 @@ The helpers are test_hf's.
 
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,3 +105,54 @@ def test_unsupported_config_field(saved, tmp_path, changes, message):
     _edit_config(tmp_path, **changes)
     with pytest.raises(ValueError, match=message):
         zoo.load_hf(tmp_path)
+
+
+# --- task heads -------------------------------------------------------------------------------
+# (kind, class, config): mean pooling (a sequence head of its own recipe) with a biased
+# tanh-GELU head; QA with the default cls recipe. test_heads runs every class (-m slow).
+HEADS = {"sequence": ("ModernBertForSequenceClassification",
+                      dict(classifier_pooling="mean", classifier_bias=True, classifier_activation="gelu_pytorch_tanh",
+                           id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})),
+         "qa": ("ModernBertForQuestionAnswering", {})}
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_heads_parity_and_round_trip(kind, tmp_path):
+    """zoo.heads.load_hf reads the head (its ModernBertPredictionHead, pooling and classifier)
+    within TOL of transformers on a padded batch longer than the window, and save_hf writes the
+    same class back."""
+    from test_heads import LENGTHS, hf_logits, zoo_logits
+    from test_hf import _batch
+
+    arch, config = HEADS[kind]
+    torch.manual_seed(0)
+    model = _perturbed(getattr(transformers, arch)(transformers.ModernBertConfig(**SHAPE, **config)).eval())
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = zoo.load_hf(tmp_path / "hf")
+    head = zoo.heads.load_hf(tmp_path / "hf", cfg)
+    assert not cfg.mlm_transform and head.kind == kind and head.recipe.norm
+    tokens, mask = _batch(cfg, (24,) + LENGTHS[1:])
+    ref = hf_logits(model, tokens, mask, kind)
+    got = zoo_logits(params, cfg, head, tokens, mask)
+    valid = slice(None) if kind == "sequence" else mask
+    assert np.abs(got[valid] - ref[valid]).max() <= TOL
+
+    zoo.save_hf(cfg, params, tmp_path / "zoo", head=head)
+    back = getattr(transformers, arch).from_pretrained(tmp_path / "zoo").eval()
+    np.testing.assert_allclose(hf_logits(back, tokens, mask, kind)[valid], ref[valid], atol=1e-6, rtol=0)
+    assert back.config.classifier_pooling == model.config.classifier_pooling
+
+
+def test_an_mlm_body_saves_with_a_task_head_without_its_mlm_head(saved, tmp_path):
+    """ModernBERT's task classes keep their head under the MLM head's names (head.*): the
+    export of an MLM body with a fresh head holds the task head alone."""
+    cfg, params = zoo.load_hf(saved)
+    assert cfg.mlm_transform
+    head = zoo.heads.init(cfg, jax.random.key(0), num_labels=2, kind="token")
+    zoo.save_hf(cfg, params, tmp_path, head=head)
+    cfg2, params2 = zoo.load_hf(tmp_path)
+    assert cfg2 == cfg.replace(mlm_transform=False, logits_bias=False)
+    np.testing.assert_array_equal(params2["encoder"]["first_layer"]["attn"]["q"],
+                                  params["encoder"]["first_layer"]["attn"]["q"])
+    head2 = zoo.heads.load_hf(tmp_path, cfg2)
+    np.testing.assert_array_equal(head2.params["dense"]["kernel"], head.params["dense"]["kernel"])

@@ -263,6 +263,11 @@ def write(head: Head, cfg: Config, model_type: Any, hf: dict,
               label2id={name: i for i, name in enumerate(head.labels)}, problem_type=head.problem_type,
               **config)
     flat = {p: np.asarray(jax.device_get(a)) for p, a in flatten(head.params).items()}
+    # A class whose head takes the LM head's names (ModernBERT's head.*) holds no LM head:
+    # the body is written without it.
+    lm = {r.hf for r in model_type.rules if r.zoo[0].split("/")[0] in ("mlm", "head")}
+    if lm & {r.hf for r in fmt.rules()}:
+        body = ((key, a) for key, a in body if key not in lm)
     return chain(_rebase(body, model_type.prefix, fmt.base), write_params(flat, fmt.rules(), cfg))
 
 

@@ -13,6 +13,10 @@ Differences from BERT that the map carries:
   (`Config.first_attn_norm=False`, the stack's `first_layer`).
 - The MLM head is dense (bias as `classifier_bias`) -> activation -> LayerNorm -> the tied
   decoder with its own bias (`decoder_bias`).
+- Task heads (sequence, token, QA) run the same dense -> activation -> LayerNorm under the same
+  names (`head.*`), then dropout and `classifier`; sequence heads first pool the first token
+  or the mean over real tokens (`classifier_pooling`). A checkpoint with a `classifier` has
+  no MLM head.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 from zoo.config import ACTIVATIONS, Config
-from zoo.hf.common import (ModelType, Unsupported, activation, expect, head_is_tied, hf_activation,
+from zoo.hf.common import (ModelType, Unsupported, activation, expect, head_is_tied,
                            layer_pattern, positive, read_layer_kinds, require, special_ids,
                            write_layer_types, write_special_ids)
+from zoo.hf.heads import HeadFormat, Recipe
 from zoo.hf.keymap import Rule, rule
 
 _NAME = "modernbert"
@@ -104,7 +109,7 @@ def _read(d: dict, weights: Any) -> Config:
     require(isinstance(local, int) and local >= 0, _NAME, "local_attention",
             f"expected a non-negative int, got {local!r}")
     act = activation(d.get("hidden_activation", "gelu"), _NAME, "hidden_activation", gated=True)
-    has_mlm = weights.has("head.dense.weight")
+    has_mlm = weights.has("head.dense.weight") and not weights.has("classifier.weight")
     if has_mlm:
         head_act = activation(d.get("classifier_activation", "gelu"), _NAME, "classifier_activation")
         require(head_act == ACTIVATIONS[act][0], _NAME, "classifier_activation",
@@ -135,8 +140,7 @@ def _write(cfg: Config) -> dict:
                           f"(Config.logits_bias=True needs mlm_transform=True)")
     local_theta = cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta
     window = cfg.sliding_window if cfg.sliding_window is not None else 65  # unused without local layers
-    act = hf_activation(cfg)
-    act = "gelu_pytorch_tanh" if act == "gelu_new" else act  # the tanh GELU ModernBERT configs name
+    act = _hf_act(ACTIVATIONS[cfg.activation][0])
     return {
         "architectures": ["ModernBertForMaskedLM" if cfg.mlm_transform else "ModernBertModel"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
@@ -154,5 +158,41 @@ def _write(cfg: Config) -> dict:
     }
 
 
+def _hf_act(name: str) -> str:
+    """A zoo elementwise activation as ModernBERT configs name it (tanh GELU: gelu_pytorch_tanh)."""
+    return {"gelu_tanh": "gelu_pytorch_tanh"}.get(name, name)
+
+
+# --- task heads: ModernBertPredictionHead (dense, act, norm) then classifier ------------------
+_POOLS = {"cls": "first", "mean": "mean"}
+
+
+def _read_head(d: dict, sequence: bool) -> dict:
+    """The recipe fields a ModernBERT config chooses (classifier_pooling for sequence heads)."""
+    out = dict(act=activation(d.get("classifier_activation", "gelu"), _NAME, "classifier_activation"),
+               dense_bias=bool(d.get("classifier_bias", False)))
+    if sequence:
+        pooling = d.get("classifier_pooling", "cls")
+        require(pooling in _POOLS, _NAME, "classifier_pooling",
+                f"value {pooling!r} is not supported by zoo (supported: {list(_POOLS)})")
+        out["pool"] = _POOLS[pooling]
+    return out
+
+
+def _write_head(head: Any) -> dict:
+    out = {"classifier_activation": _hf_act(head.recipe.act), "classifier_bias": head.recipe.dense_bias}
+    if head.kind == "sequence":
+        out["classifier_pooling"] = {zoo: hf for hf, zoo in _POOLS.items()}.get(head.recipe.pool, head.recipe.pool)
+    return out
+
+
+_HEAD = {"dense": "head.dense", "norm": "head.norm", "out": "classifier"}
+_HEADS = tuple(HeadFormat(f"ModernBertFor{cls}", kind, Recipe(pool="first", act="gelu", dense_bias=False, norm=True),
+                          _HEAD, dropout=("classifier_dropout",),
+                          read=lambda d, seq=kind == "sequence": _read_head(d, seq), write=_write_head,
+                          qa_by_labels=kind == "qa")  # the classifier has a row per label
+               for cls, kind in (("SequenceClassification", "sequence"), ("TokenClassification", "token"),
+                                 ("QuestionAnswering", "qa")))
+
 MODERNBERT = ModelType(_NAME, "encoder", _read, _write, _rules(), prefix="model.",
-                       ignore=(r"rotary_emb\.",))
+                       ignore=(r"rotary_emb\.",), heads=_HEADS)
