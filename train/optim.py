@@ -39,6 +39,11 @@ class Hparams:
                                NON_NEGATIVE)
     z_loss: float = setting(0.0, "weight of the z-loss, mean(logsumexp(logits)^2)", NON_NEGATIVE)
     aux_weight: float = setting(0.01, "weight of the MoE load-balancing loss", NON_NEGATIVE)
+    score_bias_rate: float = setting(0.0, "DeepSeek-V3's aux-loss-free balancing: after each step "
+                                     "every MoE layer's selection bias (Config.router_score_bias) "
+                                     "moves by this rate times sign(mean load - expert load), "
+                                     "outside the gradient (train/balance.py); 0: it stays",
+                                     NON_NEGATIVE)
     accum_steps: int = setting(1, "micro-batches per step: the batch is split k ways and "
                                "scanned, which gives the update of one big batch", POSITIVE_INT)
     remat: bool | str = setting(

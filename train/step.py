@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import zoo
-from train import loss
+from train import balance, loss
 from train.optim import Hparams, make_optimizer, schedule
 
 Batch = dict[str, jax.Array]
@@ -183,8 +183,10 @@ def _update(state: TrainState, grads: Any, sums: dict[str, jax.Array],
     """The optimizer update from the batch's gradients, and the step's metrics from its
     summed statistics (`sums` and `tokens` cover the whole global batch)."""
     tx = make_optimizer(state.cfg, state.hp)
+    grads, loads = balance.split_loads(grads)  # MoE selection biases move outside the gradient
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = balance.update_score_bias(optax.apply_updates(state.params, updates), loads,
+                                       state.hp.score_bias_rate)
     w = jnp.maximum(sums["weight"], 1.0)
     metrics = {"loss": sums["ce"] / w, "accuracy": sums["correct"] / w, "z_loss": sums["z"] / w,
                "aux_loss": sums["aux"], "grad_norm": optax.tree.norm(grads),

@@ -116,6 +116,20 @@ def _limit_groups(choice: jax.Array, cfg: Config) -> jax.Array:
     return jnp.where(keep[..., None], grouped, -jnp.inf).reshape(choice.shape)
 
 
+@jax.custom_vjp
+def load_probe(score_bias: jax.Array, load: jax.Array) -> jax.Array:
+    """A scalar 0 whose "gradient" with respect to score_bias [E] is load [E]: added to the
+    balance loss, it carries each layer's expert load out of the forward in the gradient of
+    its score_bias (which the router's choice does not differentiate), where the training
+    option `train.balance` reads it and moves the bias (DeepSeek-V3's aux-loss-free
+    balancing) instead of the optimizer."""
+    return jnp.zeros((), jnp.float32)
+
+
+load_probe.defvjp(lambda bias, load: (jnp.zeros((), jnp.float32), load),
+                  lambda load, _: (load, jnp.zeros_like(load)))
+
+
 def expert_load(chosen: jax.Array, num_experts: int) -> jax.Array:
     """chosen [..., k] -> [E] fp32: the share of the routed slots each expert got (sums to 1)."""
     counts = jnp.zeros((num_experts,), jnp.float32).at[chosen.reshape(-1)].add(1.0)
@@ -150,7 +164,10 @@ def apply_moe(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]
     y = dispatch(p, x, r, cfg)
     if "shared" in p:
         y = y + apply_mlp(p["shared"], x, cfg)
-    return y, balance_loss(r.scores, r.chosen, cfg.num_experts)
+    aux = balance_loss(r.scores, r.chosen, cfg.num_experts)
+    if "score_bias" in p:
+        aux = aux + load_probe(p["score_bias"], expert_load(r.chosen, cfg.num_experts))
+    return y, aux
 
 
 def _dense(p: dict, x: jax.Array, r: Routing, cfg: Config) -> jax.Array:
