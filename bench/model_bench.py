@@ -96,14 +96,14 @@ def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: flo
 def encode_inputs(cfg: zoo.Config, batch: int, seq_len: int, padding: float = 0.0, packed: bool = False,
                   seed: int = 0) -> dict[str, np.ndarray]:
     """Encoder inputs of `batch` documents of random lengths averaging (1 - padding) * seq_len
-    (all seq_len when padding is 0): one per row, right-padded (tokens, mask: [batch,
+    exactly (pairs of lengths mean +- d): one per row, right-padded (tokens, mask: [batch,
     seq_len]); or packed: the same documents first-fit into as few rows of seq_len as hold
     them, with segment_ids and positions restarting per document, so no row spends work on
     the padding the first layout carries."""
     rng = np.random.default_rng(seed)
     mean = round((1.0 - padding) * seq_len)
-    half = min(mean - 1, seq_len - mean)
-    lengths = rng.integers(mean - half, mean + half + 1, batch) if padding else np.full(batch, seq_len)
+    d = rng.integers(0, min(mean - 1, seq_len - mean) + 1, batch // 2)
+    lengths = rng.permutation(np.concatenate([mean + d, mean - d, [mean] * (batch % 2)])).astype(int)
     docs = [rng.integers(3, cfg.vocab_size, n).astype(np.int32) for n in lengths]
     bins: list[list[np.ndarray]] = []
     for doc in (sorted(docs, key=len, reverse=True) if packed else docs):
