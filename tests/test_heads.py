@@ -19,6 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import test_hf
+import test_hf_albert_distilbert
 import test_hf_gemma
 import test_hf_modernbert
 import test_hf_qwen_phi
@@ -34,7 +35,9 @@ _BODIES = {"bert": ("Bert", test_hf.CASES["bert"]), "roberta": ("Roberta", test_
            "qwen3": ("Qwen3", test_hf_qwen_phi.CASES["qwen3"]), "phi3": ("Phi3", test_hf_qwen_phi.CASES["phi3"]),
            "gemma2": ("Gemma2", test_hf_gemma.CASES["gemma2"]),
            "gemma3_text": ("Gemma3Text", test_hf_gemma.CASES["gemma3_text"]),
-           "modernbert": ("ModernBert", ("ModernBertConfig", test_hf_modernbert.SHAPE))}
+           "modernbert": ("ModernBert", ("ModernBertConfig", test_hf_modernbert.SHAPE)),
+           "albert": ("Albert", test_hf_albert_distilbert.CASES["albert"]),
+           "distilbert": ("DistilBert", test_hf_albert_distilbert.CASES["distilbert"])}
 _SUFFIX = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification",
            "qa": "ForQuestionAnswering"}
 # Every head class transformers has for a zoo type.
@@ -43,7 +46,7 @@ ALL = [(name, kind) for name, (arch, _) in _BODIES.items() for kind in _SUFFIX
 # One check per kind runs by default (and the BERT-style pooler, RoBERTa's own dense, a
 # decoder's QA body under "transformer."); the others with -m slow.
 FAST = {("bert", "sequence"), ("roberta", "sequence"), ("llama", "sequence"), ("roberta", "token"),
-        ("llama", "qa")}
+        ("llama", "qa"), ("albert", "sequence"), ("distilbert", "sequence")}
 # The types whose QA class is transformers' GenericForQuestionAnswering (2 outputs whatever
 # num_labels is); the encoders' size qa_outputs by num_labels.
 _GENERIC_QA = {"llama", "mistral", "mixtral", "qwen2", "qwen3"}

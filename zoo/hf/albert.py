@@ -8,6 +8,9 @@
   int(i / (num_hidden_layers / num_hidden_groups)) (zoo: `Config.shared_layers`, whose
   stacked `layers` hold one set per group, HF's `albert_layer_groups.{i}`). zoo takes
   groups that divide the depth, and `inner_group_num` 1 (one layer per group).
+
+Task heads as BERT's: the sequence classifier reads the pooler, the token classifier every
+position, both after `classifier_dropout_prob`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from zoo.config import Config
 from zoo.hf.common import (ModelType, Unsupported, activation, dropout_of, expect, head_is_tied,
                            hf_activation, positive, require, special_ids, write_special_ids)
+from zoo.hf.heads import Recipe, encoder_heads
 from zoo.hf.keymap import Rule, rule
 
 _NAME = "albert"
@@ -111,4 +115,5 @@ def _write(cfg: Config) -> dict:
 ALBERT = ModelType(
     _NAME, "encoder", _read, _write, _rules(), prefix="albert.",
     # The decoder's bias is predictions.bias; the SOP classifier belongs to pre-training.
-    ignore=(r"position_ids$", r"token_type_ids$", r"^predictions\.decoder\.bias$", r"^sop_classifier\."))
+    ignore=(r"position_ids$", r"token_type_ids$", r"^predictions\.decoder\.bias$", r"^sop_classifier\."),
+    heads=encoder_heads("Albert", Recipe(pool="pooled"), dropout=("classifier_dropout_prob", "hidden_dropout_prob")))

@@ -4,6 +4,10 @@ or pooler, its LayerNorms at eps 1e-12 (fixed in transformers' code, not in the 
 `sinusoidal_pos_embds` only chooses how transformers initialises the position table; the
 table is stored in the checkpoint either way, and zoo reads it as a learned table (saved
 back with the flag false: the same numbers). Training in zoo updates it like any weight.
+
+Task heads: the sequence classifier reads the first token through `pre_classifier` and a
+ReLU, each head drops out by its own config field before its output projection (the token
+classifier's is the body's `dropout`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 from zoo.config import Config
 from zoo.hf.common import (ModelType, Unsupported, activation, dropout_of, head_is_tied, hf_activation,
                            positive, special_ids, write_special_ids)
+from zoo.hf.heads import HeadFormat, Recipe
 from zoo.hf.keymap import Rule, rule
 
 _NAME = "distilbert"
@@ -82,5 +87,12 @@ def _write(cfg: Config) -> dict:
     }
 
 
+_HEADS = (HeadFormat("DistilBertForSequenceClassification", "sequence", Recipe(pool="first", act="relu"),
+                     {"dense": "pre_classifier", "out": "classifier"}, dropout=("seq_classif_dropout",)),
+          HeadFormat("DistilBertForTokenClassification", "token", Recipe(), {"out": "classifier"},
+                     dropout=("dropout",)),
+          HeadFormat("DistilBertForQuestionAnswering", "qa", Recipe(), {"out": "qa_outputs"},
+                     dropout=("qa_dropout",), qa_by_labels=True))
+
 DISTILBERT = ModelType(_NAME, "encoder", _read, _write, _rules(), prefix="distilbert.",
-                       ignore=(r"position_ids$",))
+                       ignore=(r"position_ids$",), heads=_HEADS)
