@@ -4,7 +4,7 @@ and only those run (`Config.moe_dispatch="sparse"`).
 Routing (`route`): softmax (Mixtral, Qwen3-MoE, gpt-oss, DeepSeek-V2) or sigmoid
 (DeepSeek-V3) scores of the router logits (plus a learned bias, gpt-oss); the top k of the
 scores plus an optional selection-only bias (DeepSeek-V3's aux-loss-free balancing, moved
-by the training option `train.step.update_score_bias`), optionally among the best groups
+by the training option `--score-bias-rate`, train/balance.py), optionally among the best groups
 of experts (group-limited routing); the chosen scores, renormalised or not, times
 `routed_scaling`. Shared experts (DeepSeek) are one dense MLP beside the routed ones.
 
