@@ -41,7 +41,8 @@ from train.step import abstract_state, batch_shardings, jit_step, state_sharding
 
 # name -> preset; the shrink below keeps each preset's layer pattern, window, norms, RoPE
 # and soft-caps, and sets the same widths for every model so that they compare.
-MODELS = {"gemma3": "gemma-3-1b", "gemma2": "gemma-2-2b", "llama": "llama-3.2-1b", "qwen3": "qwen3-0.6b"}
+MODELS = {"gemma3": "gemma-3-1b", "gemma2": "gemma-2-2b", "llama": "llama-3.2-1b", "qwen3": "qwen3-0.6b",
+          "albert": "albert-base-v2"}  # albert: one layer's parameters shared by every layer
 LAYOUTS = {"scan": True, "unrolled": False}
 
 
@@ -120,6 +121,7 @@ def compile_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append({**environment(), "bench": "compile", "model": m, "preset": MODELS[m],
                      "layout": lay, "program": prog, "layers": d,
                      "period": len(_config(args, m, lay, d).layer_pattern) or 1,
+                     "params": zoo.param_count(_config(args, m, lay, d)),
                      "d_model": args.d_model, "vocab": args.vocab, "batch": args.batch_size,
                      "seq_len": args.seq_len, **med, "samples": got})
     return with_ratios(rows, depths)
@@ -174,7 +176,8 @@ def environment() -> dict[str, Any]:
             "jax": jax.__version__}
 
 
-COMPILE_COLUMNS = ("model", "layout", "program", "layers", "period", "trace_s", "compile_s", "total_s", "ratio")
+COMPILE_COLUMNS = ("model", "layout", "program", "layers", "period", "params", "trace_s", "compile_s", "total_s",
+                   "ratio")
 CACHE_COLUMNS = ("preset", "dtype", "length", "global_layers", "local_layers", "window",
                  "mixed_bytes", "all_global_bytes", "ratio")
 
