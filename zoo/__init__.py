@@ -12,4 +12,14 @@ from zoo.presets import preset
 
 __all__ = ["Cache", "Config", "ConfigError", "Inputs", "Output", "apply", "axes", "decoder", "encdec", "encode",
            "encoder", "flops", "forward", "generate", "heads", "init", "init_cache", "load_hf", "nn",
-           "param_count", "preset", "presets", "save_hf", "sharding", "spec", "tokenizer"]
+           "param_count", "preset", "presets", "save_hf", "sharding", "spec", "tokenizer", "nnx", "linen"]
+
+
+def __getattr__(name: str):
+    """`zoo.nnx` and `zoo.linen` (the Flax front doors) import on first use: `import zoo`
+    does not pay for flax.nnx."""
+    if name in ("nnx", "linen"):
+        import importlib
+
+        return importlib.import_module(f"zoo.{name}")
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")

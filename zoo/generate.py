@@ -19,6 +19,7 @@ stop token (`filler`).
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Sequence
 
 import jax
@@ -34,7 +35,8 @@ from zoo.sampling import Sampler, choose
 from zoo.speculative import speculative
 
 
-def generate(params: dict, cfg: Config, prompt: jax.Array, max_new_tokens: int = 64, *,
+def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None = None,
+             max_new_tokens: int = 64, *,
              prompt_mask: jax.Array | None = None, key: jax.Array | None = None,
              temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, num_beams: int = 1, length_penalty: float = 1.0,
@@ -54,7 +56,14 @@ def generate(params: dict, cfg: Config, prompt: jax.Array, max_new_tokens: int =
     cache_len: slots of the KV cache (default: exactly what the call needs; a larger one
     costs memory, never correctness). cache_dtype="int8": quantized cache (per token and head
     scales), about half the memory of a bf16 cache.
+    A `zoo.nnx.Model` may stand for (params, cfg), `generate(model, prompt, 64)`, and for
+    (draft_params, draft_cfg) as draft_params.
     """
+    params, cfg, prompt, max_new_tokens = _unwrap(params, cfg, prompt, max_new_tokens)
+    if _is_module(draft_params):
+        draft_params, draft_cfg = draft_params.params(), draft_cfg or draft_params.cfg
+    if prompt is None:
+        raise TypeError("prompt: missing; call generate(params, cfg, prompt, ...) or generate(model, prompt, ...)")
     _check_model(cfg, "cfg")
     prompt = jnp.asarray(prompt) if isinstance(prompt, np.ndarray) else prompt
     check_tokens("prompt", prompt, cfg)
@@ -121,6 +130,26 @@ def _sample(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array
 
     start = (jnp.ones((), jnp.int32), out, is_stop(first, opts.stop_tokens), cache, key)
     return jax.lax.while_loop(cond, body, start)[1]
+
+
+def _is_module(x: object) -> bool:
+    """A zoo.nnx.Model (only importable once flax.nnx is: a user who built one has it)."""
+    front = sys.modules.get("zoo.nnx")
+    return front is not None and isinstance(x, front.Model)
+
+
+def _unwrap(params: object, cfg: object, prompt: object, max_new_tokens: object) -> tuple:
+    """(params, cfg, prompt, max_new_tokens) of generate(model, prompt, max_new_tokens):
+    the model's arguments sit one place to the left of generate(params, cfg, prompt, ...)."""
+    if not _is_module(params):
+        return params, cfg, prompt, max_new_tokens
+    if isinstance(cfg, Config):
+        raise TypeError("cfg: a zoo.nnx.Model carries its cfg; call generate(model, prompt, ...)")
+    if cfg is None:  # generate(model, prompt=...)
+        return params.params(), params.cfg, prompt, max_new_tokens
+    if prompt is not None:  # generate(model, prompt, n): n landed in the prompt's place
+        max_new_tokens = prompt
+    return params.params(), params.cfg, cfg, max_new_tokens
 
 
 # --- argument checks (static, before tracing) ----------------------------------------------
