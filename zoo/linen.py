@@ -39,6 +39,8 @@ class Model(nn.Module):
         # One key for the whole tree, so it is zoo.init(cfg, key)'s (per-tensor keys come
         # from each tensor's path, not from Linen's per-param rng).
         key = self.make_rng("params") if self.is_initializing() else None
+        if key is None:  # apply: name the first differing leaf (Linen names only the entry)
+            check_params(self.cfg, nn.unbox(self.variables.get("params", {})), "zoo.linen.Model.apply")
         dtype = jax.numpy.dtype(self.cfg.param_dtype)
 
         def init_fn(name: str):
@@ -51,11 +53,8 @@ class Model(nn.Module):
         self.tree = {name: self.param(name, init_fn(name)) for name in spec}
 
     def params(self) -> dict[str, Any]:
-        """The plain zoo tree this module reads (checked against cfg)."""
-        tree = dict(self.tree)
-        if not self.is_initializing():
-            check_params(self.cfg, tree, "zoo.linen.Model.apply")
-        return tree
+        """The plain zoo tree this module reads."""
+        return dict(self.tree)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Output:
         """`zoo.<family>.forward(params, cfg, *args, **kwargs)` -> Output."""
