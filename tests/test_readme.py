@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from train import finetune
 from train.cli import resolve
 from train.sample import parser as sample_parser
 
@@ -159,6 +160,10 @@ def test_train_command_parses(args: list[str], tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if args[:1] == ["sample"]:
         sample_parser().parse_args(args[1:])
+    elif args[:1] == ["finetune"]:
+        finetune.resolve(args[1:])
+    elif args[:1] == ["export"]:
+        finetune.export_parser().parse_args(args[1:])
     else:
         resolve(args)
 

@@ -1,6 +1,8 @@
 """`python -m train [flags] [KEY=VALUE ...]`; no arguments: the main job (see train/cli.py).
 `python -m train sample --run DIR --prompt TEXT`: text from a trained run (train/sample.py).
-`python -m train check --run DIR`: verifies every checkpoint of a run (train/check.py)."""
+`python -m train check --run DIR`: verifies every checkpoint of a run (train/check.py).
+`python -m train finetune --from PATH --task classify --data F`: fine-tuning; `python -m train
+export --run DIR --out DIR`: its model for transformers (train/finetune.py)."""
 
 import sys
 
@@ -17,6 +19,11 @@ if sys.argv[1:2] == ["check"]:  # `python -m train check --run DIR`
     from train.check import main as check_main
 
     sys.exit(check_main(sys.argv[2:]))
+
+if sys.argv[1:2] in (["finetune"], ["export"]):  # fine-tuning and its export (train/finetune.py)
+    from train import finetune
+
+    sys.exit(finetune.main() if sys.argv[1] == "finetune" else finetune.export_main())
 
 from train.loop import main
 

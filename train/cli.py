@@ -33,7 +33,9 @@ MAIN_HPARAMS = {"learning_rate": 2e-3, "total_steps": 300}
 SEQ_LEN = 128  # the default tokens per row, where the model's max_len allows
 # Commands besides training (train/__main__.py dispatches them), for --help.
 SUBCOMMANDS = {"sample": "python -m train sample --run DIR --prompt TEXT: text from a trained run",
-               "check": "python -m train check --run DIR: verifies every checkpoint of a run"}
+               "check": "python -m train check --run DIR: verifies every checkpoint of a run",
+               "finetune": "python -m train finetune --from PATH --task classify --data FILE: fine-tuning",
+               "export": "python -m train export --run DIR --out DIR: a fine-tuned run for transformers"}
 
 _OBJECTIVES = ", ".join(f"{name} ({family})" for name, family in FAMILY_OF.items())
 

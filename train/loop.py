@@ -167,6 +167,7 @@ class Compiled:
 
     objective: Any  # (key, rows) -> batch, global, in runner.batch_sh
     runner: Runner
+    evaluate: Any = None  # (state, eval rows) -> eval metrics (fine-tuning); None: `evaluate`
 
 
 def compile_run(rc: RunConfig, s: Setup) -> Compiled:
@@ -239,7 +240,8 @@ def train_loop(rc: RunConfig, s: Setup, c: Compiled, ckpt: Checkpointer, state: 
             extra = {}
             if done % rc.eval_interval == 0 or done == rc.steps:
                 with reporter.paused(state):
-                    extra = evaluate(c, state, eval_rows, keys[1])
+                    extra = (c.evaluate(state, eval_rows) if c.evaluate is not None
+                             else evaluate(c, state, eval_rows, keys[1]))
             if extra or done % rc.log_interval == 0 or done == rc.steps:
                 reporter.queue(done, metrics, extra)
             stop = signals.stop(done) is not None

@@ -14,6 +14,9 @@ in the training loop):
 | `mlm`             | encoder | packed rows                                 |
 | `span_corruption` | encdec  | raw token stream chunks (`train.noising`)   |
 | `denoise`         | encdec  | raw token stream chunks (`train.noising`)   |
+
+Fine-tuning tasks (`python -m train finetune`, train/finetune.py) are objectives too:
+`classify` makes one target per row, which the step scores with the state's task head.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ FAMILY_OF = {"clm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
              "span_corruption": "encdec", "denoise": "encdec"}
 DEFAULT_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encdec": "span_corruption"}
 
-__all__ = ["FAMILY_OF", "Objective", "check_objective", "clm", "denoise", "make_objective", "mlm",
+__all__ = ["FAMILY_OF", "Objective", "check_objective", "classify", "clm", "denoise", "make_objective", "mlm",
            "prefix_lm", "segment_positions", "span_corruption", "t5_lengths", "t5_raw_length"]
 
 
@@ -47,6 +50,19 @@ def check_objective(name: str, family: str) -> None:
         fits = sorted(k for k, v in FAMILY_OF.items() if v == family)
         raise ValueError(f"objective: {name!r} trains {FAMILY_OF[name]} models, but the model's "
                          f"family is {family!r}; use one of {fits}")
+
+
+def classify(key: jax.Array | None, rows: dict[str, jax.Array], *, token_types: bool = True) -> Batch:
+    """Sequence classification. rows: tokens [B, T], mask bool [B, T], labels int [B],
+    weights [B] (0: a padding row of the last eval batch), token_types [B, T] (encoders:
+    BERT's segments of a text pair; token_types=False drops them, for models without) ->
+    inputs, segment_ids (1 on real tokens: the mask), targets [B], weights [B]. No RNG."""
+    del key
+    batch = {"inputs": rows["tokens"], "segment_ids": rows["mask"].astype(jnp.int32),
+             "targets": rows["labels"].astype(jnp.int32), "weights": rows["weights"].astype(jnp.float32)}
+    if token_types:
+        batch["token_types"] = rows["token_types"]
+    return batch
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ decay only on matrices (never on norms, biases or other vectors)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import optax
@@ -11,6 +12,7 @@ import optax
 import zoo
 from train.settings import (DECAY_RATE, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
                             Check, check_fields, setting)
+from zoo.nn.param import logical_axes
 from zoo.nn.transformer import REMAT_POLICIES
 
 REMAT_CHOICES = ("none", *REMAT_POLICIES)
@@ -72,9 +74,20 @@ def schedule(hp: Hparams) -> optax.Schedule:
 
 
 _NO_DECAY_NAMES = ("bias", "bi", "bo", "bg", "scale")
+TASK_HEAD = "task_head"  # the params key of a fine-tuned task head (train/step.py)
 
 
-def decay_mask(cfg: zoo.Config) -> dict:
+def param_axes(cfg: zoo.Config, task: Any = None) -> dict:
+    """The logical axes of a state's params: the model's (`zoo.axes`) and, with `task` (a
+    `zoo.heads.Head` whose params are left out, static), its head's under TASK_HEAD."""
+    axes = zoo.axes(cfg)
+    if task is not None:
+        head_spec = zoo.heads.spec(cfg, task.outputs, task.recipe)
+        axes = {**axes, TASK_HEAD: logical_axes(head_spec)}
+    return axes
+
+
+def decay_mask(cfg: zoo.Config, task: Any = None) -> dict:
     """True for parameters that get weight decay: matrices, embeddings and expert weights
     (two or more dims besides the stacked `layers` axis). Norms (the `norm` logical axis)
     and biases (leaf names `bias`, `*_bias`, `bi`, `bo`, `bg`; attention biases are
@@ -86,12 +99,14 @@ def decay_mask(cfg: zoo.Config) -> dict:
             return False
         return len([a for a in axes if a != "layers"]) >= 2
 
-    return jax.tree_util.tree_map_with_path(decays, zoo.axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree_util.tree_map_with_path(decays, param_axes(cfg, task),
+                                            is_leaf=lambda x: isinstance(x, tuple))
 
 
-def make_optimizer(cfg: zoo.Config, hp: Hparams) -> optax.GradientTransformation:
-    """clip(global norm) -> AdamW(schedule, decay on matrices only)."""
+def make_optimizer(cfg: zoo.Config, hp: Hparams, task: Any = None) -> optax.GradientTransformation:
+    """clip(global norm) -> AdamW(schedule, decay on matrices only); `task`: a fine-tuning
+    task head's static part (its matrices decay too)."""
     parts = [optax.clip_by_global_norm(hp.clip_norm)] if hp.clip_norm > 0 else []
     parts.append(optax.adamw(schedule(hp), b1=hp.b1, b2=hp.b2, eps=hp.eps,
-                             weight_decay=hp.weight_decay, mask=decay_mask(cfg)))
+                             weight_decay=hp.weight_decay, mask=decay_mask(cfg, task)))
     return optax.chain(*parts)

@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import zoo
 from train.optim import Hparams
 from train.step import (TrainState, abstract_state, batch_shardings, check_split, init_state,
-                        jit_eval_step, jit_step, pmap_eval_step, pmap_step, state_shardings)
+                        jit_eval_step, jit_step, pmap_eval_step, pmap_step, state_from_params,
+                        state_shardings)
 
 PARALLEL = ("jit", "pmap")
 Rules = zoo.sharding.Rules
@@ -131,11 +132,17 @@ class Runner:
     _step: Callable
     _eval: Callable
     _split: Callable | None  # pmap: [B, ...] -> [n, B / n, ...] (global)
+    task: Any = None  # a fine-tuning head's static part (TrainState.task)
 
-    def init(self, seed: int) -> TrainState:
-        """A fresh state, created directly in its shardings."""
-        init = jax.jit(init_state, static_argnums=(0, 1), out_shardings=self.state_sh)
-        return init(self.cfg, self.hp, jax.random.key(seed))
+    def init(self, seed: int, params: Any = None) -> TrainState:
+        """A fresh state, created directly in its shardings; `params` (a pretrained body,
+        with the task head under "task_head" when the runner has a task): start from them."""
+        if params is None:
+            init = jax.jit(init_state, static_argnums=(0, 1, 3), out_shardings=self.state_sh)
+            return init(self.cfg, self.hp, jax.random.key(seed), self.task)
+        rng = jax.random.key_data(jax.random.split(jax.random.key(seed))[1])
+        start = jax.jit(state_from_params, static_argnums=(0, 1, 4), out_shardings=self.state_sh)
+        return start(self.cfg, self.hp, jax.device_put(params, self.state_sh.params), rng, self.task)
 
     def place(self, state: TrainState) -> TrainState:
         """`state` (on any devices or mesh, or on the host) moved into this runner's shardings."""
@@ -194,20 +201,22 @@ def check_fit(batch_size: int, mesh: Mesh, rules: Rules, parallel: str, accum_st
 
 
 def make_runner(cfg: zoo.Config, hp: Hparams, mesh: Mesh, batch_like: dict[str, Any],
-                parallel: str = "jit", rules: Rules = zoo.sharding.DEFAULT_RULES) -> Runner:
+                parallel: str = "jit", rules: Rules = zoo.sharding.DEFAULT_RULES,
+                task: Any = None) -> Runner:
     """Checks and builds (but does not compile) the step for `batch_like` ({name: array or
-    ShapeDtypeStruct [B, ...]}) on `mesh`. Raises ValueError on any mismatch."""
+    ShapeDtypeStruct [B, ...]}) on `mesh`; `task`: a fine-tuning head's static part
+    (train/step.py). Raises ValueError on any mismatch."""
     b = next(iter(batch_like.values())).shape[0]
     check_fit(b, mesh, rules, parallel, hp.accum_steps)
-    state_sh = state_shardings(abstract_state(cfg, hp), mesh, rules)
+    state_sh = state_shardings(abstract_state(cfg, hp, task), mesh, rules)
     batch_sh = batch_shardings(dict(batch_like), mesh, rules)
     shapes = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch_like.items()}
     if parallel == "jit":
         return Runner(cfg, hp, mesh, rules, parallel, state_sh, batch_sh, shapes,
-                      jit_step(state_sh, batch_sh, mesh), jit_eval_step(state_sh, batch_sh, mesh), None)
+                      jit_step(state_sh, batch_sh, mesh), jit_eval_step(state_sh, batch_sh, mesh), None, task)
     devices = list(mesh.devices.flat)
     n = len(devices)
     split = jax.jit(lambda batch: jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch),
                     out_shardings=NamedSharding(mesh, P("data")))
     return Runner(cfg, hp, mesh, rules, parallel, state_sh, batch_sh, shapes,
-                  pmap_step(devices), pmap_eval_step(devices), split)
+                  pmap_step(devices), pmap_eval_step(devices), split, task)

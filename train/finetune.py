@@ -1,0 +1,618 @@
+"""`python -m train finetune`: a pretrained checkpoint (or a preset from scratch) trained on
+labelled data through the same step, checkpoints, resume, meshes and metrics as pretraining;
+`python -m train export`: the run's best model as a Hugging Face directory.
+
+    python -m train finetune --from PATH --task classify --data train.tsv --eval-data dev.tsv \\
+        --run-dir runs/sst2 --steps 300 --batch-size 32 --seq-len 64 --lr 1e-4
+    python -m train export --run runs/sst2 --out hf_dir
+
+--from: a Hugging Face directory (its body, and its sequence head when it has one; else a new
+head with --num-labels or the labels found in --data) or a zoo run dir (a fine-tuning run:
+its best checkpoint, head included; a pretraining run: its latest body). --model PRESET
+with --tokenizer starts from scratch. The checkpoint's tokenizer is copied into the run dir
+(`tokenizer/`) and out again by export. The task head trains as one more objective of the
+one step (train/step.py: `TrainState.task`). Each evaluation (every --eval-every steps and
+at the end) adds `eval_loss`, `eval_accuracy` and, for two labels, `eval_f1` (label 1
+positive) to that step's metrics.jsonl row; the best state by eval_accuracy is kept in
+`best/` and named in run.json (`best`), and export writes it.
+
+Only `--task classify` exists so far (tag, qa, seq2seq and sft are issue 20's next parts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+import zoo
+from train import hosts
+from train.checkpoint import Checkpointer, CheckpointError, check_record, quiet_libraries
+from train.cli import _HelpFormatter, parse_value
+from train.loop import Compiled, RunError, _holding, _put, train_loop
+from train.objectives import classify
+from train.optim import TASK_HEAD, Hparams
+from train.parallel import build_mesh, check_fit, make_runner, process_rows, rules_from
+from train.parallel import PARALLEL
+from train.report import MetricsLog, Progress, Reporter, peak_flops, plot_losses, read_metrics, summary, train_flops
+from train.rundir import EXIT_DONE, EXIT_USAGE, RunStop, read_json, write_atomic
+from train.settings import (MAPPING, POSITIVE, POSITIVE_INT, add_flags, check_fields, declared, keys, one_of,
+                            setting)
+from train.step import abstract_state, batch_shardings, static_task, task_logits
+from train.tasks import DataError, Examples, TextEncoder, label_ids, label_names, load_encoder, read_examples
+
+TASKS = ("classify",)  # issue 20 adds tag, qa, seq2seq, sft
+# Fine-tuning defaults over Hparams': BERT's recipe (a small peak rate, AdamW b2 0.999, decay 0.01).
+FINETUNE_HPARAMS = {"learning_rate": 5e-5, "total_steps": 300, "weight_decay": 0.01, "b2": 0.999}
+BEST_METRIC = "eval_accuracy"
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs; each field is a flag (train/settings.py)."""
+
+    init_from: str | None = setting(None, "a Hugging Face directory or a zoo run dir to start from",
+                                    aliases=("from",))
+    model: str | None = setting(None, "zoo preset to train from scratch instead of --from (with --tokenizer)")
+    task: str = setting("classify", f"the task: {', '.join(TASKS)}", one_of(TASKS))
+    data: list = setting(factory=list, help="the training file (TSV, CSV or JSONL)")
+    eval_data: str | None = setting(None, "the evaluation file (default: every 50th training example)")
+    tokenizer: str | None = setting(None, "a tokenizer directory or SentencePiece .model (default: the "
+                                    "--from checkpoint's)")
+    num_labels: int | None = setting(None, "labels of a new head (default: the head's, or those in --data)",
+                                     POSITIVE_INT)
+    overrides: dict = setting(factory=dict, check=MAPPING, help="model Config fields (KEY=VALUE, e.g. dropout=0.1)")
+    batch_size: int = setting(32, "global batch, in examples", POSITIVE_INT)
+    seq_len: int = setting(128, "tokens per example (longer ones are cut)", POSITIVE_INT)
+    hparams: Hparams = setting(factory=lambda: Hparams(**FINETUNE_HPARAMS), help="train.Hparams")
+    seed: int = setting(0, "seed of the new head, dropout and data order")
+    checkpoint_every: int = setting(100, "save a checkpoint every N steps (and at the end)", POSITIVE_INT)
+    keep: int = setting(2, "keep the latest K checkpoints (the best one is kept apart)", POSITIVE_INT)
+    eval_every: int | None = setting(None, "evaluate every N steps (default: 5 evaluations per run)",
+                                     POSITIVE_INT)
+    log_every: int | None = setting(None, "a metrics row every N steps (default: 1 up to 1000 steps)",
+                                    POSITIVE_INT)
+    run_dir: str = setting("runs/finetune", "where the run's files go")
+    resume: bool = setting(False, "continue the latest checkpoint in --run-dir with its saved settings")
+    mesh: str = setting("data=-1", "device mesh, AXIS=SIZE,... (as for pretraining)")
+    parallel: str = setting("jit", "jit (the mesh-sharded step) or pmap", one_of(PARALLEL))
+    rules: dict = setting(factory=dict, check=MAPPING, help="logical axis -> mesh axes")
+    peak_flops: float | None = setting(None, "peak FLOP/s per device, for MFU", POSITIVE)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if (self.init_from is None) == (self.model is None):
+            raise ValueError("finetune: give exactly one of --from PATH (a checkpoint) and --model PRESET "
+                             f"(from scratch), got --from {self.init_from!r} and --model {self.model!r}")
+        if self.model is not None:
+            if self.model not in zoo.presets.names():
+                raise ValueError(f"--model: expected one of {zoo.presets.names()}, got {self.model!r}")
+            if self.tokenizer is None:
+                raise ValueError(f"--model {self.model}: a model from scratch needs --tokenizer")
+        if len(self.data) != 1:
+            raise ValueError(f"--data: --task {self.task} reads one training file, got {len(self.data)}: {self.data}")
+
+    # what train.loop.train_loop reads
+    steps = property(lambda self: self.hparams.total_steps)
+    log_interval = property(lambda self: self.log_every or max(1, self.steps // 1000))
+    eval_interval = property(lambda self: self.eval_every or max(1, self.steps // 5))
+    eval_batches = 0  # the whole eval set is evaluated
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+RUN_KEYS, HPARAM_KEYS = keys(FinetuneConfig), keys(Hparams)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train finetune", formatter_class=_HelpFormatter,
+                                description=__doc__.split("\n\n")[0],
+                                epilog="KEY=VALUE sets any run or optimizer field (steps=50) or model "
+                                       "Config field (dropout=0.1).")
+    p.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
+    add_flags(p.add_argument_group("fine-tuning"), FinetuneConfig, declared(FinetuneConfig))
+    add_flags(p.add_argument_group("optimizer and step (train.Hparams)"), Hparams,
+              {**declared(Hparams), **FINETUNE_HPARAMS})
+    return p
+
+
+def resolve(argv: Sequence[str]) -> FinetuneConfig:
+    """FinetuneConfig from a command line; with --resume the run dir's run.json is the lowest
+    layer, then flags, then KEY=VALUE pairs."""
+    args = parser().parse_intermixed_args(list(argv))
+    if args.data:  # `--data a.tsv steps=5`: nargs="+" swallowed the KEY=VALUE after it
+        extra = [d for d in args.data if re.fullmatch(r"[A-Za-z_][\w.]*=.*", d) and not Path(d).exists()]
+        args.data, args.pairs = [d for d in args.data if d not in extra], [*args.pairs, *extra]
+    layer = {k: v for k, v in vars(args).items() if k != "pairs" and v is not None}
+    for item in args.pairs:
+        if "=" not in item:
+            raise ValueError(f"finetune: {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        layer[key.strip()] = parse_value(value.strip())
+    settings = {**declared(FinetuneConfig), "hparams": dict(FINETUNE_HPARAMS)}
+    run_json = Path(layer.get("run_dir", FinetuneConfig.run_dir)) / "run.json"
+    layers = [layer]
+    if layer.get("resume") and run_json.is_file():
+        saved = read_json(run_json)
+        for k in ("resume", "best", "head"):
+            saved.pop(k, None)
+        layers.insert(0, saved)
+    for one in layers:
+        for key, value in one.items():
+            _set(settings, key, value)
+    return FinetuneConfig(**{**settings, "hparams": Hparams(**settings["hparams"])})
+
+
+def _set(settings: dict[str, Any], key: str, value: Any) -> None:
+    if key == "hparams" and isinstance(value, dict):
+        settings["hparams"].update(value)
+    elif key == "overrides" and isinstance(value, dict):
+        settings["overrides"].update(value)
+    elif key in RUN_KEYS:
+        settings[RUN_KEYS[key]] = value
+    elif key in HPARAM_KEYS:
+        settings["hparams"][HPARAM_KEYS[key]] = value
+    elif key in {f.name for f in dataclasses.fields(zoo.Config)}:
+        settings["overrides"][key] = value
+    else:
+        raise ValueError(f"finetune: unknown setting {key!r}; run fields are {sorted(RUN_KEYS)}, optimizer "
+                         f"fields {sorted(HPARAM_KEYS)}, or a model Config field")
+
+
+# --- the model and the task ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Source:
+    """What a run starts from: the body's Config and params (None: random), a head (or None),
+    and the tokenizer."""
+
+    cfg: zoo.Config
+    params: dict | None
+    head: zoo.heads.Head | None
+    encoder: TextEncoder
+
+
+def load_source(fc: FinetuneConfig) -> Source:
+    """The checkpoint --from names (or --model from scratch), with its tokenizer."""
+    if fc.model is not None:
+        enc = load_encoder(fc.tokenizer)
+        cfg = zoo.preset(fc.model, **{**fc.overrides, "vocab_size": enc.vocab_size, "pad_id": enc.pad_id})
+        return Source(cfg, None, None, enc)
+    path = Path(fc.init_from)
+    if (path / "run.json").is_file():
+        return _from_run(path, fc)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--from {path}: expected a Hugging Face directory (config.json) or a zoo "
+                                f"run dir (run.json)")
+    cfg, params = zoo.load_hf(path)
+    try:
+        head = zoo.heads.load_hf(path, cfg)
+    except ValueError as e:
+        if "holds no task head" not in str(e):
+            raise
+        head = None
+    if fc.overrides:
+        cfg = cfg.replace(**fc.overrides)
+    return Source(cfg, params, head, load_encoder(fc.tokenizer or path, cfg.pad_id))
+
+
+def _from_run(path: Path, fc: FinetuneConfig) -> Source:
+    """A zoo run dir: a fine-tuning run's best (else latest) state, head included, or a
+    pretraining run's latest params."""
+    run = read_json(path / "run.json")
+    cfg = zoo.Config.from_json((path / "config.json").read_text())
+    if "head" not in run:  # a pretraining run
+        from train.sample import restore_params
+
+        params, _ = restore_params(path / "checkpoints", cfg)
+        return Source(cfg, params, None, load_encoder(fc.tokenizer or path / "tokenizer.model", cfg.pad_id))
+    state = restore_run(path)
+    head = state.head
+    params = {k: v for k, v in state.params.items() if k != TASK_HEAD}
+    return Source(cfg, params, head, load_encoder(fc.tokenizer or path / "tokenizer", cfg.pad_id))
+
+
+def task_head(fc: FinetuneConfig, src: Source, train: Examples) -> zoo.heads.Head:
+    """The head to train: the checkpoint's (its labels), else a new one with --num-labels or
+    the labels of the train set. ValueError when --task does not fit the model."""
+    if src.cfg.family not in ("encoder", "decoder"):
+        raise ValueError(f"--task {fc.task}: a {src.cfg.family} model has no sequence classification head "
+                         f"(encoders and decoders do)")
+    if src.head is not None:
+        if src.head.kind != "sequence":
+            raise ValueError(f"--task {fc.task}: {fc.init_from} holds a {src.head.kind} head, not a sequence one")
+        if fc.num_labels is not None and fc.num_labels != src.head.num_labels:
+            raise ValueError(f"--num-labels {fc.num_labels}: the head in {fc.init_from} has "
+                             f"{src.head.num_labels} ({list(src.head.labels)})")
+        return src.head
+    names = label_names(train)
+    if fc.num_labels is not None:
+        if fc.num_labels < len(names):
+            raise ValueError(f"--num-labels {fc.num_labels}: {train.path} has {len(names)} labels {list(names)}")
+        if len(names) < fc.num_labels:
+            names = tuple(f"LABEL_{i}" for i in range(fc.num_labels)) if names[0].startswith("LABEL_") \
+                else names + tuple(f"LABEL_{i}" for i in range(len(names), fc.num_labels))
+    elif len(names) < 2:
+        raise ValueError(f"--task classify: {train.path} has one label ({names[0]!r}), so the number of "
+                         f"labels cannot be inferred; pass --num-labels N")
+    key = jax.random.fold_in(jax.random.key(fc.seed), 1)
+    return zoo.heads.init(src.cfg, key, len(names), "sequence", labels=names,
+                          problem_type="single_label_classification")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ClassifyData:
+    """Encoded examples and the train order: the interface train.loop.train_loop reads
+    (next_batch, position, set_position, eval_batches, train_rows, epoch_steps). Each epoch
+    visits the examples in a permutation seeded by (seed, epoch); the remainder is dropped."""
+
+    train: dict[str, np.ndarray]  # tokens/token_types/mask [N, T], labels [N]
+    eval: dict[str, np.ndarray]
+    batch_size: int
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+    epoch: int = 0
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.train["labels"])
+        if n < self.batch_size:
+            raise ValueError(f"--batch-size {self.batch_size}: the train set has only {n} examples")
+        self.train_rows = np.arange(n)
+
+    position = property(lambda self: {"epoch": self.epoch, "index": self.index})
+    epoch_steps = property(lambda self: len(self.train_rows) // self.batch_size)
+
+    def set_position(self, position: dict[str, int]) -> None:
+        self.epoch, self.index = int(position["epoch"]), int(position["index"])
+
+    def _local(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        per = self.batch_size // self.process_count
+        return {k: v[self.process_index * per:(self.process_index + 1) * per] for k, v in rows.items()}
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        if self.index + self.batch_size > len(self.train_rows):
+            self.epoch, self.index = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.train_rows)
+        ids = order[self.index:self.index + self.batch_size]
+        self.index += self.batch_size
+        rows = {k: v[ids] for k, v in self.train.items()}
+        return self._local({**rows, "weights": np.ones(len(ids), np.float32)})
+
+    def eval_batches(self, count: int = 0) -> list[dict[str, np.ndarray]]:
+        """Every eval example once, in order; the last batch is padded with weight-0 rows."""
+        n, b = len(self.eval["labels"]), self.batch_size
+        out = []
+        for start in range(0, n, b):
+            ids = np.arange(start, start + b)
+            rows = {k: v[np.minimum(ids, n - 1)] for k, v in self.eval.items()}
+            out.append(self._local({**rows, "weights": (ids < n).astype(np.float32)}))
+        return out
+
+
+def encode(enc: TextEncoder, data: Examples, names: Sequence[str], seq_len: int,
+           train: Examples | None = None) -> dict[str, np.ndarray]:
+    rows = enc.encode(data.texts, data.pairs, seq_len)
+    return {**rows, "labels": label_ids(data, names, train)}
+
+
+def fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode() + np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    """eval_loss (mean cross entropy), its eval_perplexity, eval_accuracy and, for two labels,
+    eval_f1 of label 1, over the rows of weight 1. logits [N, L], labels [N], weights [N]."""
+    keep = weights > 0
+    logits, labels = logits[keep].astype(np.float64), labels[keep]
+    lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    pred = logits.argmax(-1)
+    out = {"eval_loss": float(np.mean(lse - logits[np.arange(len(labels)), labels])),
+           "eval_accuracy": float(np.mean(pred == labels))}
+    out["eval_perplexity"] = float(np.exp(out["eval_loss"]))  # what the run's summary prints
+    if logits.shape[1] == 2:
+        tp = np.sum((pred == 1) & (labels == 1))
+        denom = np.sum(pred == 1) + np.sum(labels == 1)
+        out["eval_f1"] = float(2 * tp / denom) if denom else 0.0
+    return out
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+    """What train.loop.train_loop reads of a run (cfg, pipeline, rows_sharding, record), and
+    the task's parts."""
+
+    cfg: zoo.Config
+    hp: Hparams
+    task: zoo.heads.Head  # static part
+    source: Source
+    head: zoo.heads.Head
+    pipeline: ClassifyData
+    mesh: Any
+    rules: Any
+    rows_sharding: dict
+    rows_like: dict  # ShapeDtypeStructs of a global batch of rows
+    record: dict[str, Any]
+    eval_count: int
+
+
+def setup(fc: FinetuneConfig, run_dir: Path) -> Setup:
+    """Every check before anything is written or compiled: the model, the head, the data
+    and its labels, the mesh."""
+    mesh, rules = build_mesh(fc.mesh), rules_from(fc.rules)
+    check_fit(fc.batch_size, mesh, rules, fc.parallel, fc.hparams.accum_steps)
+    train = read_examples(fc.data[0])
+    src = load_source(fc)
+    cfg = src.cfg
+    if cfg.positions in ("learned", "sinusoidal") and fc.seq_len > cfg.max_len:
+        raise ValueError(f"--seq-len {fc.seq_len} exceeds the model's max_len {cfg.max_len}")
+    if src.encoder.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {src.encoder.vocab_size} ids, the model {cfg.vocab_size}")
+    head = task_head(fc, src, train)
+    if fc.eval_data:
+        evaluation = read_examples(fc.eval_data)
+        eval_of = train
+    else:  # every 50th training example is held out
+        held = set(range(49, len(train), 50)) or {0}
+        pick = lambda ex, ids: Examples(ex.path, [ex.texts[i] for i in ids], None if ex.pairs is None else
+                                        [ex.pairs[i] for i in ids], [ex.labels[i] for i in ids],
+                                        [ex.lines[i] for i in ids])
+        evaluation = pick(train, sorted(held))
+        train = pick(train, [i for i in range(len(train)) if i not in held] or sorted(held))
+        eval_of = None
+    if (evaluation.pairs is None) != (train.pairs is None):
+        raise DataError(f"{evaluation.path}: expected {'text pairs' if train.pairs else 'single texts'} as in "
+                        f"{train.path}")
+    train_rows = encode(src.encoder, train, head.labels, fc.seq_len)
+    eval_rows = encode(src.encoder, evaluation, head.labels, fc.seq_len, eval_of)
+    rows_like = {k: jax.ShapeDtypeStruct((fc.batch_size, *v.shape[1:]), v.dtype) for k, v in train_rows.items()}
+    rows_like["weights"] = jax.ShapeDtypeStruct((fc.batch_size,), np.float32)
+    rows_sharding = batch_shardings(rows_like, mesh, rules)
+    part, parts = process_rows(rows_sharding["tokens"], rows_like["tokens"].shape)
+    pipeline = ClassifyData(train_rows, eval_rows, fc.batch_size, fc.seed, part, parts)
+    record = {"config": cfg.to_dict(), "objective": fc.task, "seq_len": fc.seq_len, "batch_size": fc.batch_size,
+              "seed": fc.seed, "tokenizer": src.encoder.fingerprint, "data_fingerprint": fingerprint(train_rows),
+              "hparams": dataclasses.asdict(fc.hparams)}
+    return Setup(cfg, fc.hparams, static_task(head), src, head, pipeline, mesh, rules, rows_sharding, rows_like,
+                 record, len(evaluation))
+
+
+def head_config(task: zoo.heads.Head) -> dict[str, Any]:
+    """A head's static part as JSON (run.json `head`)."""
+    return {"kind": task.kind, "labels": list(task.labels), "problem_type": task.problem_type,
+            "recipe": task.recipe._asdict(), "dropout": task.dropout, "pad_id": task.pad_id}
+
+
+def head_from_config(d: dict[str, Any]) -> zoo.heads.Head:
+    return zoo.heads.Head(None, d["kind"], tuple(d["labels"]), d["problem_type"],
+                          zoo.heads.Recipe(**d["recipe"]), d["dropout"], d["pad_id"])
+
+
+class Best:
+    """The best evaluation so far: its state in RUN_DIR/best (one checkpoint), its step and
+    metrics in run.json `best`."""
+
+    def __init__(self, run_dir: Path, run_files: dict[str, Any]):
+        self.run_dir, self.run_files = run_dir, run_files
+        self.ckpt = Checkpointer(run_dir / "best", every=1, keep=1)
+        self.best = run_files.get("best")
+
+    def offer(self, step: int, metrics: dict[str, float], state: Any, record: dict[str, Any]) -> None:
+        if self.best is not None and metrics[BEST_METRIC] <= self.best[BEST_METRIC]:
+            return
+        self.ckpt.save(step, state, {**record, "step": step}, force=True)
+        self.best = {"step": step, "metric": BEST_METRIC, **metrics, "path": f"best/{step}"}
+        if hosts.is_primary():
+            write_atomic(self.run_dir / "run.json", json.dumps({**self.run_files, "best": self.best}, indent=2))
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def make_evaluate(s: Setup, runner: Any, best: Best, objective: Any) -> Any:
+    """(state, eval_rows) -> the eval metrics; offers the state to `best`."""
+    predict = jax.jit(lambda params, batch: task_logits(params, s.cfg, batch, s.task)[0])
+
+    def evaluate(state: Any, eval_rows: list[dict]) -> dict[str, float]:
+        logits, labels, weights = [], [], []
+        for rows in eval_rows:
+            batch = objective(None, rows)
+            with zoo.sharding.use(s.mesh, s.rules):
+                logits.append(_gather(predict(state.params, batch)))
+            labels.append(_gather(rows["labels"]))
+            weights.append(_gather(rows["weights"]))
+        metrics = classification_metrics(np.concatenate(logits), np.concatenate(labels), np.concatenate(weights))
+        step = int(jax.device_get(state.step))
+        best.offer(step, metrics, runner.global_state(state), {**s.record, "data": s.pipeline.position})
+        return metrics
+
+    return evaluate
+
+
+def run(fc: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tunes as `fc` says; nothing is written to the run dir before every check passed
+    (a run dir this call created is removed when it fails before run.json exists)."""
+    run_dir = Path(fc.run_dir)
+    created = not run_dir.exists()
+    try:
+        with _holding(run_dir):
+            return _run_locked(fc, run_dir)
+    except BaseException:
+        if created and hosts.is_primary() and not (run_dir / "run.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
+    primary = hosts.is_primary()
+    ckpt = Checkpointer(run_dir / "checkpoints", fc.checkpoint_every, fc.keep)
+    latest = ckpt.latest_step()
+    if latest is not None and not fc.resume:
+        raise RunError(f"{run_dir} already holds a run (checkpoints up to step {latest}): pass --resume to "
+                       f"continue it, or choose another --run-dir")
+    s = setup(fc, run_dir)
+    state, start = None, 0
+    if latest is not None:
+        vet = lambda record, where: check_record(record, s.record, str(where))
+        state, start, record, _ = ckpt.restore_intact(abstract_state(s.cfg, s.hp, s.task), s.mesh, s.rules, vet)
+        s.pipeline.set_position(record["data"])
+    token_types = s.cfg.family == "encoder" and s.cfg.type_vocab_size > 0
+    make_batch = lambda key, rows: classify(key, rows, token_types=token_types)
+    batch_like = jax.eval_shape(make_batch, None, s.rows_like)
+    runner = make_runner(s.cfg, s.hp, s.mesh, batch_like, fc.parallel, s.rules, s.task)
+    objective = jax.jit(make_batch, out_shardings=runner.batch_sh)
+    if state is None:
+        params = None if s.source.params is None else {**s.source.params, TASK_HEAD: s.head.params}
+        state = runner.init(fc.seed, params)
+    old = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    run_files = {**fc.to_dict(), "head": head_config(s.task)}
+    if old.get("best") and start:
+        run_files["best"] = old["best"]
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "run.json", json.dumps(run_files, indent=2))
+        write_atomic(run_dir / "config.json", s.cfg.to_json())
+        s.source.encoder.save(run_dir / "tokenizer")
+        if start:
+            print(f"resumed {fc.run_dir} at step {start}", flush=True)
+    best = Best(run_dir, run_files)
+    compiled = Compiled(objective, runner, make_evaluate(s, runner, best, objective))
+    flops = train_flops(s.cfg, fc.seq_len, 1) * fc.batch_size
+    peak, peak_note = peak_flops(list(s.mesh.devices.flat), fc.peak_flops)
+    if primary:
+        origin = fc.init_from or f"{fc.model} (from scratch)"
+        print(f"fine-tuning {origin} ({s.cfg.family}, {zoo.param_count(s.cfg) / 1e6:.2f}M params) | task "
+              f"{fc.task}, {s.head.num_labels} labels {list(s.head.labels)} | {len(s.pipeline.train_rows)} train "
+              f"/ {s.eval_count} eval examples | batch {fc.batch_size} x {fc.seq_len}", flush=True)
+    t0 = time.time()
+    log = MetricsLog(run_dir, start, enabled=primary)
+    reporter = Reporter(log, Progress(fc.steps, flops, peak, enabled=primary), flops, peak, fc.steps)
+    try:
+        try:
+            state, stopped = train_loop(fc, s, compiled, ckpt, state, start, reporter)
+        finally:
+            log.close()
+    finally:
+        best.close()
+        ckpt.close()
+    rows = read_metrics(run_dir / "metrics.jsonl", [])
+    if rows and primary:
+        plot_losses(rows, run_dir / "loss.png")
+        print(_closing(summary(rows, run_dir, time.time() - t0, stopped is not None, ckpt.all_steps(), peak_note),
+                       run_dir, ckpt.all_steps(), best.best), flush=True)
+    return {"best": best.best, "interrupted": stopped is not None, "signal": stopped}
+
+
+def _closing(text: str, run_dir: Path, steps: list[int], best: dict | None) -> str:
+    """The pretraining summary's losses and speed, with this run's files and commands."""
+    lines = [line for line in text.splitlines() if not line.startswith(("  run dir", "  continue"))]
+    if best:
+        lines.append(f"  best: step {best['step']}, {BEST_METRIC} {best[BEST_METRIC]:.4f} (best/)")
+    lines += [f"  run dir {run_dir}: checkpoints/ (steps {steps}), best/, tokenizer/, run.json, config.json, "
+              f"metrics.jsonl, loss.png",
+              f"  continue: python -m train finetune --resume --run-dir {run_dir} [--steps N]; "
+              f"export: python -m train export --run {run_dir} --out DIR"]
+    return "\n".join(lines)
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def restore_run(run_dir: str | Path, step: int | None = None) -> Any:
+    """A fine-tuning run's state on one device: its best checkpoint (or `step` of
+    checkpoints/), verified against the digests saved with it."""
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    if "head" not in run:
+        raise ValueError(f"--run {run_dir}: not a fine-tuning run (its run.json has no head)")
+    cfg = zoo.Config.from_json((run_dir / "config.json").read_text())
+    hp = Hparams(**run["hparams"])
+    task = head_from_config(run["head"])
+    where = run_dir / "best" if step is None and (run_dir / "best").is_dir() else run_dir / "checkpoints"
+    ckpt = Checkpointer(where, every=1, keep=1)
+    try:
+        mesh = build_mesh("data=1")
+        return ckpt.restore(abstract_state(cfg, hp, task), mesh, step)
+    finally:
+        ckpt.close()
+
+
+def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """The run's best state (or checkpoint `step`) as a Hugging Face directory with its head
+    (`zoo.save_hf(..., head=)`) and the run's tokenizer files."""
+    state = restore_run(run_dir, step)
+    body = {k: v for k, v in state.params.items() if k != TASK_HEAD}
+    zoo.save_hf(state.cfg, body, out, head=state.head)
+    tok = Path(run_dir) / "tokenizer"
+    if tok.is_dir():
+        for f in tok.iterdir():
+            shutil.copyfile(f, Path(out) / f.name)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train finetune ...`: exit status as `python -m train` (train/rundir.py)."""
+    argv = sys.argv[2:] if argv is None else argv
+    quiet_libraries()
+    try:
+        result = run(resolve(argv))
+    except RunStop as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError, RunError, CheckpointError, zoo.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 128 + result["signal"] if result["interrupted"] else EXIT_DONE
+
+
+def export_parser() -> argparse.ArgumentParser:
+    """`python -m train export --run DIR --out DIR [--step N]`."""
+    p = argparse.ArgumentParser(prog="python -m train export",
+                                description="A fine-tuning run's best model as a Hugging Face directory "
+                                            "(transformers loads it with AutoModelFor...).")
+    p.add_argument("--run", required=True, help="run dir of `python -m train finetune`")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--step", type=int, help="a checkpoint of checkpoints/ (default: the best)")
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """`python -m train export ...`: 0 done, 2 a run that cannot be exported."""
+    args = export_parser().parse_args(sys.argv[2:] if argv is None else argv)
+    quiet_libraries()
+    try:
+        out = export(args.run, args.out, args.step)
+    except (ValueError, FileNotFoundError, CheckpointError, RunStop) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {out}", flush=True)
+    return EXIT_DONE

@@ -1,0 +1,288 @@
+"""Fine-tuning data: labelled text files -> examples -> token rows, and the checkpoint's own
+tokenizer.
+
+Files (`read_examples`): TSV, CSV or JSONL, one example a line, a text or a text pair and a
+label (an integer or a name). A TSV/CSV file's first line is a header when one of its fields
+names the label column (`label`, `labels`, `class`, `target`, `category`, any case); the
+other columns are the text (one) or the pair (two). Without a header, the label column is
+the first or the last, whichever holds integers, else fewer distinct values, else shorter
+fields, so `label<TAB>text` and `text<TAB>label` both read. A JSONL line is an object with a `label` and a `text` /
+`sentence`, or a pair (`text_a`/`text_b`, `sentence1`/`sentence2`, `premise`/`hypothesis`,
+`question`/`sentence`). Every error names the file, the line and what was expected.
+
+Tokenizers (`load_encoder`): a Hugging Face directory's `tokenizer.json` (the `tokenizers`
+library, with its post-processor's special tokens: `[CLS] a [SEP] b [SEP]` and token types
+for BERT), a WordPiece `vocab.txt` alone (BERT's template), or a SentencePiece model
+(`spiece.model` / `tokenizer.model`, through `zoo.tokenizer`: `[bos] a [eos] b [eos]`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+import zoo
+
+LABEL_COLUMNS = ("label", "labels", "class", "target", "category")
+_JSON_TEXT = (("text", None), ("sentence", None), ("text_a", "text_b"), ("sentence1", "sentence2"),
+              ("premise", "hypothesis"), ("question", "sentence"))
+_JSON_LABEL = ("label", "labels")
+# Files copied from a checkpoint's directory into the run dir, and out again by export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "merges.txt", "vocab.json")
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as labelled examples (the message names file and line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Texts (and second texts of pairs, or None), raw labels as written, and the line of each."""
+
+    path: str
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[str]
+    lines: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+# --- reading files -------------------------------------------------------------------------
+
+def read_examples(path: str | Path) -> Examples:
+    """The labelled examples of a TSV, CSV or JSONL file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    if suffix not in (".tsv", ".csv", ".txt"):
+        raise DataError(f"{path}: expected a .tsv, .csv or .jsonl file, got {path.suffix or 'no suffix'!r}")
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        if suffix == ".csv":
+            rows = list(csv.reader(f))
+        else:  # TSV: a tab separates columns and quotes are text (SST-2's sentences hold them)
+            rows = [line.rstrip("\r\n").split("\t") for line in f]
+    numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+    if not numbered:
+        raise DataError(f"{path}: the file has no examples")
+    return _from_rows(path, numbered, "tab-separated" if suffix != ".csv" else "comma-separated")
+
+
+def _from_rows(path: Path, rows: list[tuple[int, list[str]]], sep: str) -> Examples:
+    first_line, first = rows[0]
+    names = [c.strip().lower() for c in first]
+    header = next((i for i, n in enumerate(names) if n in LABEL_COLUMNS), None)
+    body = rows[1:] if header is not None else rows
+    width = len(first)
+    if width not in (2, 3):
+        raise DataError(f"{path} line {first_line}: expected 2 {sep} columns (label, text) or 3 (label, "
+                        f"text, second text), got {width}")
+    for line, row in body:
+        if len(row) != width:
+            raise DataError(f"{path} line {line}: expected {width} {sep} columns as line {first_line}, "
+                            f"got {len(row)}")
+    if not body:
+        raise DataError(f"{path}: the file has a header and no examples")
+    label_col = header if header is not None else _label_column(body, width)
+    text_cols = [c for c in range(width) if c != label_col]
+    texts = [r[text_cols[0]] for _, r in body]
+    pairs = [r[text_cols[1]] for _, r in body] if len(text_cols) == 2 else None
+    labels = [r[label_col].strip() for _, r in body]
+    lines = [line for line, _ in body]
+    for line, label in zip(lines, labels):
+        if not label:
+            raise DataError(f"{path} line {line}: expected a label in column {label_col + 1}, got an empty field")
+    return Examples(str(path), texts, pairs, labels, lines)
+
+
+def _label_column(rows: list[tuple[int, list[str]]], width: int) -> int:
+    """Without a header: the first or the last column, whichever looks more like labels:
+    integers, then fewer distinct values, then shorter fields (the first on a tie)."""
+    def score(col: int) -> tuple:
+        values = [r[col].strip() for _, r in rows]
+        return (not all(_is_int(v) for v in values), len(set(values)), sum(map(len, values)))
+    return 0 if score(0) <= score(width - 1) else width - 1
+
+
+def _read_jsonl(path: Path) -> Examples:
+    texts, pairs, labels, lines, keys = [], [], [], [], None
+    for n, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: expected a JSON object, got invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+        if keys is None:
+            keys = next((k for k in _JSON_TEXT if k[0] in obj and (k[1] is None or k[1] in obj)), None)
+        label_key = next((k for k in _JSON_LABEL if k in obj), None)
+        if keys is None or label_key is None or keys[0] not in obj or (keys[1] and keys[1] not in obj):
+            want = " or ".join("/".join(filter(None, k)) for k in _JSON_TEXT)
+            raise DataError(f"{path} line {n}: expected keys 'label' and a text ({want}), got {sorted(obj)}")
+        texts.append(str(obj[keys[0]]))
+        if keys[1]:
+            pairs.append(str(obj[keys[1]]))
+        labels.append(str(obj[label_key]).strip())
+        lines.append(n)
+    if not texts:
+        raise DataError(f"{path}: the file has no examples")
+    return Examples(str(path), texts, pairs if keys[1] else None, labels, lines)
+
+
+# --- labels --------------------------------------------------------------------------------
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def label_names(train: Examples, known: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The label names in id order: `known` (a head's id2label) when given, else integer
+    labels 0..max ("LABEL_i", transformers' names) or the sorted names found."""
+    if known is not None:
+        return tuple(known)
+    if all(_is_int(x) for x in train.labels):
+        return tuple(f"LABEL_{i}" for i in range(max(int(x) for x in train.labels) + 1))
+    return tuple(sorted(set(train.labels)))
+
+
+def label_ids(data: Examples, names: Sequence[str], train: Examples | None = None) -> np.ndarray:
+    """int32 [N] ids of data's labels under `names` (an integer label is its id, a name its
+    index). A label outside them is a DataError naming the line; for the eval set (`train`
+    given), also one the train set lacks."""
+    index = {n: i for i, n in enumerate(names)}
+    seen = None if train is None else set(train.labels)
+    out = np.zeros(len(data), np.int32)
+    for k, (raw, line) in enumerate(zip(data.labels, data.lines)):
+        if seen is not None and raw not in seen:
+            raise DataError(f"{data.path} line {line}: label {raw!r} does not occur in the train set "
+                            f"{train.path} (its labels: {sorted(seen)}); every eval label must be trained")
+        if _is_int(raw) and raw not in index:
+            i = int(raw)
+            if not 0 <= i < len(names):
+                raise DataError(f"{data.path} line {line}: expected a label id in 0..{len(names) - 1} "
+                                f"(or a name: {list(names)}), got {raw}")
+        elif raw in index:
+            i = index[raw]
+        else:
+            raise DataError(f"{data.path} line {line}: expected a label among {list(names)} "
+                            f"(or an id 0..{len(names) - 1}), got {raw!r}")
+        out[k] = i
+    return out
+
+
+# --- tokenizers ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TextEncoder:
+    """Texts (or pairs) -> rows [N, T] of ids, token types and mask, with the checkpoint's
+    special tokens. `fast`: a `tokenizers.Tokenizer`; else `sp`: a `zoo.tokenizer.Tokenizer`."""
+
+    source: Path  # the directory (or file) it was read from; its files are copied by `save`
+    pad_id: int
+    vocab_size: int
+    fast: Any = None
+    sp: Any = None
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str] | None, seq_len: int) -> dict[str, np.ndarray]:
+        """{"tokens", "token_types", "mask"}: int32/int32/bool [N, seq_len], cut at seq_len
+        (the longer text first) and padded right with pad_id."""
+        n = len(texts)
+        out = {"tokens": np.full((n, seq_len), self.pad_id, np.int32),
+               "token_types": np.zeros((n, seq_len), np.int32), "mask": np.zeros((n, seq_len), bool)}
+        for i, (ids, types) in enumerate(self._encode(texts, pairs, seq_len)):
+            k = min(len(ids), seq_len)
+            out["tokens"][i, :k], out["token_types"][i, :k], out["mask"][i, :k] = ids[:k], types[:k], True
+        return out
+
+    def _encode(self, texts: Sequence[str], pairs: Sequence[str] | None, seq_len: int):
+        if self.fast is not None:
+            self.fast.no_padding()
+            self.fast.enable_truncation(max_length=seq_len)
+            inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+            for e in self.fast.encode_batch(inputs):
+                yield e.ids, e.type_ids
+            return
+        sp = self.sp
+        head = [sp.bos_id] if sp.bos_id is not None else []
+        tail = [sp.eos_id] if sp.eos_id is not None else []
+        a_ids = sp.encode(list(texts))
+        b_ids = sp.encode(list(pairs)) if pairs is not None else [None] * len(a_ids)
+        for a, b in zip(a_ids, b_ids):
+            first = head + a + tail
+            second = [] if b is None else b + tail
+            yield first + second, [0] * len(first) + [1] * len(second)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name in TOKENIZER_FILES:
+            f = self.source / name if self.source.is_dir() else None
+            if f is not None and f.is_file():
+                h.update(name.encode() + f.read_bytes())
+        if not self.source.is_dir():
+            h.update(self.source.read_bytes())
+        return h.hexdigest()[:16]
+
+    def save(self, directory: Path) -> None:
+        """Copies the tokenizer's files into `directory` (the run dir's tokenizer/, an export)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        files = ([self.source / n for n in TOKENIZER_FILES if (self.source / n).is_file()]
+                 if self.source.is_dir() else [self.source])
+        for f in files:
+            shutil.copyfile(f, directory / f.name)
+
+
+def load_encoder(path: str | Path, pad_id: int | None = None) -> TextEncoder:
+    """The tokenizer of a checkpoint directory (or a SentencePiece .model file); `pad_id`:
+    the model config's, used when the tokenizer names no pad token."""
+    path = Path(path)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        import tokenizers
+
+        fast = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        return TextEncoder(path, _pad_of(fast, pad_id, path), fast.get_vocab_size(), fast=fast)
+    if path.is_dir() and (path / "vocab.txt").is_file():
+        from tokenizers.implementations import BertWordPieceTokenizer
+
+        lower = _read_config(path).get("do_lower_case", True)
+        fast = BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=lower)._tokenizer
+        return TextEncoder(path, _pad_of(fast, pad_id, path), fast.get_vocab_size(), fast=fast)
+    try:
+        sp = zoo.tokenizer.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no tokenizer; expected tokenizer.json, vocab.txt or a SentencePiece "
+                                f"model ({', '.join(zoo.tokenizer.MODEL_FILES)})") from None
+    pad = sp.pad_id if sp.pad_id is not None else pad_id
+    if pad is None:
+        raise ValueError(f"{path}: the tokenizer and the model config name no pad id")
+    return TextEncoder(path, pad, sp.vocab_size, sp=sp)
+
+
+def _read_config(path: Path) -> dict:
+    f = path / "tokenizer_config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _pad_of(fast: Any, pad_id: int | None, path: Path) -> int:
+    if fast.padding is not None:
+        return int(fast.padding["pad_id"])
+    for token in ("[PAD]", "<pad>", _read_config(path).get("pad_token")):
+        if isinstance(token, str) and fast.token_to_id(token) is not None:
+            return int(fast.token_to_id(token))
+    if pad_id is None:
+        raise ValueError(f"{path}: the tokenizer names no pad token and the model config no pad_token_id")
+    return pad_id
