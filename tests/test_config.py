@@ -72,7 +72,11 @@ def test_invalid_fields_name_the_field(changes, field):
 
 def test_family_specific_fields():
     with pytest.raises(ConfigError, match="sliding_window"):
-        zoo.preset("tiny-encoder", sliding_window=8)
+        zoo.preset("tiny-encdec", sliding_window=8)
+    assert zoo.preset("tiny-encoder", sliding_window=8).layer_kind(0) == "local"  # two-sided (ModernBERT)
+    for family, changes in (("tiny-decoder", {}), ("tiny-encoder", {"norm_position": "post"})):
+        with pytest.raises(ConfigError, match="first_attn_norm"):  # ModernBERT's pre-norm encoder only
+            zoo.preset(family, first_attn_norm=False, **changes)
     with pytest.raises(ConfigError, match="num_decoder_layers"):
         zoo.preset("tiny-decoder", num_decoder_layers=2)
 
