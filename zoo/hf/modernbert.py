@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from zoo.config import ACTIVATIONS, Config
-from zoo.hf.common import (ModelType, Unsupported, activation, expect, head_is_tied,
+from zoo.hf.common import (ModelType, Unsupported, activation, head_is_tied,
                            layer_pattern, positive, read_layer_kinds, require, special_ids,
                            write_layer_types, write_special_ids)
 from zoo.hf.heads import HeadFormat, Recipe
@@ -97,7 +97,6 @@ def _layer_kinds(d: dict, num_layers: int) -> list[str]:
 
 
 def _read(d: dict, weights: Any) -> Config:
-    expect(d, _NAME, "is_causal", (False, None), None)
     vocab = positive(d, _NAME, "vocab_size")
     width, heads = positive(d, _NAME, "hidden_size"), positive(d, _NAME, "num_attention_heads")
     require(width % heads == 0, _NAME, "num_attention_heads",
@@ -137,7 +136,7 @@ def _read(d: dict, weights: Any) -> Config:
 def _write(cfg: Config) -> dict:
     if cfg.logits_bias and not cfg.mlm_transform:
         raise Unsupported("save_hf: a modernbert decoder bias belongs to its MLM head "
-                          f"(Config.logits_bias=True needs mlm_transform=True)")
+                          "(Config.logits_bias=True needs mlm_transform=True)")
     local_theta = cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta
     window = cfg.sliding_window if cfg.sliding_window is not None else 65  # unused without local layers
     act = _hf_act(ACTIVATIONS[cfg.activation][0])
