@@ -17,7 +17,8 @@ from flax.training import train_state
 
 import train
 import zoo
-from train.optim import make_optimizer
+from train.optim import decay_mask, make_optimizer, schedule
+from train.step import state_from_params
 from zoo.sharding import DEFAULT_RULES, make_mesh
 
 
@@ -149,11 +150,11 @@ def test_nnx_optimizer_trains_a_classifier_composed_around_the_model():
 
 
 def _losses_train_step(cfg: zoo.Config, hp: train.Hparams, batches: list) -> list[float]:
-    state = train.step.state_from_params(cfg, hp, zoo.init(cfg, jax.random.key(0)),
-                                         jax.random.key_data(jax.random.key(1)))
+    state = state_from_params(cfg, hp, zoo.init(cfg, jax.random.key(0)),
+                              jax.random.key_data(jax.random.key(1)))
     out = []
     for batch in batches:
-        state, metrics = train.step.step(state, batch)
+        state, metrics = train.step(state, batch)
         out.append(float(metrics["loss"]))
     return out
 
@@ -164,9 +165,19 @@ def _ce(logits: jax.Array, batch: dict) -> jax.Array:
     return jnp.sum(ce * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
 
+def _nnx_tx(cfg: zoo.Config, hp: train.Hparams) -> optax.GradientTransformation:
+    """train's optimizer (make_optimizer) with its weight-decay mask as a function of the
+    tree: nnx.Optimizer hands optax an nnx.State, which make_optimizer's dict mask does not
+    match (the State flattens to the same leaves in the same order)."""
+    mask = jax.tree.leaves(decay_mask(cfg))
+    return optax.chain(optax.clip_by_global_norm(hp.clip_norm), optax.adamw(
+        schedule(hp), b1=hp.b1, b2=hp.b2, eps=hp.eps, weight_decay=hp.weight_decay,
+        mask=lambda tree: jax.tree.unflatten(jax.tree.structure(tree), mask)))
+
+
 def _losses_nnx(cfg: zoo.Config, hp: train.Hparams, batches: list) -> list[float]:
     model = zoo.nnx.Model(cfg, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(model, make_optimizer(cfg, hp), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, _nnx_tx(cfg, hp), wrt=nnx.Param)
 
     @nnx.jit
     def step(model: zoo.nnx.Model, opt: nnx.Optimizer, batch: dict) -> jax.Array:
