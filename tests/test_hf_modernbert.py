@@ -81,10 +81,10 @@ PUBLISHED = dict(
 
 
 class _TiedCheckpoint:
-    """The keys of a checkpoint whose decoder is the embedding (not stored)."""
+    """The keys of a ModernBertForMaskedLM checkpoint whose decoder is the embedding (not stored)."""
 
     def has(self, key: str) -> bool:
-        return key not in ("decoder.weight", "head.dense.bias")
+        return key not in ("decoder.weight", "head.dense.bias", "classifier.weight")
 
 
 def test_published_config_reads_as_the_preset():
