@@ -122,3 +122,17 @@ def test_albert_parameters_do_not_grow_with_depth():
     cfg = zoo.preset("albert-base-v2")
     assert zoo.param_count(cfg.replace(num_layers=48)) == zoo.param_count(cfg) == 11_812_272
     assert zoo.param_count(cfg.replace(shared_layers=2)) == zoo.param_count(cfg) + 7_087_872  # one layer more
+
+
+def test_distilbert_token_head_drops_out_by_the_body_rate(tmp_path):
+    """DistilBertForTokenClassification reads its dropout from the body's `dropout`: a head
+    with another rate has no checkpoint (saving it would change the body's)."""
+    cfg = zoo.preset("distilbert-base-uncased", vocab_size=128, d_model=32, num_heads=4, d_ff=64, num_layers=1,
+                     max_len=64, dropout=0.1)
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(lambda: zoo.init(cfg, jax.random.key(0))))
+    head = zoo.heads.init(cfg, jax.random.key(1), num_labels=3, kind="token", dropout=0.3)
+    with pytest.raises(ValueError, match="dropout"):
+        zoo.save_hf(cfg, params, tmp_path, head=head)
+    zoo.save_hf(cfg, params, tmp_path, head=zoo.heads.init(cfg, jax.random.key(1), num_labels=3, kind="token",
+                                                           dropout=0.1))
+    assert zoo.heads.load_hf(tmp_path, zoo.load_hf(tmp_path)[0]).dropout == 0.1

@@ -258,7 +258,11 @@ def write(head: Head, cfg: Config, model_type: Any, hf: dict,
                              f"cfg.pad_id={cfg.pad_id}")
         config["pad_token_id"] = head.pad_id
     if fmt.dropout:
-        config[fmt.dropout[0]] = head.dropout
+        field = fmt.dropout[0]
+        if field in hf and hf[field] != head.dropout:  # DistilBertForTokenClassification: the body's
+            raise ValueError(f"save_hf: a {fmt.arch} drops out by the body's {field!r} "
+                             f"({hf[field]}, Config.dropout); the head has dropout={head.dropout}")
+        config[field] = head.dropout
     hf.update(architectures=[fmt.arch], id2label={str(i): name for i, name in enumerate(head.labels)},
               label2id={name: i for i, name in enumerate(head.labels)}, problem_type=head.problem_type,
               **config)
