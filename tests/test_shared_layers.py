@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import zoo
+from zoo.flops import forward_flops
 
 LAYERS, SETS = 4, 2
 BLOCKS = np.array([0, 0, 1, 1])  # layer i runs set i // (LAYERS / SETS), as ALBERT groups
@@ -105,3 +106,12 @@ def test_the_backward_keeps_one_copy_of_each_set(albert_like):
     for w in jax.tree.leaves(params["encoder"]["layers"]):
         if w.ndim > 2:  # matrices (a bias could share its shape with an activation)
             assert (LAYERS, *w.shape[1:]) not in saved, w.shape
+
+
+def test_model_flops_count_every_layer_that_runs():
+    """MFU counts the work done: a shared set runs once per layer of its block, and the
+    factorised embeddings' tied head projects from their width."""
+    cfg = zoo.preset("albert-base-v2")
+    assert forward_flops(cfg, 128) == forward_flops(cfg.replace(shared_layers=0), 128)
+    # The tied table [V, 128] costs what an untied [128, V] head does.
+    assert forward_flops(cfg, 128) == forward_flops(cfg.replace(tie_embeddings=False), 128)
