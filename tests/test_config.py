@@ -57,6 +57,8 @@ def test_replace_validates():
     (dict(dtype="int8"), "dtype"),
     (dict(eos_id=1000), "eos_id"),
     (dict(norm_position="middle"), "norm_position"),
+    (dict(shared_layers=2), "shared_layers"),  # 2 sets do not divide 1 layer
+    (dict(embed_dim=16), "embed_dim"),  # a decoder's head reads d_model-wide states
     (dict(qk_rope_head_dim=4), "qk_rope_head_dim"),  # an MLA field without kv_lora_rank
     (dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=3, attn_bias=False), "qk_rope_head_dim"),
     (dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4), "attn_bias"),  # MLA has no biases
