@@ -63,7 +63,8 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
     if _is_module(draft_params):
         draft_params, draft_cfg = draft_params.params(), draft_cfg or draft_params.cfg
     if prompt is None:
-        raise TypeError("prompt: missing; call generate(params, cfg, prompt, ...) or generate(model, prompt, ...)")
+        raise TypeError("prompt: missing; call generate(params, cfg, prompt, ...) or "
+                        "generate(model, prompt, ...)")
     _check_model(cfg, "cfg")
     prompt = jnp.asarray(prompt) if isinstance(prompt, np.ndarray) else prompt
     check_tokens("prompt", prompt, cfg)

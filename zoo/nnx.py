@@ -40,14 +40,14 @@ def check_params(cfg: Config, params: Any, where: str) -> None:
         raise TypeError(f"{where}: cfg must be a zoo.Config, got {type(cfg).__name__}")
     expected = jax.eval_shape(lambda: zmodel.init(cfg, jax.random.key(0)))
     want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-    try:
-        got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    except Exception as err:  # noqa: BLE001 - any unflattenable input is the user's tree
-        raise ValueError(f"{where}: params must be a nested dict of arrays, got {type(params).__name__}") from err
+    if not isinstance(params, dict):
+        raise TypeError(f"{where}: params must be a nested dict of arrays, got {type(params).__name__}")
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for path in sorted(set(want) | set(got), key=jax.tree_util.keystr):
         name = f"params{jax.tree_util.keystr(path)}"
         if path not in got:
-            raise ValueError(f"{where}: {name} is missing (expected shape {want[path].shape} for {cfg.family} cfg)")
+            raise ValueError(f"{where}: {name} is missing (expected shape {want[path].shape} for "
+                             f"{cfg.family} cfg)")
         if path not in want:
             raise ValueError(f"{where}: {name} (shape {jnp.shape(got[path])}) is not in the {cfg.family} "
                              f"cfg's tree")
@@ -62,7 +62,8 @@ def first_key(stream: nnx.RngStream) -> jax.Array:
     later draws are the stream's usual fold_in(key, count) and never repeat it."""
     base, count = stream.key[...], stream.count[...]
     stream()  # advance the count: the next consumer of the stream gets another key
-    data = jnp.where(count == 0, jax.random.key_data(base), jax.random.key_data(jax.random.fold_in(base, count)))
+    data = jnp.where(count == 0, jax.random.key_data(base),
+                     jax.random.key_data(jax.random.fold_in(base, count)))
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(base))
 
 
