@@ -32,30 +32,31 @@ def _batch(vocab: int = 128, lengths=(9, 6)):
 @pytest.fixture(scope="module")
 def albert_like():
     cfg = zoo.preset("tiny-encoder", num_layers=LAYERS, shared_layers=SETS, embed_dim=16)
-    return cfg, zoo.init(cfg, jax.random.key(0))
+    return cfg, jax.jit(zoo.init, static_argnums=0)(cfg, jax.random.key(0))
+
+
+def _loss_and_grad(tokens, mask):
+    def loss(p, cfg):
+        logits = zoo.forward(p, cfg, tokens, mask=mask).logits
+        return jnp.mean(logits ** 2), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
 
 
 @pytest.mark.parametrize("scan", [True, False])
-def test_shared_sets_compute_their_copies(albert_like, scan):
+def test_shared_sets_compute_their_copies_and_sum_their_gradients(albert_like, scan):
     cfg, params = albert_like
     tokens, mask = _batch()
     assert params["encoder"]["layers"]["attn"]["q"].shape[0] == SETS
     assert params["embed"]["tokens"].shape == (128, 16)
-    got = zoo.forward(params, cfg.replace(scan_layers=scan), tokens, mask=mask).logits
-    want = zoo.forward(_copied(params, "encoder"), cfg.replace(shared_layers=0), tokens, mask=mask).logits
+    run = _loss_and_grad(tokens, mask)
+    (_, got), grads = run(params, cfg.replace(scan_layers=scan))
+    (_, want), copies = run(_copied(params, "encoder"), cfg.replace(shared_layers=0))
     np.testing.assert_allclose(got, want, atol=1e-5)
+    summed = jax.tree.map(lambda g: jax.ops.segment_sum(g, BLOCKS, SETS), copies["encoder"]["layers"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads["encoder"]["layers"], summed)
 
 
-def test_gradients_sum_over_the_layers_of_a_set(albert_like):
-    cfg, params = albert_like
-    tokens, mask = _batch()
-    loss = lambda p, c: jnp.mean(zoo.forward(p, c, tokens, mask=mask).logits ** 2)
-    got = jax.grad(loss)(params, cfg)["encoder"]["layers"]
-    copies = jax.grad(loss)(_copied(params, "encoder"), cfg.replace(shared_layers=0))["encoder"]["layers"]
-    want = jax.tree.map(lambda g: jax.ops.segment_sum(g, BLOCKS, SETS), copies)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
-
-
+@pytest.mark.slow  # CI time: the unrolled encoder above runs the same per-layer selection
 def test_a_shared_decoder_generates_as_its_copies():
     """The decoding layout (layers unstacked over per-layer caches) runs each layer's set."""
     cfg = zoo.preset("tiny-decoder", num_layers=LAYERS, shared_layers=SETS)
