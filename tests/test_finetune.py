@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import finetune
+from train import export, finetune
 from train.tasks import DataError, label_ids, label_names, load_encoder, read_examples
 
 SST2 = Path(os.environ["ZOO_DATA_DIR"]) / "sst2"  # set by conftest
@@ -83,6 +83,9 @@ def test_finetune_learns_logs_eval_metrics_and_keeps_the_best(finetuned):
     assert (finetuned / run["best"]["path"]).is_dir()
     assert run["head"]["labels"] == ["LABEL_0", "LABEL_1"]
     assert (finetuned / "tokenizer" / "tokenizer.json").is_file()
+    from train.check import main as check_main
+
+    assert check_main(["--run", str(finetuned)]) == 0  # `python -m train check` reads the task head
 
 
 def test_export_loads_in_transformers_with_the_same_predictions(finetuned, bert_dir, tmp_path):
@@ -91,7 +94,7 @@ def test_export_loads_in_transformers_with_the_same_predictions(finetuned, bert_
     from train.step import task_logits
 
     out = tmp_path / "hf"
-    assert finetune.export_main(["--run", str(finetuned), "--out", str(out)]) == 0
+    assert export.export_main(["--run", str(finetuned), "--out", str(out)]) == 0
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     dev = read_examples(bert_dir / "dev.tsv")
@@ -99,7 +102,7 @@ def test_export_loads_in_transformers_with_the_same_predictions(finetuned, bert_
     enc = tok(texts, padding="max_length", max_length=SEQ, truncation=True, return_tensors="pt")
     with torch.no_grad():
         want = model(**enc).logits.numpy()
-    state = finetune.restore_run(finetuned)
+    state = export.restore_run(finetuned)
     rows = load_encoder(finetuned / "tokenizer").encode(texts, None, SEQ)
     np.testing.assert_array_equal(rows["tokens"], enc["input_ids"].numpy())
     batch = {"inputs": rows["tokens"], "segment_ids": rows["mask"].astype(np.int32),
@@ -177,6 +180,15 @@ def test_bad_input_is_one_line_and_writes_nothing(bert_dir, tmp_path, capsys, tr
     assert not run_dir.exists()
 
 
+def test_classify_on_an_encoder_decoder_is_refused_before_writing(bert_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["--model", "tiny-encdec", "--tokenizer", str(bert_dir), "--data", str(bert_dir / "train.tsv"),
+            "--run-dir", str(run_dir), "--mesh", "data=1"]
+    assert finetune.main(argv) == 2
+    assert "--task classify: an encdec model has no sequence classification head" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
 def test_unreadable_jsonl_names_the_line(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0}\n{"sentence": "b"}\n')
     with pytest.raises(DataError, match=r"d.jsonl line 2: expected keys 'label' and a text"):
@@ -192,7 +204,20 @@ def test_minilm_smoke(tmp_path):
     run_dir = tmp_path / "run"
     argv = ["--from", str(minilm.get_model_path()), "--task", "classify", "--data", str(tmp_path / "train.tsv"),
             "--eval-data", str(SST2 / "dev.tsv"), "--run-dir", str(run_dir), "--steps", "4", "--batch-size", "8",
-            "--seq-len", "32", "--lr", "1e-4"]
+            "--seq-len", "32", "--lr", "1e-4", "--eval-every", "4"]
     assert finetune.main(argv) == 0
     assert "eval_accuracy" in _rows(run_dir)[-1]
-    assert finetune.export_main(["--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    assert export.export_main(["--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+
+
+@pytest.mark.slow
+def test_from_scratch_then_from_its_run_dir_under_pmap(bert_dir, tmp_path):
+    """--model PRESET --tokenizer DIR trains from scratch; --from that run dir continues from
+    its best state, head and tokenizer included, on the pmap path; export writes it."""
+    scratch, cont = tmp_path / "scratch", tmp_path / "cont"
+    common = ["--data", str(bert_dir / "train.tsv"), "--steps", "4", "--batch-size", "8", "--seq-len", str(SEQ)]
+    assert finetune.main(["--model", "tiny-encoder", "--tokenizer", str(bert_dir), "--run-dir", str(scratch),
+                          *common]) == 0
+    assert finetune.main(["--from", str(scratch), "--run-dir", str(cont), "--parallel", "pmap", *common]) == 0
+    assert json.loads((cont / "run.json").read_text())["head"]["labels"] == ["LABEL_0", "LABEL_1"]
+    assert export.export_main(["--run", str(cont), "--out", str(tmp_path / "hf")]) == 0

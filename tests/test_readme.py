@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from train import finetune
+from train import export, finetune
 from train.cli import resolve
 from train.sample import parser as sample_parser
 
@@ -163,7 +163,7 @@ def test_train_command_parses(args: list[str], tmp_path: Path, monkeypatch):
     elif args[:1] == ["finetune"]:
         finetune.resolve(args[1:])
     elif args[:1] == ["export"]:
-        finetune.export_parser().parse_args(args[1:])
+        export.export_parser().parse_args(args[1:])
     else:
         resolve(args)
 

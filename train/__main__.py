@@ -2,7 +2,7 @@
 `python -m train sample --run DIR --prompt TEXT`: text from a trained run (train/sample.py).
 `python -m train check --run DIR`: verifies every checkpoint of a run (train/check.py).
 `python -m train finetune --from PATH --task classify --data F`: fine-tuning; `python -m train
-export --run DIR --out DIR`: its model for transformers (train/finetune.py)."""
+export --run DIR --out DIR`: its model for transformers (train/export.py)."""
 
 import sys
 
@@ -20,10 +20,15 @@ if sys.argv[1:2] == ["check"]:  # `python -m train check --run DIR`
 
     sys.exit(check_main(sys.argv[2:]))
 
-if sys.argv[1:2] in (["finetune"], ["export"]):  # fine-tuning and its export (train/finetune.py)
-    from train import finetune
+if sys.argv[1:2] == ["finetune"]:  # `python -m train finetune --from PATH --task classify ...`
+    from train.finetune import main as finetune_main
 
-    sys.exit(finetune.main() if sys.argv[1] == "finetune" else finetune.export_main())
+    sys.exit(finetune_main())
+
+if sys.argv[1:2] == ["export"]:  # `python -m train export --run DIR --out DIR`
+    from train.export import export_main
+
+    sys.exit(export_main())
 
 from train.loop import main
 

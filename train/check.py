@@ -31,6 +31,10 @@ def _like(record: dict[str, Any]) -> Any:
     cfg = zoo.Config.from_dict(record["config"])
     known = {f.name for f in dataclasses.fields(Hparams)}
     hp = Hparams(**{k: v for k, v in record["hparams"].items() if k in known})
+    if "head" in record:  # a fine-tuning run's state carries its task head (train/export.py)
+        from train.export import head_from_config
+
+        return abstract_state(cfg, hp, head_from_config(record["head"]))
     return abstract_state(cfg, hp)
 
 

@@ -1,6 +1,6 @@
 """`python -m train finetune`: a pretrained checkpoint (or a preset from scratch) trained on
 labelled data through the same step, checkpoints, resume, meshes and metrics as pretraining;
-`python -m train export`: the run's best model as a Hugging Face directory.
+`python -m train export` (train/export.py): the run's best model for transformers.
 
     python -m train finetune --from PATH --task classify --data train.tsv --eval-data dev.tsv \\
         --run-dir runs/sst2 --steps 300 --batch-size 32 --seq-len 64 --lr 1e-4
@@ -40,7 +40,8 @@ import zoo
 from train import hosts
 from train.checkpoint import Checkpointer, CheckpointError, check_record, quiet_libraries
 from train.cli import _HelpFormatter, parse_value
-from train.loop import Compiled, RunError, _holding, _put, train_loop
+from train.export import head_config, restore_run
+from train.loop import Compiled, RunError, _holding, train_loop
 from train.objectives import classify
 from train.optim import TASK_HEAD, Hparams
 from train.parallel import build_mesh, check_fit, make_runner, process_rows, rules_from
@@ -146,6 +147,8 @@ def resolve(argv: Sequence[str]) -> FinetuneConfig:
     settings = {**declared(FinetuneConfig), "hparams": dict(FINETUNE_HPARAMS)}
     run_json = Path(layer.get("run_dir", FinetuneConfig.run_dir)) / "run.json"
     layers = [layer]
+    if layer.get("resume") and not run_json.is_file() and "init_from" not in layer and "model" not in layer:
+        raise FileNotFoundError(f"--resume: no run.json in {run_json.parent}; is it a fine-tuning run dir?")
     if layer.get("resume") and run_json.is_file():
         saved = read_json(run_json)
         for k in ("resume", "best", "head"):
@@ -230,7 +233,7 @@ def task_head(fc: FinetuneConfig, src: Source, train: Examples) -> zoo.heads.Hea
     """The head to train: the checkpoint's (its labels), else a new one with --num-labels or
     the labels of the train set. ValueError when --task does not fit the model."""
     if src.cfg.family not in ("encoder", "decoder"):
-        raise ValueError(f"--task {fc.task}: a {src.cfg.family} model has no sequence classification head "
+        raise ValueError(f"--task {fc.task}: an {src.cfg.family} model has no sequence classification head "
                          f"(encoders and decoders do)")
     if src.head is not None:
         if src.head.kind != "sequence":
@@ -366,7 +369,7 @@ class Setup:
     eval_count: int
 
 
-def setup(fc: FinetuneConfig, run_dir: Path) -> Setup:
+def setup(fc: FinetuneConfig) -> Setup:
     """Every check before anything is written or compiled: the model, the head, the data
     and its labels, the mesh."""
     mesh, rules = build_mesh(fc.mesh), rules_from(fc.rules)
@@ -402,20 +405,9 @@ def setup(fc: FinetuneConfig, run_dir: Path) -> Setup:
     pipeline = ClassifyData(train_rows, eval_rows, fc.batch_size, fc.seed, part, parts)
     record = {"config": cfg.to_dict(), "objective": fc.task, "seq_len": fc.seq_len, "batch_size": fc.batch_size,
               "seed": fc.seed, "tokenizer": src.encoder.fingerprint, "data_fingerprint": fingerprint(train_rows),
-              "hparams": dataclasses.asdict(fc.hparams)}
+              "hparams": dataclasses.asdict(fc.hparams), "head": head_config(static_task(head))}
     return Setup(cfg, fc.hparams, static_task(head), src, head, pipeline, mesh, rules, rows_sharding, rows_like,
                  record, len(evaluation))
-
-
-def head_config(task: zoo.heads.Head) -> dict[str, Any]:
-    """A head's static part as JSON (run.json `head`)."""
-    return {"kind": task.kind, "labels": list(task.labels), "problem_type": task.problem_type,
-            "recipe": task.recipe._asdict(), "dropout": task.dropout, "pad_id": task.pad_id}
-
-
-def head_from_config(d: dict[str, Any]) -> zoo.heads.Head:
-    return zoo.heads.Head(None, d["kind"], tuple(d["labels"]), d["problem_type"],
-                          zoo.heads.Recipe(**d["recipe"]), d["dropout"], d["pad_id"])
 
 
 class Best:
@@ -480,7 +472,7 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
     if latest is not None and not fc.resume:
         raise RunError(f"{run_dir} already holds a run (checkpoints up to step {latest}): pass --resume to "
                        f"continue it, or choose another --run-dir")
-    s = setup(fc, run_dir)
+    s = setup(fc)
     state, start = None, 0
     if latest is not None:
         vet = lambda record, where: check_record(record, s.record, str(where))
@@ -545,40 +537,6 @@ def _closing(text: str, run_dir: Path, steps: list[int], best: dict | None) -> s
     return "\n".join(lines)
 
 
-# --- export ----------------------------------------------------------------------------------
-
-def restore_run(run_dir: str | Path, step: int | None = None) -> Any:
-    """A fine-tuning run's state on one device: its best checkpoint (or `step` of
-    checkpoints/), verified against the digests saved with it."""
-    run_dir = Path(run_dir)
-    run = read_json(run_dir / "run.json")
-    if "head" not in run:
-        raise ValueError(f"--run {run_dir}: not a fine-tuning run (its run.json has no head)")
-    cfg = zoo.Config.from_json((run_dir / "config.json").read_text())
-    hp = Hparams(**run["hparams"])
-    task = head_from_config(run["head"])
-    where = run_dir / "best" if step is None and (run_dir / "best").is_dir() else run_dir / "checkpoints"
-    ckpt = Checkpointer(where, every=1, keep=1)
-    try:
-        mesh = build_mesh("data=1")
-        return ckpt.restore(abstract_state(cfg, hp, task), mesh, step)
-    finally:
-        ckpt.close()
-
-
-def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    """The run's best state (or checkpoint `step`) as a Hugging Face directory with its head
-    (`zoo.save_hf(..., head=)`) and the run's tokenizer files."""
-    state = restore_run(run_dir, step)
-    body = {k: v for k, v in state.params.items() if k != TASK_HEAD}
-    zoo.save_hf(state.cfg, body, out, head=state.head)
-    tok = Path(run_dir) / "tokenizer"
-    if tok.is_dir():
-        for f in tok.iterdir():
-            shutil.copyfile(f, Path(out) / f.name)
-    return Path(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m train finetune ...`: exit status as `python -m train` (train/rundir.py)."""
     argv = sys.argv[2:] if argv is None else argv
@@ -592,27 +550,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 128 + result["signal"] if result["interrupted"] else EXIT_DONE
-
-
-def export_parser() -> argparse.ArgumentParser:
-    """`python -m train export --run DIR --out DIR [--step N]`."""
-    p = argparse.ArgumentParser(prog="python -m train export",
-                                description="A fine-tuning run's best model as a Hugging Face directory "
-                                            "(transformers loads it with AutoModelFor...).")
-    p.add_argument("--run", required=True, help="run dir of `python -m train finetune`")
-    p.add_argument("--out", required=True, help="the directory to write")
-    p.add_argument("--step", type=int, help="a checkpoint of checkpoints/ (default: the best)")
-    return p
-
-
-def export_main(argv: list[str] | None = None) -> int:
-    """`python -m train export ...`: 0 done, 2 a run that cannot be exported."""
-    args = export_parser().parse_args(sys.argv[2:] if argv is None else argv)
-    quiet_libraries()
-    try:
-        out = export(args.run, args.out, args.step)
-    except (ValueError, FileNotFoundError, CheckpointError, RunStop) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"wrote {out}", flush=True)
-    return EXIT_DONE

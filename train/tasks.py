@@ -189,7 +189,8 @@ def label_ids(data: Examples, names: Sequence[str], train: Examples | None = Non
 @dataclasses.dataclass
 class TextEncoder:
     """Texts (or pairs) -> rows [N, T] of ids, token types and mask, with the checkpoint's
-    special tokens. `fast`: a `tokenizers.Tokenizer`; else `sp`: a `zoo.tokenizer.Tokenizer`."""
+    special tokens. `fast`: a `tokenizers.Tokenizer`; else `sp`: a `train.tokens.Tokenizer`
+    (SentencePiece, with the specials pretraining appends: ids as `python -m train` gave them)."""
 
     source: Path  # the directory (or file) it was read from; its files are copied by `save`
     pad_id: int
@@ -216,11 +217,11 @@ class TextEncoder:
             for e in self.fast.encode_batch(inputs):
                 yield e.ids, e.type_ids
             return
-        sp = self.sp
-        head = [sp.bos_id] if sp.bos_id is not None else []
-        tail = [sp.eos_id] if sp.eos_id is not None else []
-        a_ids = sp.encode(list(texts))
-        b_ids = sp.encode(list(pairs)) if pairs is not None else [None] * len(a_ids)
+        v = self.sp.vocab
+        head = [v.bos_id] if v.bos_id is not None else []
+        tail = [v.eos_id]
+        a_ids = self.sp.encode(list(texts))
+        b_ids = self.sp.encode(list(pairs)) if pairs is not None else [None] * len(a_ids)
         for a, b in zip(a_ids, b_ids):
             first = head + a + tail
             second = [] if b is None else b + tail
@@ -261,15 +262,15 @@ def load_encoder(path: str | Path, pad_id: int | None = None) -> TextEncoder:
         lower = _read_config(path).get("do_lower_case", True)
         fast = BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=lower)._tokenizer
         return TextEncoder(path, _pad_of(fast, pad_id, path), fast.get_vocab_size(), fast=fast)
-    try:
-        sp = zoo.tokenizer.load(path)
-    except FileNotFoundError:
+    from train.tokens import load_tokenizer
+
+    model = next((path / n for n in zoo.tokenizer.MODEL_FILES if (path / n).is_file()), None) \
+        if path.is_dir() else path
+    if model is None or not model.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer; expected tokenizer.json, vocab.txt or a SentencePiece "
-                                f"model ({', '.join(zoo.tokenizer.MODEL_FILES)})") from None
-    pad = sp.pad_id if sp.pad_id is not None else pad_id
-    if pad is None:
-        raise ValueError(f"{path}: the tokenizer and the model config name no pad id")
-    return TextEncoder(path, pad, sp.vocab_size, sp=sp)
+                                f"model ({', '.join(zoo.tokenizer.MODEL_FILES)})")
+    sp = load_tokenizer(model, zoo.tokenizer.load(model.parent).extra_ids if path.is_dir() else 0)
+    return TextEncoder(path, sp.vocab.pad_id, sp.vocab.size, sp=sp)
 
 
 def _read_config(path: Path) -> dict:
