@@ -151,6 +151,14 @@ def test_pairs_named_labels_csv_and_jsonl(bert_dir, tmp_path):
     assert list(rows["token_types"][0][:6]) == [0, 0, 0, 0, 1, 1]
 
 
+def test_without_eval_data_every_50th_example_is_held_out(bert_dir, tmp_path):
+    fc = finetune.resolve(["--from", str(bert_dir), "--data", str(bert_dir / "train.tsv"), "--run-dir",
+                           str(tmp_path / "run"), "--batch-size", "8", "--seq-len", str(SEQ), "--mesh", "data=1"])
+    s = finetune.setup(fc)
+    assert s.eval_count == 320 // 50 and len(s.pipeline.train_rows) == 320 - 320 // 50
+    assert s.head.labels == ("LABEL_0", "LABEL_1") and not (tmp_path / "run").exists()
+
+
 def test_a_wordpiece_vocab_alone_tokenizes_as_the_tokenizer_json(bert_dir, tmp_path):
     (tmp_path / "vocab.txt").write_bytes((bert_dir / "vocab.txt").read_bytes())
     texts, pairs = ["The movie was GOOD", "a film"], ["very bad", "plot"]
