@@ -238,6 +238,9 @@ def task_head(fc: FinetuneConfig, src: Source, train: Examples) -> zoo.heads.Hea
     if src.head is not None:
         if src.head.kind != "sequence":
             raise ValueError(f"--task {fc.task}: {fc.init_from} holds a {src.head.kind} head, not a sequence one")
+        if src.head.problem_type != "single_label_classification":  # the loss is the softmax cross entropy
+            raise ValueError(f"--task {fc.task}: the head in {fc.init_from} is for {src.head.problem_type}; "
+                             f"fine-tuning trains single_label_classification heads so far")
         if fc.num_labels is not None and fc.num_labels != src.head.num_labels:
             raise ValueError(f"--num-labels {fc.num_labels}: the head in {fc.init_from} has "
                              f"{src.head.num_labels} ({list(src.head.labels)})")
