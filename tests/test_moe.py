@@ -107,7 +107,7 @@ def test_tiles_cover_uneven_groups_and_empty_ones():
                            enumerate(zip(np.cumsum(sizes) - sizes, np.cumsum(sizes)))])
     for kernel in ("tiles", "ragged"):
         np.testing.assert_allclose(moe.grouped_matmul(x, w, sizes, kernel), want, atol=1e-5)
-    assert moe.tile_rows(80, 5) == 8 and moe.tile_rows(8192, 4) == 256
+    assert moe.tile_rows(80, 5) == 16 and moe.tile_rows(8192, 4) == 256 and moe.tile_rows(4096, 32) == 128
 
 
 def test_score_bias_moves_the_choice_not_the_weights_and_gets_no_gradient():
