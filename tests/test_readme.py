@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST_CPU_COMPILE
 
 from train import export, finetune
 from train.cli import resolve
@@ -96,9 +97,9 @@ PYTHON = [b for b in ALL if b.lang == "python"]
 
 def _env(devices: int, extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ZOO_DATA_DIR")}
-    env.update(extra)
+    env.update(extra, XLA_FLAGS=FAST_CPU_COMPILE)
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return env

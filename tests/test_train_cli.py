@@ -71,7 +71,7 @@ def test_resume_reads_the_saved_run_settings(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "gpt9"], "model (--model): expected one of ('bart-base'"),
+    (["--model", "gpt9"], "model (--model): expected one of ('albert-base-v2', 'bart-base'"),
     (["wat=1"], "unknown setting 'wat'"),
     (["steps"], "expected KEY=VALUE"),
     (["--steps", "0"], "total_steps (--total-steps, --steps): expected a positive integer, got 0"),
