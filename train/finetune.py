@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from train import hosts
 from train.checkpoint import Checkpointer, CheckpointError, check_record, quiet_libraries
 from train.cli import _HelpFormatter, parse_value
 from train.export import head_config, restore_run
-from train.loop import Compiled, RunError, _holding, train_loop
+from train.loop import Compiled, RunError, in_run_dir, train_loop
 from train.objectives import classify
 from train.optim import TASK_HEAD, Hparams
 from train.parallel import build_mesh, check_fit, make_runner, process_rows, rules_from
@@ -458,14 +457,7 @@ def run(fc: FinetuneConfig) -> dict[str, Any]:
     """Fine-tunes as `fc` says; nothing is written to the run dir before every check passed
     (a run dir this call created is removed when it fails before run.json exists)."""
     run_dir = Path(fc.run_dir)
-    created = not run_dir.exists()
-    try:
-        with _holding(run_dir):
-            return _run_locked(fc, run_dir)
-    except BaseException:
-        if created and hosts.is_primary() and not (run_dir / "run.json").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    return in_run_dir(run_dir, lambda: _run_locked(fc, run_dir))
 
 
 def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -323,10 +323,16 @@ def run(rc: RunConfig) -> dict[str, Any]:
     file written then), and a run dir this call created is removed again when the run
     fails before that."""
     run_dir = Path(rc.run_dir)
+    return in_run_dir(run_dir, lambda: _run_locked(rc, run_dir))
+
+
+def in_run_dir(run_dir: Path, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs `job` holding the run dir's lock (`python -m train`, `finetune`); a run dir this
+    call created is removed again when the job fails before writing run.json."""
     created = not run_dir.exists()
     try:
         with _holding(run_dir):
-            return _run_locked(rc, run_dir)
+            return job()
     except BaseException:
         if created and hosts.is_primary() and not (run_dir / "run.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
