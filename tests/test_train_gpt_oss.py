@@ -3,7 +3,6 @@ layer, 4 biased experts top-2 with the clamped SwiGLU) gives the same losses on 
 with its experts sharded over expert=4,data=2, and its loss falls; (slow) the same through
 `python -m train` with KEY=VALUE overrides."""
 
-import json
 
 import jax
 import numpy as np
@@ -12,9 +11,7 @@ import pytest
 import train
 import zoo
 from test_parallel import HP, RTOL, V, _batches, _losses
-from train.loop import main
-from train.report import read_metrics
-from train_util import cli_args
+from train_util import losses_on_two_meshes
 
 # gpt-oss-20b at test size: 4 heads of 8 over 2 KV heads, a window of 8 that the 32-token
 # rows cross, 4 experts of width 16 (one per device of the expert axis).
@@ -36,18 +33,8 @@ def test_a_shrunk_gpt_oss_trains_to_the_one_device_losses_with_expert_parallelis
 
 @pytest.mark.slow  # CI time: the check above runs the same model and mesh without the CLI
 def test_a_shrunk_gpt_oss_trains_through_the_cli_on_one_device_and_expert_parallel(tmp_path, tokenizer_path):
-    overrides = [f"{k}={json.dumps(v)}" for k, v in SHRUNK.items()]
-    losses = {}
-    for mesh in ("data=1", "expert=4,data=2"):
-        run_dir = tmp_path / mesh.replace(",", "_").replace("=", "")
-        argv = cli_args(run_dir, tokenizer_path, "--model", "gpt-oss-20b", "--steps", "4", "--lr", "1e-2",
-                        "--warmup", "0", "--eval-every", "4", "--eval-batches", "1", "--mesh", mesh, *overrides)
-        assert main(argv) == 0, mesh
-        losses[mesh] = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
-    saved = zoo.Config.from_json((run_dir / "config.json").read_text())
+    one, on_mesh, saved = losses_on_two_meshes(tmp_path, tokenizer_path, "gpt-oss-20b", SHRUNK, "expert=4,data=2")
     assert (saved.d_model, saved.num_experts, saved.sliding_window) == (32, 4, 8)
     assert saved.attn_sinks and saved.router_bias and saved.swiglu_limit == 7.0
     assert saved.layer_pattern == ("local", "global")
-    one, mesh = losses.values()
-    assert len(one) == 4 and one[-1] < one[0], one
-    np.testing.assert_allclose(mesh, one, rtol=RTOL)
+    np.testing.assert_allclose(on_mesh, one, rtol=RTOL)

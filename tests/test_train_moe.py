@@ -5,7 +5,6 @@ bias update (`score_bias_rate`): the selection bias moves by rate * sign(mean lo
 of the loads the forward saw, and neither the optimizer nor the gradient clipping sees it."""
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +14,8 @@ import pytest
 import train
 import zoo
 from test_parallel import HP, RTOL, V, _batches, _losses
-from train.loop import main
-from train.report import read_metrics
 from train.step import loss_sums
-from train_util import cli_args
+from train_util import losses_on_two_meshes
 
 # 4 heads of 8 over 1 KV head (the preset's 32:4 ratio), experts of width 16.
 SHRUNK = dict(d_model=32, num_heads=4, num_kv_heads=1, head_dim=8, d_ff=64, moe_d_ff=16, num_layers=2,
@@ -39,19 +36,9 @@ def test_a_shrunk_qwen3_moe_trains_to_the_one_device_losses_with_expert_parallel
 
 @pytest.mark.slow  # CI time: the check above runs the same model and mesh without the CLI
 def test_a_shrunk_qwen3_moe_trains_through_the_cli_on_one_device_and_expert_parallel(tmp_path, tokenizer_path):
-    overrides = [f"{k}={json.dumps(v)}" for k, v in SHRUNK.items()]
-    losses = {}
-    for mesh in ("data=1", "expert=4,data=2"):
-        run_dir = tmp_path / mesh.replace(",", "_").replace("=", "")
-        argv = cli_args(run_dir, tokenizer_path, "--model", "qwen3-30b-a3b", "--steps", "4", "--lr", "1e-2",
-                        "--warmup", "0", "--eval-every", "4", "--eval-batches", "1", "--mesh", mesh, *overrides)
-        assert main(argv) == 0, mesh
-        losses[mesh] = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
-    saved = zoo.Config.from_json((run_dir / "config.json").read_text())
+    one, on_mesh, saved = losses_on_two_meshes(tmp_path, tokenizer_path, "qwen3-30b-a3b", SHRUNK, "expert=4,data=2")
     assert (saved.num_experts, saved.moe_d_ff, saved.dense_layers, saved.qk_norm) == (4, 16, (0,), True)
-    one, mesh = losses.values()
-    assert len(one) == 4 and one[-1] < one[0], one
-    np.testing.assert_allclose(mesh, one, rtol=RTOL)
+    np.testing.assert_allclose(on_mesh, one, rtol=RTOL)
 
 
 def test_score_bias_moves_by_the_sign_of_the_load_outside_the_optimizer():

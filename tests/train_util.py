@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+import zoo
+from train.loop import main
+from train.report import read_metrics
 from train.tokens import Tokenizer, Vocab, train_tokenizer
 
 SHAKESPEARE = Path(os.environ["ZOO_DATA_DIR"]) / "tinyshakespeare.txt"  # set by conftest
@@ -45,3 +50,20 @@ def cli_args(run_dir: Path, tokenizer_path: Path, *extra: str) -> list[str]:
     batch 8 x 32, then `extra`."""
     return ["--model", "tiny-decoder", "--data", str(SHAKESPEARE), "--tokenizer", str(tokenizer_path),
             "--run-dir", str(run_dir), "--batch-size", "8", "--seq-len", "32", *extra]
+
+
+def losses_on_two_meshes(tmp_path: Path, tokenizer_path: Path, model: str, overrides: dict[str, Any],
+                         mesh: str, *extra: str) -> tuple[list[float], list[float], zoo.Config]:
+    """Four steps of `python -m train --model MODEL [extra] KEY=VALUE...` on one device and on
+    `mesh`: (one-device losses, mesh losses, the Config the run saved). The one-device loss falls."""
+    losses = {}
+    for m in ("data=1", mesh):
+        run_dir = tmp_path / m.replace(",", "_").replace("=", "")
+        argv = cli_args(run_dir, tokenizer_path, "--model", model, *extra, "--steps", "4", "--lr", "1e-2",
+                        "--warmup", "0", "--eval-every", "4", "--eval-batches", "1", "--mesh", m,
+                        *[f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+        assert main(argv) == 0, m
+        losses[m] = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    one, on_mesh = losses.values()
+    assert len(one) == 4 and one[-1] < one[0], one
+    return one, on_mesh, zoo.Config.from_json((run_dir / "config.json").read_text())
