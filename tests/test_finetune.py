@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from train import export, finetune
-from train.tasks import DataError, label_ids, label_names, load_encoder, read_examples
+from train.tasks import DataError, label_ids, label_names, load_encoder, read_examples, read_tagged
 
 SST2 = Path(os.environ["ZOO_DATA_DIR"]) / "sst2"  # set by conftest
 _GOOD, _BAD = ["good", "great", "fine"], ["bad", "awful", "poor"]
@@ -229,3 +229,103 @@ def test_from_scratch_then_from_its_run_dir_under_pmap(bert_dir, tmp_path):
     assert finetune.main(["--from", str(scratch), "--run-dir", str(cont), "--parallel", "pmap", *common]) == 0
     assert json.loads((cont / "run.json").read_text())["head"]["labels"] == ["LABEL_0", "LABEL_1"]
     assert export.export_main(["--run", str(cont), "--out", str(tmp_path / "hf")]) == 0
+
+
+# --- tag: token classification from CoNLL-style files ------------------------------------------
+
+def _write_conll(path: Path, n: int, seed: int) -> None:
+    """Sentences whose tags follow from the words: a GOOD word starts a POS entity and a BAD one
+    a NEG entity; "film" right after one continues it (I-), and every other word is O."""
+    rng = random.Random(seed)
+    lines = ["-DOCSTART- -X- O O", ""]
+    for _ in range(n):
+        prev = "O"
+        for _ in range(rng.randint(2, 7)):
+            word = rng.choice(_GOOD + _BAD + _FILL)
+            tag = ("B-POS" if word in _GOOD else "B-NEG" if word in _BAD else
+                   "I-" + prev[2:] if word == "film" and prev != "O" else "O")
+            lines.append(f"{word} NN O {tag}")
+            prev = tag
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def test_tag_finetunes_to_entity_f1_on_a_mesh_and_exports(bert_dir, tmp_path):
+    """40 steps on a data=2,tensor=4 mesh learn the tagging rule (seqeval entity F1 >= 0.9);
+    the best state exports to transformers' AutoModelForTokenClassification, same logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from train.step import task_logits
+    from train.tasks import read_tagged
+
+    _write_conll(tmp_path / "train.conll", 240, 0)
+    _write_conll(tmp_path / "dev.conll", 40, 1)
+    run_dir = tmp_path / "run"
+    argv = ["--from", str(bert_dir), "--task", "tag", "--data", str(tmp_path / "train.conll"), "--eval-data",
+            str(tmp_path / "dev.conll"), "--run-dir", str(run_dir), "--batch-size", "16", "--seq-len", str(SEQ),
+            "--lr", "3e-3", "--steps", "40", "--eval-every", "20", "--mesh", "data=2,tensor=4"]
+    assert finetune.main(argv) == 0
+    evals = [r for r in _rows(run_dir) if "eval_f1" in r]
+    assert [r["step"] for r in evals] == [20, 40] and evals[-1]["eval_f1"] >= 0.9, evals
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["best"]["metric"] == "eval_f1" and run["head"]["kind"] == "token"
+    assert run["head"]["labels"] == ["B-NEG", "B-POS", "I-NEG", "I-POS", "O"]
+
+    out = tmp_path / "hf"
+    assert export.export_main(["--run", str(run_dir), "--out", str(out)]) == 0
+    model = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+    words = read_tagged(tmp_path / "dev.conll").words[:4]
+    rows, _ = load_encoder(run_dir / "tokenizer").encode_words(words, SEQ)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(rows["tokens"]), attention_mask=torch.tensor(rows["mask"])).logits
+    state = export.restore_run(run_dir)
+    batch = {"inputs": rows["tokens"], "segment_ids": rows["mask"].astype(np.int32),
+             "token_types": rows["token_types"]}
+    got = np.asarray(task_logits(state.params, state.cfg, batch, state.task)[0])
+    np.testing.assert_allclose(got[rows["mask"]], want.numpy()[rows["mask"]], atol=1e-4)
+
+
+def test_tags_align_to_the_first_sub_word(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "film", "##s",
+                                                   "good"]) + "\n")
+    (tmp_path / "t.conll").write_text("the O\nfilms B-X\ngood I-X\n\ngood B-X\n")
+    data = read_tagged(tmp_path / "t.conll")
+    rows = finetune.encode(load_encoder(tmp_path), data, ("B-X", "I-X", "O"), 8)
+    # [CLS] the film ##s good [SEP]: "films" is scored at "film" only, specials and padding never
+    assert list(rows["tokens"][0][:6]) == [2, 4, 5, 6, 7, 3]
+    assert list(rows["labels"][0]) == [-1, 2, 0, -1, 1, -1, -1, -1]
+    assert list(rows["labels"][1][:4]) == [-1, 0, -1, -1]
+
+
+def test_tagging_metrics_count_entities_as_seqeval():
+    """One gold PER (2 tokens) and one gold LOC; the prediction finds PER, cuts LOC short into
+    a wrong type: precision 1/2, recall 1/2; token accuracy 3/4; padding rows and -1 ignored."""
+    names = ("B-LOC", "B-PER", "I-PER", "O")
+    labels = np.array([[-1, 1, 2, 3, 0, -1], [-1, 3, 3, -1, -1, -1]])
+    pred = np.array([[3, 1, 2, 3, 1, 0], [0, 0, 0, 0, 0, 0]])
+    logits = np.eye(4)[pred] * 5.0
+    m = finetune.tagging_metrics(logits, labels, np.array([1.0, 0.0]), names)
+    assert (m["eval_precision"], m["eval_recall"], m["eval_f1"]) == (0.5, 0.5, 0.5)
+    assert m["eval_accuracy"] == 0.75
+
+
+def test_an_eval_tag_the_train_set_lacks_is_refused_before_writing(bert_dir, tmp_path, capsys):
+    (tmp_path / "train.conll").write_text("good B-POS\nfilm O\n\nbad B-NEG\n")
+    (tmp_path / "dev.conll").write_text("good B-POS\n\nthe movie B-X\n")
+    run_dir = tmp_path / "run"
+    argv = ["--from", str(bert_dir), "--task", "tag", "--data", str(tmp_path / "train.conll"), "--eval-data",
+            str(tmp_path / "dev.conll"), "--run-dir", str(run_dir), "--batch-size", "2", "--seq-len", "8", "--mesh", "data=1"]
+    assert finetune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "dev.conll line 3: tag 'B-X' does not occur in the train set" in err and len(err.strip().splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_token_targets_weigh_only_the_scored_tokens_of_real_rows():
+    from train.objectives import classify
+
+    rows = {"tokens": np.ones((2, 4), np.int32), "mask": np.ones((2, 4), bool), "weights": np.array([1.0, 0.0]),
+            "labels": np.array([[-1, 2, 0, -1], [1, 1, 1, 1]])}
+    batch = classify(None, rows, token_types=False)
+    np.testing.assert_array_equal(batch["weights"], [[0, 1, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["targets"], [[0, 2, 0, 0], [1, 1, 1, 1]])

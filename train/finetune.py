@@ -12,11 +12,14 @@ its best checkpoint, head included; a pretraining run: its latest body). --model
 with --tokenizer starts from scratch. The checkpoint's tokenizer is copied into the run dir
 (`tokenizer/`) and out again by export. The task head trains as one more objective of the
 one step (train/step.py: `TrainState.task`). Each evaluation (every --eval-every steps and
-at the end) adds `eval_loss`, `eval_accuracy` and, for two labels, `eval_f1` (label 1
-positive) to that step's metrics.jsonl row; the best state by eval_accuracy is kept in
-`best/` and named in run.json (`best`), and export writes it.
+at the end) adds the task's metrics to that step's metrics.jsonl row; the best state by the
+task's metric (`BEST_METRIC`) is kept in `best/` and named in run.json (`best`), and export
+writes it.
 
-Only `--task classify` exists so far (tag, qa, seq2seq and sft are issue 20's next parts).
+Tasks: `classify` (a label per text or text pair; `eval_loss`, `eval_accuracy` and, for two
+labels, `eval_f1` of label 1) and `tag` (a tag per word of CoNLL-style data, scored on each
+word's first sub-word; `eval_f1`, `eval_precision`, `eval_recall` over entities as `seqeval`
+counts them, and the token-level `eval_accuracy`). qa, seq2seq and sft are issue 20's next parts.
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ from train.rundir import EXIT_DONE, EXIT_USAGE, RunStop, read_json, write_atomic
 from train.settings import (MAPPING, POSITIVE, POSITIVE_INT, add_flags, check_fields, declared, keys, one_of,
                             setting)
 from train.step import abstract_state, batch_shardings, static_task, task_logits
-from train.tasks import DataError, Examples, TextEncoder, label_ids, label_names, load_encoder, read_examples
+from train.tasks import (DataError, Examples, Tagged, TextEncoder, label_ids, label_names, load_encoder,
+                         read_examples, read_tagged, tag_ids)
 
-TASKS = ("classify",)  # issue 20 adds tag, qa, seq2seq, sft
+TASKS = ("classify", "tag")  # issue 20 adds qa, seq2seq, sft
+HEAD_KIND = {"classify": "sequence", "tag": "token"}
+BEST_METRIC = {"classify": "eval_accuracy", "tag": "eval_f1"}  # the metric `best/` keeps the maximum of
 # Fine-tuning defaults over Hparams': BERT's recipe (a small peak rate, AdamW b2 0.999, decay 0.01).
 FINETUNE_HPARAMS = {"learning_rate": 5e-5, "total_steps": 300, "weight_decay": 0.01, "b2": 0.999}
-BEST_METRIC = "eval_accuracy"
 
 
 @dataclasses.dataclass
@@ -66,7 +71,7 @@ class FinetuneConfig:
                                     aliases=("from",))
     model: str | None = setting(None, "zoo preset to train from scratch instead of --from (with --tokenizer)")
     task: str = setting("classify", f"the task: {', '.join(TASKS)}", one_of(TASKS))
-    data: list = setting(factory=list, help="the training file (TSV, CSV or JSONL)")
+    data: list = setting(factory=list, help="the training file (classify: TSV, CSV or JSONL; tag: CoNLL)")
     eval_data: str | None = setting(None, "the evaluation file (default: every 50th training example)")
     tokenizer: str | None = setting(None, "a tokenizer directory or SentencePiece .model (default: the "
                                     "--from checkpoint's)")
@@ -228,15 +233,17 @@ def _from_run(path: Path, fc: FinetuneConfig) -> Source:
     return Source(cfg, params, head, load_encoder(fc.tokenizer or path / "tokenizer", cfg.pad_id))
 
 
-def task_head(fc: FinetuneConfig, src: Source, train: Examples) -> zoo.heads.Head:
+def task_head(fc: FinetuneConfig, src: Source, names: tuple[str, ...], path: str) -> zoo.heads.Head:
     """The head to train: the checkpoint's (its labels), else a new one with --num-labels or
-    the labels of the train set. ValueError when --task does not fit the model."""
+    the label `names` found in the train set (`path`). ValueError when --task does not fit
+    the model."""
+    kind = HEAD_KIND[fc.task]
     if src.cfg.family not in ("encoder", "decoder"):
-        raise ValueError(f"--task {fc.task}: an {src.cfg.family} model has no sequence classification head "
+        raise ValueError(f"--task {fc.task}: an {src.cfg.family} model has no {kind} classification head "
                          f"(encoders and decoders do)")
     if src.head is not None:
-        if src.head.kind != "sequence":
-            raise ValueError(f"--task {fc.task}: {fc.init_from} holds a {src.head.kind} head, not a sequence one")
+        if src.head.kind != kind:
+            raise ValueError(f"--task {fc.task}: {fc.init_from} holds a {src.head.kind} head, not a {kind} one")
         if src.head.problem_type != "single_label_classification":  # the loss is the softmax cross entropy
             raise ValueError(f"--task {fc.task}: the head in {fc.init_from} is for {src.head.problem_type}; "
                              f"fine-tuning trains single_label_classification heads so far")
@@ -244,18 +251,17 @@ def task_head(fc: FinetuneConfig, src: Source, train: Examples) -> zoo.heads.Hea
             raise ValueError(f"--num-labels {fc.num_labels}: the head in {fc.init_from} has "
                              f"{src.head.num_labels} ({list(src.head.labels)})")
         return src.head
-    names = label_names(train)
     if fc.num_labels is not None:
         if fc.num_labels < len(names):
-            raise ValueError(f"--num-labels {fc.num_labels}: {train.path} has {len(names)} labels {list(names)}")
+            raise ValueError(f"--num-labels {fc.num_labels}: {path} has {len(names)} labels {list(names)}")
         if len(names) < fc.num_labels:
             names = tuple(f"LABEL_{i}" for i in range(fc.num_labels)) if names[0].startswith("LABEL_") \
                 else names + tuple(f"LABEL_{i}" for i in range(len(names), fc.num_labels))
     elif len(names) < 2:
-        raise ValueError(f"--task classify: {train.path} has one label ({names[0]!r}), so the number of "
+        raise ValueError(f"--task {fc.task}: {path} has one label ({names[0]!r}), so the number of "
                          f"labels cannot be inferred; pass --num-labels N")
     key = jax.random.fold_in(jax.random.key(fc.seed), 1)
-    return zoo.heads.init(src.cfg, key, len(names), "sequence", labels=names,
+    return zoo.heads.init(src.cfg, key, len(names), kind, labels=names,
                           problem_type="single_label_classification")
 
 
@@ -312,8 +318,35 @@ class ClassifyData:
         return out
 
 
-def encode(enc: TextEncoder, data: Examples, names: Sequence[str], seq_len: int,
-           train: Examples | None = None) -> dict[str, np.ndarray]:
+def read_data(task: str, path: str) -> Examples | Tagged:
+    """The examples of a --data / --eval-data file for `task`."""
+    return read_tagged(path) if task == "tag" else read_examples(path)
+
+
+def found_labels(data: Examples | Tagged) -> tuple[str, ...]:
+    """The label names of a train set, in id order (tags sorted)."""
+    if isinstance(data, Tagged):
+        return tuple(sorted({t for tags in data.tags for t in tags}))
+    return label_names(data)
+
+
+def subset(data: Examples | Tagged, ids: Sequence[int]) -> Examples | Tagged:
+    """The examples `ids` of `data` (each per-example list indexed)."""
+    lists = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+    return dataclasses.replace(data, **{k: [v[i] for i in ids] for k, v in lists.items() if isinstance(v, list)})
+
+
+def encode(enc: TextEncoder, data: Examples | Tagged, names: Sequence[str], seq_len: int,
+           train: Examples | Tagged | None = None) -> dict[str, np.ndarray]:
+    """Token rows and labels: [N] for examples, [N, seq_len] for tagged sentences (each word's
+    tag at its first sub-word, -1 elsewhere; words past seq_len are cut and not scored)."""
+    if isinstance(data, Tagged):
+        rows, first = enc.encode_words(data.words, seq_len)
+        labels = np.full(first.shape, -1, np.int32)
+        for i, tags in enumerate(tag_ids(data, names, train)):
+            scored = first[i] >= 0
+            labels[i, scored] = np.asarray(tags, np.int32)[first[i, scored]]
+        return {**rows, "labels": labels}
     rows = enc.encode(data.texts, data.pairs, seq_len)
     return {**rows, "labels": label_ids(data, names, train)}
 
@@ -341,6 +374,30 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.n
         tp = np.sum((pred == 1) & (labels == 1))
         denom = np.sum(pred == 1) + np.sum(labels == 1)
         out["eval_f1"] = float(2 * tp / denom) if denom else 0.0
+    return out
+
+
+def tagging_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                    names: Sequence[str]) -> dict[str, float]:
+    """eval_f1, eval_precision, eval_recall over entities (`seqeval`'s default, CoNLL-eval
+    counting, micro-averaged), the token-level eval_accuracy and eval_loss, on the scored
+    tokens (labels >= 0) of the rows of weight 1. logits [N, T, L], labels [N, T], weights [N]."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    keep = weights > 0
+    logits, labels = logits[keep].astype(np.float64), labels[keep]
+    scored = labels >= 0
+    pred = logits.argmax(-1)
+    flat, target = logits[scored], labels[scored]
+    lse = np.log(np.sum(np.exp(flat - flat.max(-1, keepdims=True)), -1)) + flat.max(-1)
+    true_tags = [[names[t] for t in row[m]] for row, m in zip(labels, scored)]
+    pred_tags = [[names[t] for t in row[m]] for row, m in zip(pred, scored)]
+    out = {"eval_loss": float(np.mean(lse - flat[np.arange(len(target)), target])),
+           "eval_accuracy": float(np.mean(pred[scored] == target)),
+           "eval_f1": float(f1_score(true_tags, pred_tags, zero_division=0)),
+           "eval_precision": float(precision_score(true_tags, pred_tags, zero_division=0)),
+           "eval_recall": float(recall_score(true_tags, pred_tags, zero_division=0))}
+    out["eval_perplexity"] = float(np.exp(out["eval_loss"]))
     return out
 
 
@@ -376,26 +433,28 @@ def setup(fc: FinetuneConfig) -> Setup:
     and its labels, the mesh."""
     mesh, rules = build_mesh(fc.mesh), rules_from(fc.rules)
     check_fit(fc.batch_size, mesh, rules, fc.parallel, fc.hparams.accum_steps)
-    train = read_examples(fc.data[0])
+    if fc.task == "tag":
+        try:
+            import seqeval  # noqa: F401  (the entity F1 of every evaluation)
+        except ImportError:
+            raise ValueError("--task tag scores entities with seqeval: pip install seqeval") from None
+    train = read_data(fc.task, fc.data[0])
     src = load_source(fc)
     cfg = src.cfg
     if cfg.positions in ("learned", "sinusoidal") and fc.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len {fc.seq_len} exceeds the model's max_len {cfg.max_len}")
     if src.encoder.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {src.encoder.vocab_size} ids, the model {cfg.vocab_size}")
-    head = task_head(fc, src, train)
+    head = task_head(fc, src, found_labels(train), train.path)
     if fc.eval_data:
-        evaluation = read_examples(fc.eval_data)
+        evaluation = read_data(fc.task, fc.eval_data)
         eval_of = train
     else:  # every 50th training example is held out
         held = set(range(49, len(train), 50)) or {0}
-        pick = lambda ex, ids: Examples(ex.path, [ex.texts[i] for i in ids], None if ex.pairs is None else
-                                        [ex.pairs[i] for i in ids], [ex.labels[i] for i in ids],
-                                        [ex.lines[i] for i in ids])
-        evaluation = pick(train, sorted(held))
-        train = pick(train, [i for i in range(len(train)) if i not in held] or sorted(held))
+        evaluation = subset(train, sorted(held))
+        train = subset(train, [i for i in range(len(train)) if i not in held] or sorted(held))
         eval_of = None
-    if (evaluation.pairs is None) != (train.pairs is None):
+    if isinstance(train, Examples) and (evaluation.pairs is None) != (train.pairs is None):
         raise DataError(f"{evaluation.path}: expected {'text pairs' if train.pairs else 'single texts'} as in "
                         f"{train.path}")
     train_rows = encode(src.encoder, train, head.labels, fc.seq_len)
@@ -416,16 +475,16 @@ class Best:
     """The best evaluation so far: its state in RUN_DIR/best (one checkpoint), its step and
     metrics in run.json `best`."""
 
-    def __init__(self, run_dir: Path, run_files: dict[str, Any]):
-        self.run_dir, self.run_files = run_dir, run_files
+    def __init__(self, run_dir: Path, run_files: dict[str, Any], metric: str):
+        self.run_dir, self.run_files, self.metric = run_dir, run_files, metric
         self.ckpt = Checkpointer(run_dir / "best", every=1, keep=1)
         self.best = run_files.get("best")
 
     def offer(self, step: int, metrics: dict[str, float], state: Any, record: dict[str, Any]) -> None:
-        if self.best is not None and metrics[BEST_METRIC] <= self.best[BEST_METRIC]:
+        if self.best is not None and metrics[self.metric] <= self.best[self.metric]:
             return
         self.ckpt.save(step, state, {**record, "step": step}, force=True)
-        self.best = {"step": step, "metric": BEST_METRIC, **metrics, "path": f"best/{step}"}
+        self.best = {"step": step, "metric": self.metric, **metrics, "path": f"best/{step}"}
         if hosts.is_primary():
             write_atomic(self.run_dir / "run.json", json.dumps({**self.run_files, "best": self.best}, indent=2))
 
@@ -445,7 +504,11 @@ def make_evaluate(s: Setup, runner: Any, best: Best, objective: Any) -> Any:
                 logits.append(_gather(predict(state.params, batch)))
             labels.append(_gather(rows["labels"]))
             weights.append(_gather(rows["weights"]))
-        metrics = classification_metrics(np.concatenate(logits), np.concatenate(labels), np.concatenate(weights))
+        logits, labels, weights = np.concatenate(logits), np.concatenate(labels), np.concatenate(weights)
+        if s.task.kind == "token":
+            metrics = tagging_metrics(logits, labels, weights, s.task.labels)
+        else:
+            metrics = classification_metrics(logits, labels, weights)
         step = int(jax.device_get(state.step))
         best.offer(step, metrics, runner.global_state(state), {**s.record, "data": s.pipeline.position})
         return metrics
@@ -492,7 +555,7 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
         s.source.encoder.save(run_dir / "tokenizer")
         if start:
             print(f"resumed {fc.run_dir} at step {start}", flush=True)
-    best = Best(run_dir, run_files)
+    best = Best(run_dir, run_files, BEST_METRIC[fc.task])
     compiled = Compiled(objective, runner, make_evaluate(s, runner, best, objective))
     flops = train_flops(s.cfg, fc.seq_len, 1) * fc.batch_size
     peak, peak_note = peak_flops(list(s.mesh.devices.flat), fc.peak_flops)
@@ -524,7 +587,7 @@ def _closing(text: str, run_dir: Path, steps: list[int], best: dict | None) -> s
     """The pretraining summary's losses and speed, with this run's files and commands."""
     lines = [line for line in text.splitlines() if not line.startswith(("  run dir", "  continue"))]
     if best:
-        lines.append(f"  best: step {best['step']}, {BEST_METRIC} {best[BEST_METRIC]:.4f} (best/)")
+        lines.append(f"  best: step {best['step']}, {best['metric']} {best[best['metric']]:.4f} (best/)")
     lines += [f"  run dir {run_dir}: checkpoints/ (steps {steps}), best/, tokenizer/, run.json, config.json, "
               f"metrics.jsonl, loss.png",
               f"  continue: python -m train finetune --resume --run-dir {run_dir} [--steps N]; "

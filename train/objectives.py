@@ -53,13 +53,18 @@ def check_objective(name: str, family: str) -> None:
 
 
 def classify(key: jax.Array | None, rows: dict[str, jax.Array], *, token_types: bool = True) -> Batch:
-    """Sequence classification. rows: tokens [B, T], mask bool [B, T], labels int [B],
-    weights [B] (0: a padding row of the last eval batch), token_types [B, T] (encoders:
-    BERT's segments of a text pair; token_types=False drops them, for models without) ->
-    inputs, segment_ids (1 on real tokens: the mask), targets [B], weights [B]. No RNG."""
+    """Sequence or token classification. rows: tokens [B, T], mask bool [B, T], labels int
+    [B] (a label per row) or [B, T] (a tag per token, -1 where none is scored), weights [B]
+    (0: a padding row of the last eval batch), token_types [B, T] (encoders: BERT's segments
+    of a text pair; token_types=False drops them, for models without) -> inputs, segment_ids
+    (1 on real tokens: the mask), targets and weights shaped as labels. No RNG."""
     del key
+    labels, weights = rows["labels"].astype(jnp.int32), rows["weights"].astype(jnp.float32)
+    if labels.ndim == 2:
+        weights = weights[:, None] * (labels >= 0)
+        labels = jnp.maximum(labels, 0)
     batch = {"inputs": rows["tokens"], "segment_ids": rows["mask"].astype(jnp.int32),
-             "targets": rows["labels"].astype(jnp.int32), "weights": rows["weights"].astype(jnp.float32)}
+             "targets": labels, "weights": weights}
     if token_types:
         batch["token_types"] = rows["token_types"]
     return batch

@@ -144,10 +144,14 @@ def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
     `weight`, `objective` = ce + z_loss * z; `aux` is the model's MoE balance loss. Logits go
     to fp32 before logsumexp. chunk > 0 computes the vocabulary projection and the loss that
     many positions at a time (`train.loss.chunked`): the [B, T, V] logits never exist.
-    task: the cross entropy is the task head's, one target per row (`task_logits`)."""
+    task: the cross entropy is the task head's (`task_logits`), one target per row
+    (targets/weights [B]) or per token ([B, T])."""
     if task is not None:
         logits, out = task_logits(params, cfg, batch, task, key, remat)
-        sums = loss.from_logits(logits[:, None], batch["targets"][:, None], batch["weights"][:, None], z_loss)
+        targets, w = batch["targets"], batch["weights"]
+        if targets.ndim == 1:  # one target per row (sequence heads); token heads have one per token
+            logits, targets, w = logits[:, None], targets[:, None], w[:, None]
+        sums = loss.from_logits(logits, targets, w, z_loss)
         return {**sums, "weight": jnp.sum(batch["weights"].astype(jnp.float32)),
                 "aux": jnp.asarray(out.aux_loss, jnp.float32)}
     out = forward(params, cfg, batch, key, remat)

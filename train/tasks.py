@@ -10,6 +10,10 @@ fields, so `label<TAB>text` and `text<TAB>label` both read. A JSONL line is an o
 `sentence`, or a pair (`text_a`/`text_b`, `sentence1`/`sentence2`, `premise`/`hypothesis`,
 `question`/`sentence`). Every error names the file, the line and what was expected.
 
+Tagged files (`read_tagged`, `--task tag`): CoNLL style, one `token label` per line (the
+first and the last whitespace-separated field; columns between are ignored), a blank line
+between sentences, `-DOCSTART-` lines skipped.
+
 Tokenizers (`load_encoder`): a Hugging Face directory's `tokenizer.json` (the `tokenizers`
 library, with its post-processor's special tokens: `[CLS] a [SEP] b [SEP]` and token types
 for BERT), a WordPiece `vocab.txt` alone (BERT's template), or a SentencePiece model
@@ -143,6 +147,60 @@ def _read_jsonl(path: Path) -> Examples:
     return Examples(str(path), texts, pairs if keys[1] else None, labels, lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tagged:
+    """Sentences as words with one tag each, and the line each sentence starts on."""
+
+    path: str
+    words: list[list[str]]
+    tags: list[list[str]]
+    lines: list[int]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+def read_tagged(path: str | Path) -> Tagged:
+    """The sentences of a CoNLL-style file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    words, tags, lines = [], [], []
+    current: tuple[list[str], list[str]] | None = None
+    for n, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        fields = raw.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            current = None
+            continue
+        if len(fields) < 2:
+            raise DataError(f"{path} line {n}: expected a token and its label separated by whitespace, got {raw!r}")
+        if current is None:
+            current = ([], [])
+            words.append(current[0]), tags.append(current[1]), lines.append(n)
+        current[0].append(fields[0])
+        current[1].append(fields[-1])
+    if not words:
+        raise DataError(f"{path}: the file has no sentences (expected `token label` lines)")
+    return Tagged(str(path), words, tags, lines)
+
+
+def tag_ids(data: Tagged, names: Sequence[str], train: Tagged | None = None) -> list[list[int]]:
+    """Each sentence's tag ids under `names`; a tag outside them is a DataError naming the line
+    (for the eval set, `train` given: one the train set lacks)."""
+    index = {n: i for i, n in enumerate(names)}
+    seen = None if train is None else {t for tags in train.tags for t in tags}
+    out = []
+    for tags, line in zip(data.tags, data.lines):
+        for k, tag in enumerate(tags):
+            if seen is not None and tag not in seen:
+                raise DataError(f"{data.path} line {line + k}: tag {tag!r} does not occur in the train set "
+                                f"{train.path} (its tags: {sorted(seen)}); every eval tag must be trained")
+            if tag not in index:
+                raise DataError(f"{data.path} line {line + k}: expected a tag among {list(names)}, got {tag!r}")
+        out.append([index[t] for t in tags])
+    return out
+
+
 # --- labels --------------------------------------------------------------------------------
 
 def _is_int(text: str) -> bool:
@@ -208,6 +266,39 @@ class TextEncoder:
             k = min(len(ids), seq_len)
             out["tokens"][i, :k], out["token_types"][i, :k], out["mask"][i, :k] = ids[:k], types[:k], True
         return out
+
+    def encode_words(self, words: Sequence[Sequence[str]], seq_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Pre-split sentences -> rows as `encode`, and word int32 [N, seq_len]: the index of
+        the word whose FIRST sub-word sits at each position, -1 elsewhere (special tokens,
+        later sub-words, padding): where a word's tag is scored."""
+        n = len(words)
+        rows = {"tokens": np.full((n, seq_len), self.pad_id, np.int32),
+                "token_types": np.zeros((n, seq_len), np.int32), "mask": np.zeros((n, seq_len), bool)}
+        first = np.full((n, seq_len), -1, np.int32)
+        for i, (ids, word_of) in enumerate(self._encode_words(words, seq_len)):
+            k = min(len(ids), seq_len)
+            rows["tokens"][i, :k], rows["mask"][i, :k] = ids[:k], True
+            seen = set()
+            for t, w in enumerate(word_of[:k]):
+                if w is not None and w not in seen:
+                    first[i, t] = w
+                    seen.add(w)
+        return rows, first
+
+    def _encode_words(self, words: Sequence[Sequence[str]], seq_len: int):
+        if self.fast is not None:
+            self.fast.no_padding()
+            self.fast.enable_truncation(max_length=seq_len)
+            for e in self.fast.encode_batch([list(w) for w in words], is_pretokenized=True):
+                yield e.ids, e.word_ids
+            return
+        v = self.sp.vocab
+        head = [v.bos_id] if v.bos_id is not None else []
+        for sentence in words:
+            pieces = self.sp.encode(list(sentence))
+            ids = head + [i for p in pieces for i in p] + [v.eos_id]
+            word_of = [None] * len(head) + [w for w, p in enumerate(pieces) for _ in p] + [None]
+            yield ids, word_of
 
     def _encode(self, texts: Sequence[str], pairs: Sequence[str] | None, seq_len: int):
         if self.fast is not None:
