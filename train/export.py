@@ -40,7 +40,7 @@ def restore_run(run_dir: str | Path, step: int | None = None) -> Any:
         raise ValueError(f"--run {run_dir}: not a fine-tuning run (its run.json has no head)")
     cfg = zoo.Config.from_json((run_dir / "config.json").read_text())
     hp = Hparams(**run["hparams"])
-    task = None if run["head"] is None else head_from_config(run["head"])  # None: sft
+    task = head_from_config(run["head"])
     where = run_dir / "best" if step is None and (run_dir / "best").is_dir() else run_dir / "checkpoints"
     ckpt = Checkpointer(where, every=1, keep=1)
     try:

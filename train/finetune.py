@@ -19,9 +19,7 @@ writes it.
 Tasks: `classify` (a label per text or text pair; `eval_loss`, `eval_accuracy` and, for two
 labels, `eval_f1` of label 1) and `tag` (a tag per word of CoNLL-style data, scored on each
 word's first sub-word; `eval_f1`, `eval_precision`, `eval_recall` over entities as `seqeval`
-counts them, and the token-level `eval_accuracy`). `sft` trains a decoder on conversations or
-prompt/completion pairs (train/chat.py) with the loss on what the model should write; its
-metric is `eval_loss` (lowest kept) over those tokens. qa and seq2seq are issue 20's next parts.
+counts them, and the token-level `eval_accuracy`). qa, seq2seq and sft are issue 20's next parts.
 """
 
 from __future__ import annotations
@@ -45,9 +43,8 @@ from train import hosts
 from train.checkpoint import Checkpointer, CheckpointError, check_record, quiet_libraries
 from train.cli import _HelpFormatter, parse_value
 from train.export import head_config, restore_run
-from train.loop import Compiled, RunError, evaluate as evaluate_loss, in_run_dir, train_loop
-from train.chat import Dialogues, chat_format, encode_dialogues, read_dialogues
-from train.objectives import classify, sft
+from train.loop import Compiled, RunError, in_run_dir, train_loop
+from train.objectives import classify
 from train.optim import TASK_HEAD, Hparams
 from train.parallel import build_mesh, check_fit, make_runner, process_rows, rules_from
 from train.parallel import PARALLEL
@@ -59,10 +56,9 @@ from train.step import abstract_state, batch_shardings, static_task, task_logits
 from train.tasks import (DataError, Examples, Tagged, TextEncoder, label_ids, label_names, load_encoder,
                          read_examples, read_tagged, tag_ids)
 
-TASKS = ("classify", "tag", "sft")  # issue 20 adds qa, seq2seq
-HEAD_KIND = {"classify": "sequence", "tag": "token"}  # sft trains the body's own LM head
-BEST_METRIC = {"classify": "eval_accuracy", "tag": "eval_f1", "sft": "eval_loss"}  # what best/ keeps
-LOWER_IS_BETTER = {"eval_loss"}
+TASKS = ("classify", "tag")  # issue 20 adds qa, seq2seq, sft
+HEAD_KIND = {"classify": "sequence", "tag": "token"}
+BEST_METRIC = {"classify": "eval_accuracy", "tag": "eval_f1"}  # the metric `best/` keeps the maximum of
 # Fine-tuning defaults over Hparams': BERT's recipe (a small peak rate, AdamW b2 0.999, decay 0.01).
 FINETUNE_HPARAMS = {"learning_rate": 5e-5, "total_steps": 300, "weight_decay": 0.01, "b2": 0.999}
 
@@ -75,8 +71,7 @@ class FinetuneConfig:
                                     aliases=("from",))
     model: str | None = setting(None, "zoo preset to train from scratch instead of --from (with --tokenizer)")
     task: str = setting("classify", f"the task: {', '.join(TASKS)}", one_of(TASKS))
-    data: list = setting(factory=list, help="the training file (classify: TSV, CSV or JSONL; tag: CoNLL; "
-                                           "sft: JSONL)")
+    data: list = setting(factory=list, help="the training file (classify: TSV, CSV or JSONL; tag: CoNLL)")
     eval_data: str | None = setting(None, "the evaluation file (default: every 50th training example)")
     tokenizer: str | None = setting(None, "a tokenizer directory or SentencePiece .model (default: the "
                                     "--from checkpoint's)")
@@ -274,11 +269,11 @@ def task_head(fc: FinetuneConfig, src: Source, names: tuple[str, ...], path: str
 
 @dataclasses.dataclass
 class ClassifyData:
-    """Encoded rows and the train order: the interface train.loop.train_loop reads
+    """Encoded examples and the train order: the interface train.loop.train_loop reads
     (next_batch, position, set_position, eval_batches, train_rows, epoch_steps). Each epoch
     visits the examples in a permutation seeded by (seed, epoch); the remainder is dropped."""
 
-    train: dict[str, np.ndarray]  # tokens/mask [N, T], and labels [N] / [N, T] or loss_mask [N, T]
+    train: dict[str, np.ndarray]  # tokens/token_types/mask [N, T], labels [N]
     eval: dict[str, np.ndarray]
     batch_size: int
     seed: int = 0
@@ -288,7 +283,7 @@ class ClassifyData:
     index: int = 0
 
     def __post_init__(self) -> None:
-        n = len(self.train["tokens"])
+        n = len(self.train["labels"])
         if n < self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size}: the train set has only {n} examples")
         self.train_rows = np.arange(n)
@@ -314,7 +309,7 @@ class ClassifyData:
 
     def eval_batches(self, count: int = 0) -> list[dict[str, np.ndarray]]:
         """Every eval example once, in order; the last batch is padded with weight-0 rows."""
-        n, b = len(self.eval["tokens"]), self.batch_size
+        n, b = len(self.eval["labels"]), self.batch_size
         out = []
         for start in range(0, n, b):
             ids = np.arange(start, start + b)
@@ -323,36 +318,28 @@ class ClassifyData:
         return out
 
 
-Data = Examples | Tagged | Dialogues
-
-
-def read_data(task: str, path: str) -> Data:
+def read_data(task: str, path: str) -> Examples | Tagged:
     """The examples of a --data / --eval-data file for `task`."""
-    return {"tag": read_tagged, "sft": read_dialogues}.get(task, read_examples)(path)
+    return read_tagged(path) if task == "tag" else read_examples(path)
 
 
-def found_labels(data: Data) -> tuple[str, ...]:
-    """The label names of a train set, in id order (tags sorted; none for sft)."""
-    if isinstance(data, Dialogues):
-        return ()
+def found_labels(data: Examples | Tagged) -> tuple[str, ...]:
+    """The label names of a train set, in id order (tags sorted)."""
     if isinstance(data, Tagged):
         return tuple(sorted({t for tags in data.tags for t in tags}))
     return label_names(data)
 
 
-def subset(data: Data, ids: Sequence[int]) -> Data:
+def subset(data: Examples | Tagged, ids: Sequence[int]) -> Examples | Tagged:
     """The examples `ids` of `data` (each per-example list indexed)."""
     lists = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
     return dataclasses.replace(data, **{k: [v[i] for i in ids] for k, v in lists.items() if isinstance(v, list)})
 
 
-def encode(enc: TextEncoder, data: Data, names: Sequence[str], seq_len: int, train: Data | None = None,
-           eos_id: int | None = None) -> dict[str, np.ndarray]:
+def encode(enc: TextEncoder, data: Examples | Tagged, names: Sequence[str], seq_len: int,
+           train: Examples | Tagged | None = None) -> dict[str, np.ndarray]:
     """Token rows and labels: [N] for examples, [N, seq_len] for tagged sentences (each word's
-    tag at its first sub-word, -1 elsewhere; words past seq_len are cut and not scored); for
-    dialogues a loss_mask [N, seq_len] instead (eos_id closes a completion)."""
-    if isinstance(data, Dialogues):
-        return encode_dialogues(enc, chat_format(enc.source), data, seq_len, eos_id)
+    tag at its first sub-word, -1 elsewhere; words past seq_len are cut and not scored)."""
     if isinstance(data, Tagged):
         rows, first = enc.encode_words(data.words, seq_len)
         labels = np.full(first.shape, -1, np.int32)
@@ -429,9 +416,9 @@ class Setup:
 
     cfg: zoo.Config
     hp: Hparams
-    task: zoo.heads.Head | None  # static part; None: sft (no head)
+    task: zoo.heads.Head  # static part
     source: Source
-    head: zoo.heads.Head | None
+    head: zoo.heads.Head
     pipeline: ClassifyData
     mesh: Any
     rules: Any
@@ -458,10 +445,7 @@ def setup(fc: FinetuneConfig) -> Setup:
         raise ValueError(f"--seq-len {fc.seq_len} exceeds the model's max_len {cfg.max_len}")
     if src.encoder.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {src.encoder.vocab_size} ids, the model {cfg.vocab_size}")
-    if fc.task == "sft" and cfg.family != "decoder":
-        raise ValueError(f"--task sft trains decoders (next-token prediction); this is an {cfg.family} model")
-    head = None if fc.task == "sft" else task_head(fc, src, found_labels(train), train.path)
-    names = () if head is None else head.labels
+    head = task_head(fc, src, found_labels(train), train.path)
     if fc.eval_data:
         evaluation = read_data(fc.task, fc.eval_data)
         eval_of = train
@@ -473,8 +457,8 @@ def setup(fc: FinetuneConfig) -> Setup:
     if isinstance(train, Examples) and (evaluation.pairs is None) != (train.pairs is None):
         raise DataError(f"{evaluation.path}: expected {'text pairs' if train.pairs else 'single texts'} as in "
                         f"{train.path}")
-    train_rows = encode(src.encoder, train, names, fc.seq_len, eos_id=cfg.eos_id)
-    eval_rows = encode(src.encoder, evaluation, names, fc.seq_len, eval_of, eos_id=cfg.eos_id)
+    train_rows = encode(src.encoder, train, head.labels, fc.seq_len)
+    eval_rows = encode(src.encoder, evaluation, head.labels, fc.seq_len, eval_of)
     rows_like = {k: jax.ShapeDtypeStruct((fc.batch_size, *v.shape[1:]), v.dtype) for k, v in train_rows.items()}
     rows_like["weights"] = jax.ShapeDtypeStruct((fc.batch_size,), np.float32)
     rows_sharding = batch_shardings(rows_like, mesh, rules)
@@ -482,10 +466,9 @@ def setup(fc: FinetuneConfig) -> Setup:
     pipeline = ClassifyData(train_rows, eval_rows, fc.batch_size, fc.seed, part, parts)
     record = {"config": cfg.to_dict(), "objective": fc.task, "seq_len": fc.seq_len, "batch_size": fc.batch_size,
               "seed": fc.seed, "tokenizer": src.encoder.fingerprint, "data_fingerprint": fingerprint(train_rows),
-              "hparams": dataclasses.asdict(fc.hparams), "head": None if head is None else head_config(static_task(head))}
-    task = None if head is None else static_task(head)
-    return Setup(cfg, fc.hparams, task, src, head, pipeline, mesh, rules, rows_sharding, rows_like, record,
-                 len(evaluation))
+              "hparams": dataclasses.asdict(fc.hparams), "head": head_config(static_task(head))}
+    return Setup(cfg, fc.hparams, static_task(head), src, head, pipeline, mesh, rules, rows_sharding, rows_like,
+                 record, len(evaluation))
 
 
 class Best:
@@ -498,10 +481,8 @@ class Best:
         self.best = run_files.get("best")
 
     def offer(self, step: int, metrics: dict[str, float], state: Any, record: dict[str, Any]) -> None:
-        if self.best is not None:
-            new, old = metrics[self.metric], self.best[self.metric]
-            if (new >= old) if self.metric in LOWER_IS_BETTER else (new <= old):
-                return
+        if self.best is not None and metrics[self.metric] <= self.best[self.metric]:
+            return
         self.ckpt.save(step, state, {**record, "step": step}, force=True)
         self.best = {"step": step, "metric": self.metric, **metrics, "path": f"best/{step}"}
         if hosts.is_primary():
@@ -516,11 +497,6 @@ def make_evaluate(s: Setup, runner: Any, best: Best, objective: Any) -> Any:
     predict = jax.jit(lambda params, batch: task_logits(params, s.cfg, batch, s.task)[0])
 
     def evaluate(state: Any, eval_rows: list[dict]) -> dict[str, float]:
-        if s.task is None:  # sft: the held-out loss over the tokens to write
-            metrics = evaluate_loss(Compiled(objective, runner), state, eval_rows, jax.random.key(0))
-            best.offer(int(jax.device_get(state.step)), metrics, runner.global_state(state),
-                       {**s.record, "data": s.pipeline.position})
-            return metrics
         logits, labels, weights = [], [], []
         for rows in eval_rows:
             batch = objective(None, rows)
@@ -561,17 +537,15 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
         state, start, record, _ = ckpt.restore_intact(abstract_state(s.cfg, s.hp, s.task), s.mesh, s.rules, vet)
         s.pipeline.set_position(record["data"])
     token_types = s.cfg.family == "encoder" and s.cfg.type_vocab_size > 0
-    make_batch = sft if s.task is None else lambda key, rows: classify(key, rows, token_types=token_types)
+    make_batch = lambda key, rows: classify(key, rows, token_types=token_types)
     batch_like = jax.eval_shape(make_batch, None, s.rows_like)
     runner = make_runner(s.cfg, s.hp, s.mesh, batch_like, fc.parallel, s.rules, s.task)
     objective = jax.jit(make_batch, out_shardings=runner.batch_sh)
     if state is None:
-        params = s.source.params
-        if params is not None and s.head is not None:
-            params = {**params, TASK_HEAD: s.head.params}
+        params = None if s.source.params is None else {**s.source.params, TASK_HEAD: s.head.params}
         state = runner.init(fc.seed, params)
     old = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    run_files = {**fc.to_dict(), "head": s.record["head"]}
+    run_files = {**fc.to_dict(), "head": head_config(s.task)}
     if old.get("best") and start:
         run_files["best"] = old["best"]
     if primary:
@@ -587,9 +561,8 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
     peak, peak_note = peak_flops(list(s.mesh.devices.flat), fc.peak_flops)
     if primary:
         origin = fc.init_from or f"{fc.model} (from scratch)"
-        labels = "" if s.head is None else f", {s.head.num_labels} labels {list(s.head.labels)}"
         print(f"fine-tuning {origin} ({s.cfg.family}, {zoo.param_count(s.cfg) / 1e6:.2f}M params) | task "
-              f"{fc.task}{labels} | {len(s.pipeline.train_rows)} train "
+              f"{fc.task}, {s.head.num_labels} labels {list(s.head.labels)} | {len(s.pipeline.train_rows)} train "
               f"/ {s.eval_count} eval examples | batch {fc.batch_size} x {fc.seq_len}", flush=True)
     t0 = time.time()
     log = MetricsLog(run_dir, start, enabled=primary)

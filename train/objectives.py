@@ -16,8 +16,7 @@ in the training loop):
 | `denoise`         | encdec  | raw token stream chunks (`train.noising`)   |
 
 Fine-tuning tasks (`python -m train finetune`, train/finetune.py) are objectives too:
-`classify` makes one target per row (or per token), which the step scores with the state's
-task head; `sft` is next-token prediction weighted by the rows' loss mask.
+`classify` makes one target per row, which the step scores with the state's task head.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ FAMILY_OF = {"clm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
 DEFAULT_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encdec": "span_corruption"}
 
 __all__ = ["FAMILY_OF", "Objective", "check_objective", "classify", "clm", "denoise", "make_objective", "mlm",
-           "prefix_lm", "segment_positions", "sft", "span_corruption", "t5_lengths", "t5_raw_length"]
+           "prefix_lm", "segment_positions", "span_corruption", "t5_lengths", "t5_raw_length"]
 
 
 def check_objective(name: str, family: str) -> None:
@@ -69,19 +68,6 @@ def classify(key: jax.Array | None, rows: dict[str, jax.Array], *, token_types: 
     if token_types:
         batch["token_types"] = rows["token_types"]
     return batch
-
-
-def sft(key: jax.Array | None, rows: dict[str, jax.Array]) -> Batch:
-    """Supervised fine-tuning of a decoder: next-token prediction weighted by the loss mask.
-    rows: tokens [B, T], mask bool [B, T], loss_mask bool [B, T] (the tokens to learn to
-    write), weights [B] (0: a padding row) -> inputs, segment_ids (the mask), targets [B, T]
-    (the next token) and weights [B, T] (1 where the next token is one to learn). No RNG."""
-    del key
-    tokens = rows["tokens"].astype(jnp.int32)
-    shift = lambda x: jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
-    weights = shift(rows["loss_mask"] & rows["mask"]).astype(jnp.float32) * rows["weights"][:, None]
-    return {"inputs": tokens, "segment_ids": rows["mask"].astype(jnp.int32), "targets": shift(tokens),
-            "weights": weights}
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -267,20 +267,6 @@ class TextEncoder:
             out["tokens"][i, :k], out["token_types"][i, :k], out["mask"][i, :k] = ids[:k], types[:k], True
         return out
 
-    def encode_text(self, text: str, special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]] | None]:
-        """One text's ids, uncut, and the (start, end) characters of each (None for a
-        SentencePiece encoder); special_tokens: with those the tokenizer adds around a text
-        (a BOS, BERT's [CLS] ... [SEP])."""
-        if self.fast is not None:
-            self.fast.no_truncation()
-            e = self.fast.encode(text, add_special_tokens=special_tokens)
-            return list(e.ids), list(e.offsets)
-        ids = self.sp.encode([text])[0]
-        v = self.sp.vocab
-        if special_tokens:
-            ids = ([v.bos_id] if v.bos_id is not None else []) + ids + [v.eos_id]
-        return ids, None
-
     def encode_words(self, words: Sequence[Sequence[str]], seq_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Pre-split sentences -> rows as `encode`, and word int32 [N, seq_len]: the index of
         the word whose FIRST sub-word sits at each position, -1 elsewhere (special tokens,

@@ -38,6 +38,20 @@ A multi-head latent attention model (`Config.kv_lora_rank`, `zoo.nn.mla`) stores
 and layer its latent and its shared rotated key instead (`LatentKV`: c [B, R, C] and k_rope
 [B, R, R_rope]), kv_lora_rank + qk_rope_head_dim numbers, in the same slots and layouts.
 
+A streaming cache (StreamingLLM: `init(..., stream=(sinks, window))`) keeps, in its global
+layers, the first `sinks` tokens and the `window` most recent ones in sinks + window slots:
+token p of a row goes to slot p if p < sinks, else to sinks + (p - sinks) % window (per row, by
+position, so left padding never takes a sink slot), and its keys are stored before RoPE.
+Positions are assigned within the cache: each read rotates the keys to their rank among the
+attended ones (`stream_positions`), sinks 0..sinks-1 and the window after them, and the
+query gets its own key's rank; ALiBi and relative biases read the same positions. So past
+sinks + window tokens a step attends over the cached keys and values of the sinks and the
+window as a forward over [sinks, last window tokens] at positions 0..n-1 would; as in
+StreamingLLM, deeper layers' cached states are the ones computed when each token was fed
+(with the context it had then), not recomputed. Local layers (`Config.layer_pattern`) keep their own
+ring; their window must not exceed the streaming one. A chunk of more than one token must
+end by position sinks + window - 1 (`zoo.decoding.feed` splits a longer prompt).
+
 With `quantize=True` keys and values are int8 with one fp32 scale per token and head
 (absmax over head_dim), which halves the memory of a bf16 cache (quarters an fp32 one).
 """
@@ -80,15 +94,18 @@ class Plan(NamedTuple):
     size: int  # R
     ring: bool
     concat: bool  # attend over old slots + new keys, then keep the last R (long ring chunk)
+    targets: jax.Array | None = None  # [B, T] slot of each new token per row (streaming; R: dropped)
 
 
 @flax.struct.dataclass
 class Slots:
     """The slots of one kind of layer: positions [B, R] int32 of the token in each slot (-1
-    if empty or padding); ring: slots wrap around (a window shorter than the cache's reach)."""
+    if empty or padding); ring: slots wrap around (a window shorter than the cache's reach);
+    sinks: a streaming group's number of sink slots (None: not streaming; see the module doc)."""
 
     positions: jax.Array
     ring: bool = flax.struct.field(pytree_node=False, default=False)
+    sinks: int | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def size(self) -> int:
@@ -133,6 +150,12 @@ class Cache:
     @property
     def batch(self) -> int:
         return self.lengths.shape[0]
+
+    @property
+    def stream(self) -> tuple[int, int] | None:
+        """(sinks, window) of a streaming cache, else None."""
+        group = self.slots.get("global")
+        return None if group is None or group.sinks is None else (group.sinks, group.size - group.sinks)
 
     @property
     def quantized(self) -> bool:
@@ -181,19 +204,25 @@ def window(cfg: Config, kind: str) -> int | None:
 
 
 def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk: int = 1,
-         num_layers: int | None = None, per_layer: bool = False) -> Cache:
+         num_layers: int | None = None, per_layer: bool = False,
+         stream: tuple[int, int] | None = None) -> Cache:
     """An empty cache that reaches `length` tokens (prompt included) for `batch` rows.
 
     chunk: the longest chunk fed after the first call (speculative decoding: k + 1); it
     sizes the rings of sliding-window layers. num_layers: default the decoder depth.
     per_layer: a tuple of per-layer buffers (for unstacked parameters) instead of a stack;
     always so for a model that mixes layer kinds.
+    stream: (sinks, window): a streaming cache (module doc) whose global layers hold
+    sinks + window slots whatever `length`; feed it one token at a time past the first chunk.
     """
     if batch < 1 or length < 1 or chunk < 1:
         raise ValueError(f"cache: batch, length and chunk must be >= 1, got {batch}, {length}, {chunk}")
     layers = num_layers or (cfg.decoder_layers if cfg.family == "encdec" else cfg.num_layers)
     kinds = [cfg.layer_kind(i) for i in range(layers)]
     sizes = {kind: slots_needed(cfg, length, chunk, kind) for kind in sorted(set(kinds))}
+    if stream is not None:
+        check_stream(cfg, stream, chunk, set(kinds))
+        sizes["global"] = (sum(stream), True)
     per_layer = per_layer or len(sizes) > 1
     if cfg.mla and quantize:
         raise ValueError("cache: quantize=True is not supported for the latent cache of MLA (Config.kv_lora_rank)")
@@ -215,19 +244,62 @@ def init(cfg: Config, batch: int, length: int, *, quantize: bool = False, chunk:
         kv = tuple(buffers(sizes[kind][0], (rows,)) for kind in kinds)
     else:
         kv = buffers(sizes[kinds[0]][0], (layers, rows))
-    slots = {kind: Slots(jnp.full((batch, size), -1, jnp.int32), ring)
+    sinks = lambda kind: stream[0] if stream is not None and kind == "global" else None
+    slots = {kind: Slots(jnp.full((batch, size), -1, jnp.int32), ring, sinks(kind))
              for kind, (size, ring) in sizes.items()}
     return Cache(kv=kv, slots=slots, index=jnp.zeros((), jnp.int32),
                  lengths=jnp.zeros((batch,), jnp.int32))
 
 
-def plan(cache: Cache, kind: str, num_new: int, window_: int | None) -> Plan:
-    """How a chunk of num_new tokens is written into the slots of `kind`: a ring chunk longer
-    than the slack past the window (a prompt) would overwrite keys its own first queries
-    need, so it is concatenated."""
+def check_stream(cfg: Config, stream: tuple[int, int], chunk: int, kinds: set[str]) -> None:
+    """What a streaming cache needs of the model (ValueErrors name the setting)."""
+    sinks, window_ = stream
+    if "global" not in kinds:
+        raise ValueError(f"cache_window: every layer of this model is a sliding-window layer "
+                         f"(cfg.sliding_window={cfg.sliding_window}), whose cache is constant in size "
+                         "already; generate without cache_window")
+    if cfg.mla:
+        raise ValueError("cache_window: streaming is not supported for multi-head latent attention "
+                         "(cfg.kv_lora_rank), whose cached keys carry their rotation")
+    if "local" in kinds and cfg.sliding_window > window_:
+        raise ValueError(f"cache_window: {window_} is smaller than the local layers' "
+                         f"cfg.sliding_window={cfg.sliding_window}; expected cache_window >= it")
+    if chunk != 1:
+        raise ValueError(f"cache: a streaming cache takes one token per step after the first "
+                         f"chunk, got chunk={chunk} (speculative decoding)")
+
+
+def plan(cache: Cache, kind: str, num_new: int, window_: int | None,
+         new_positions: jax.Array | None = None) -> Plan:
+    """How a chunk of num_new tokens (at new_positions [B, T], -1 on padding) is written into
+    the slots of `kind`: a ring chunk longer than the slack past the window (a prompt) would
+    overwrite keys its own first queries need, so it is concatenated; a streaming group
+    writes each row's tokens at the slots of their positions."""
     slots = cache.slots[kind]
+    if slots.sinks is not None:
+        return Plan(cache.index, num_new, slots.size, True, False, _stream_targets(slots, new_positions))
     concat = slots.ring and window_ is not None and num_new > slots.size - window_ + 1
     return Plan(cache.index, num_new, slots.size, slots.ring, concat)
+
+
+def _stream_targets(slots: Slots, new_positions: jax.Array) -> jax.Array:
+    """[B, T] positions -> slots of a streaming group: sinks in place, the rest a ring after
+    them; padding (-1) goes to slot R, which writes drop."""
+    s, w = slots.sinks, slots.size - slots.sinks
+    ring = s + jnp.maximum(new_positions - s, 0) % w
+    return jnp.where(new_positions < 0, slots.size, jnp.where(new_positions < s, new_positions, ring))
+
+
+def stream_positions(cache: Cache, q_pos: jax.Array, k_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Query positions [B, T] and key positions [B, S] (of the tokens) -> the positions
+    attention gives them: as they are, except in a streaming cache past sinks + window
+    tokens, where the window's keys and the queries move down by the same shift so that
+    the attended keys are ranked 0..sinks + window - 1 (StreamingLLM)."""
+    if cache.stream is None:
+        return q_pos, k_pos
+    sinks, window_ = cache.stream
+    shift = jnp.maximum(jnp.max(q_pos, axis=1, keepdims=True) - (sinks + window_ - 1), 0)
+    return q_pos - shift, jnp.where(k_pos < sinks, k_pos, k_pos - shift)
 
 
 # --- int8 -------------------------------------------------------------------------------
@@ -247,6 +319,8 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype: jnp.dtype, axis: int = -1)
 def _write(buf: jax.Array, new: jax.Array, p: Plan, axis: int) -> jax.Array:
     """buf <- new at the plan's slots along the slot axis (R in buf, T in new)."""
     t = new.shape[axis]
+    if p.targets is not None:
+        return _write_rows(buf, new, p.targets, axis)
     at = lambda idx: buf.at[(slice(None),) * axis + (idx,)]
     if p.concat:
         keep = min(t, p.size)
@@ -257,6 +331,17 @@ def _write(buf: jax.Array, new: jax.Array, p: Plan, axis: int) -> jax.Array:
     if t == 1:
         return jax.lax.dynamic_update_slice_in_dim(buf, new, p.index % p.size, axis=axis)
     return at((p.index + jnp.arange(t)) % p.size).set(new)
+
+
+def _write_rows(buf: jax.Array, new: jax.Array, targets: jax.Array, axis: int) -> jax.Array:
+    """buf [rows, ...] <- new at each row's own slots targets [B, T] (rows = B * K, row-major
+    over (B, K); out-of-range targets are dropped)."""
+    rows = buf.shape[0]
+    slots = jnp.repeat(targets, rows // targets.shape[0], axis=0)
+    r = jnp.arange(rows)[:, None]
+    if axis == 1:
+        return buf.at[r, slots].set(new, mode="drop")
+    return buf.at[r, :, slots].set(jnp.swapaxes(new, 1, 2), mode="drop")  # values [rows, H, R]
 
 
 def _store(layer: LayerKV, k: jax.Array, v: jax.Array, p: Plan) -> LayerKV:

@@ -167,8 +167,20 @@ def apply_rope(x: jax.Array, tables: RopeTables) -> jax.Array:
     """Rotates the first rot dims of x: [B, T, N, H] (rot = 2 * tables.cos.shape[-1]).
 
     Uses the half-split layout (rotate_half) of the Hugging Face Llama weights."""
-    rot = 2 * tables.cos.shape[-1]
-    cos, sin = tables.cos[:, :, None, :], tables.sin[:, :, None, :]
+    return _rotate(x, tables.cos[:, :, None, :], tables.sin[:, :, None, :])
+
+
+def apply_rope_cached(k: jax.Array, tables: RopeTables) -> jax.Array:
+    """Rotates keys in a KV cache's layout, k [B*K, S, H], by tables at positions [B, S]."""
+    b = tables.cos.shape[0]
+    x = k.reshape(b, -1, *k.shape[1:])  # [B, K, S, H]
+    return _rotate(x, tables.cos[:, None], tables.sin[:, None]).reshape(k.shape)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., H] with cos, sin [..., rot/2] broadcasting against it: the first rot dims
+    rotated, the rest kept."""
+    rot = 2 * cos.shape[-1]
     xr = x[..., :rot].astype(jnp.float32)
     x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

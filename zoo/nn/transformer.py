@@ -29,6 +29,7 @@ from zoo.config import Config
 from zoo.nn.attention import (Context, apply_attention, apply_cached_attention, apply_cross_attention,
                               attention_mask, attention_spec, project_kv)
 from zoo.nn.cache import Cache, LayerKV, Plan, Slots, is_stacked, key_positions, plan as cache_plan, window
+from zoo.nn.cache import stream_positions
 from zoo.nn.cache import per_layer as kv_per_layer, stacked as kv_stacked
 from zoo.nn.embeddings import add_positions, position_spec
 from zoo.nn.mla import apply_cached_mla, apply_mla, mla_spec
@@ -36,8 +37,7 @@ from zoo.nn.mlp import apply_mlp, dense, dense_spec, mlp_spec
 from zoo.nn.moe import apply_moe, moe_spec
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param, stacked
-from zoo.nn.masks import MaskParts, PositionBias
-from zoo.nn.positions import rope_tables
+from zoo.nn.positions import alibi_bias, relative_bias, rope_tables
 from zoo.sharding import constrain
 
 
@@ -442,20 +442,15 @@ def self_context(p_stack: dict, cfg: Config, positions: jax.Array, *, causal: bo
     """What the layers of a stack over positions [B, T] share: per attention kind, the mask
     (its window for "local"), the position bias and the RoPE tables; for an encdec decoder
     (memory [B, S, D]), the cross-attention Context over the valid memory [B, S]."""
-    # The blockwise path builds each block's mask and bias from positions: no [T, T] here.
-    blockwise = cfg.attention == "blockwise"
-    bias = bias_parts(p_stack, cfg, bidirectional=not causal)
-    if bias is not None and not blockwise:
-        bias = bias(positions, positions)
-    build_mask = MaskParts.build if blockwise else attention_mask
+    bias = position_bias(p_stack, cfg, positions, positions, bidirectional=not causal)
     contexts = {}
     for kind in attention_kinds(cfg):
-        mask = build_mask(positions, positions, causal=causal, k_valid=valid,
-                          window=window(cfg, kind), q_segments=segments, k_segments=segments,
-                          prefix=prefix)
+        mask = attention_mask(positions, positions, causal=causal, k_valid=valid,
+                              window=window(cfg, kind), q_segments=segments, k_segments=segments,
+                              prefix=prefix)
         contexts[kind] = Context(mask, bias, _rope(cfg, kind, positions),
                                  causal=causal and prefix is None)
-    cross = None if memory is None else cross_context(positions, memory_valid, memory.shape[1], blockwise)
+    cross = None if memory is None else cross_context(positions, memory_valid, memory.shape[1])
     return StackContext(contexts, cross, memory)
 
 
@@ -463,29 +458,20 @@ def _rope(cfg: Config, kind: str, positions: jax.Array):
     return rope_tables(cfg, kind, positions) if cfg.positions == "rope" else None
 
 
-def cross_context(q_positions: jax.Array, memory_valid: jax.Array | None, memory_len: int,
-                  blockwise: bool = False) -> Context:
-    """Cross-attention: every decoder position sees every valid encoder position (blockwise:
-    the mask as MaskParts)."""
+def cross_context(q_positions: jax.Array, memory_valid: jax.Array | None, memory_len: int) -> Context:
+    """Cross-attention: every decoder position sees every valid encoder position."""
     b = q_positions.shape[0]
     k_pos = jnp.broadcast_to(jnp.arange(memory_len), (b, memory_len))
-    mask = (MaskParts.build if blockwise else attention_mask)(q_positions, k_pos, causal=False,
-                                                               k_valid=memory_valid)
+    mask = attention_mask(q_positions, k_pos, causal=False, k_valid=memory_valid)
     return Context(mask, None, None)
 
 
 def position_bias(p_stack: dict, cfg: Config, q_pos: jax.Array, k_pos: jax.Array,
                   bidirectional: bool) -> jax.Array | None:
-    bias = bias_parts(p_stack, cfg, bidirectional)
-    return None if bias is None else bias(q_pos, k_pos)
-
-
-def bias_parts(p_stack: dict, cfg: Config, bidirectional: bool) -> PositionBias | None:
-    """The stack's score bias as a function of positions (ALiBi, T5 relative), or None."""
     if cfg.positions == "alibi":
-        return PositionBias(None, cfg, bidirectional)
+        return alibi_bias(q_pos, k_pos, cfg.num_heads)
     if cfg.positions == "relative":
-        return PositionBias(p_stack["rel_bias"], cfg, bidirectional)
+        return relative_bias(p_stack["rel_bias"], q_pos, k_pos, bidirectional, cfg)
     return None
 
 
@@ -500,13 +486,15 @@ def cached_context(p_stack: dict, cfg: Config, positions: jax.Array, valid: jax.
     contexts, plans, slots = {}, {}, {}
     for kind, group in cache.slots.items():
         w = window(cfg, kind)
-        plans[kind] = cache_plan(cache, kind, positions.shape[1], w)
+        plans[kind] = cache_plan(cache, kind, positions.shape[1], w, new_pos)
         k_pos, slots[kind] = key_positions(group, plans[kind], new_pos)
         mask = attention_mask(positions, k_pos, causal=True, k_valid=k_pos >= 0, window=w)
-        bias = position_bias(p_stack, cfg, positions, k_pos, bidirectional=False)
+        q_at, k_at = stream_positions(cache, positions, k_pos)  # in-cache when streaming
+        bias = position_bias(p_stack, cfg, q_at, k_at, bidirectional=False)
         # Context.causal stays False: cache slots are not aligned with query indices (left
         # padding, rings, rewinds), so only the position mask may decide what is visible.
-        contexts[kind] = Context(mask, bias, _rope(cfg, kind, positions))
+        key_rope = None if cache.stream is None else _rope(cfg, kind, k_at)
+        contexts[kind] = Context(mask, bias, _rope(cfg, kind, q_at), key_rope=key_rope)
     cross = None
     if cache.cross is not None:
         cross = cross_context(positions, cache.cross_valid, cache.cross_len)
