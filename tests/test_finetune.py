@@ -329,3 +329,85 @@ def test_token_targets_weigh_only_the_scored_tokens_of_real_rows():
     batch = classify(None, rows, token_types=False)
     np.testing.assert_array_equal(batch["weights"], [[0, 1, 1, 0], [0, 0, 0, 0]])
     np.testing.assert_array_equal(batch["targets"], [[0, 2, 0, 0], [1, 1, 1, 1]])
+
+
+# --- qa: extractive question answering from SQuAD JSON -----------------------------------------
+
+def _write_squad(path: Path, n: int, seed: int) -> None:
+    """Contexts of 4-24 words; the answer to "what is good" is the one GOOD word among them,
+    and a context without one is unanswerable (SQuAD v2.0)."""
+    rng = random.Random(seed)
+    qas = []
+    for i in range(n):
+        words = [rng.choice(_FILL + _BAD) for _ in range(rng.randint(4, 24))]
+        answerable = rng.random() < 0.8
+        if answerable:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(_GOOD))
+        context = " ".join(words)
+        answer = next((w for w in words if w in _GOOD), None)
+        start = len(" ".join(words[:words.index(answer)])) + (1 if words.index(answer) else 0) if answer else 0
+        q = {"id": f"q{i}", "question": "what is good", "is_impossible": not answerable,
+             "answers": [{"text": answer, "answer_start": start}] if answer else []}
+        qas.append({"context": context, "qas": [q]})
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": qas}]}))
+
+
+def test_qa_windows_cover_long_contexts_and_read_the_answers_back(bert_dir, tmp_path):
+    """Windows of 16 tokens with a stride of 4 over contexts up to 25 words; logits that point
+    at each window's target span read back every gold answer, "" for the unanswerable ones."""
+    from train.qa import answers, read_squad, squad_metrics, windows
+
+    _write_squad(tmp_path / "d.json", 30, 2)
+    data = read_squad(tmp_path / "d.json")
+    w = windows(load_encoder(bert_dir), data, SEQ, 4)
+    assert len(w.question) > len(data) and set(w.question) == set(range(len(data)))  # long contexts split
+    labels = w.rows["labels"]
+    logits = np.full((*labels.shape[:1], SEQ, 2), -5.0)
+    logits[np.arange(len(labels)), labels[:, 0], 0] = 5.0
+    logits[np.arange(len(labels)), labels[:, 1], 1] = 5.0
+    got = answers(logits, w, data, allow_empty=True)
+    assert got == [a[0][0] if a else "" for a in data.answers]
+    assert squad_metrics(got, data) == {"eval_exact_match": 1.0, "eval_f1": 1.0}
+
+
+def test_squad_scores_as_the_evaluation_script():
+    from train.qa import Questions, f1, normalize, squad_metrics
+
+    assert normalize("The  Cat, sat!") == "cat sat"
+    assert f1("the cat sat on", "a cat sat") == pytest.approx(0.8)  # 2 shared of 3 predicted, 2 gold
+    data = Questions("x", ["a", "b", "c"], ["q"] * 3, ["c"] * 3,
+                     [[("Cat sat", 0), ("a dog", 9)], [], [("red", 0)]], ["a", "b", "c"])
+    m = squad_metrics(["the dog", "", "blue red"], data)  # exact (2nd gold); exact ""; F1 2/3
+    assert m["eval_exact_match"] == pytest.approx(2 / 3)
+    assert m["eval_f1"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+
+
+def test_qa_finetunes_and_exports(bert_dir, tmp_path):
+    """40 steps from the tiny BERT learn to point at the GOOD word (or [CLS]): SQuAD F1 >= 0.8;
+    the best state exports to AutoModelForQuestionAnswering with the same logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from train.step import task_logits
+
+    _write_squad(tmp_path / "train.json", 300, 0)
+    _write_squad(tmp_path / "dev.json", 40, 1)
+    run_dir = tmp_path / "run"
+    argv = ["--from", str(bert_dir), "--task", "qa", "--data", str(tmp_path / "train.json"), "--eval-data",
+            str(tmp_path / "dev.json"), "--run-dir", str(run_dir), "--batch-size", "16", "--seq-len", str(SEQ),
+            "--doc-stride", "4", "--lr", "3e-3", "--steps", "40", "--eval-every", "20", "--mesh", "data=2"]
+    assert finetune.main(argv) == 0
+    evals = [r for r in _rows(run_dir) if "eval_exact_match" in r]
+    assert [r["step"] for r in evals] == [20, 40] and max(r["eval_f1"] for r in evals) >= 0.8, evals
+    out = tmp_path / "hf"
+    assert export.export_main(["--run", str(run_dir), "--out", str(out)]) == 0
+    model = transformers.AutoModelForQuestionAnswering.from_pretrained(out).eval()
+    rows = load_encoder(run_dir / "tokenizer").encode(["what is good"] * 2, ["the film was fine", "a bad plot"], SEQ)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(rows["tokens"]), attention_mask=torch.tensor(rows["mask"]),
+                     token_type_ids=torch.tensor(rows["token_types"]))
+    state = export.restore_run(run_dir)
+    batch = {"inputs": rows["tokens"], "segment_ids": rows["mask"].astype(np.int32), "token_types": rows["token_types"]}
+    got = np.asarray(task_logits(state.params, state.cfg, batch, state.task)[0])
+    real = rows["mask"]  # padding positions are never read back
+    np.testing.assert_allclose(got[..., 0][real], want.start_logits.numpy()[real], atol=1e-4)
+    np.testing.assert_allclose(got[..., 1][real], want.end_logits.numpy()[real], atol=1e-4)

@@ -19,7 +19,11 @@ writes it.
 Tasks: `classify` (a label per text or text pair; `eval_loss`, `eval_accuracy` and, for two
 labels, `eval_f1` of label 1) and `tag` (a tag per word of CoNLL-style data, scored on each
 word's first sub-word; `eval_f1`, `eval_precision`, `eval_recall` over entities as `seqeval`
-counts them, and the token-level `eval_accuracy`). qa, seq2seq and sft are issue 20's next parts.
+counts them, and the token-level `eval_accuracy`). `sft` trains a decoder on conversations or
+prompt/completion pairs (train/chat.py) with the loss on what the model should write; its
+metric is `eval_loss` (lowest kept) over those tokens. `qa` reads SQuAD v1.1/v2.0 JSON into
+overlapping windows (train/qa.py) and reports `eval_exact_match` and `eval_f1` as the SQuAD
+script scores the answers read back. seq2seq is issue 20's next part.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from train import hosts
 from train.checkpoint import Checkpointer, CheckpointError, check_record, quiet_libraries
 from train.cli import _HelpFormatter, parse_value
 from train.export import head_config, restore_run
-from train.loop import Compiled, RunError, in_run_dir, train_loop
-from train.objectives import classify
+from train.loop import Compiled, RunError, evaluate as evaluate_loss, in_run_dir, train_loop
+from train.chat import Dialogues, chat_format, encode_dialogues, read_dialogues
+from train.objectives import classify, sft
+from train.qa import Questions, Windows, answers, read_squad, squad_metrics, windows
 from train.optim import TASK_HEAD, Hparams
 from train.parallel import build_mesh, check_fit, make_runner, process_rows, rules_from
 from train.parallel import PARALLEL
@@ -56,9 +62,10 @@ from train.step import abstract_state, batch_shardings, static_task, task_logits
 from train.tasks import (DataError, Examples, Tagged, TextEncoder, label_ids, label_names, load_encoder,
                          read_examples, read_tagged, tag_ids)
 
-TASKS = ("classify", "tag")  # issue 20 adds qa, seq2seq, sft
-HEAD_KIND = {"classify": "sequence", "tag": "token"}
-BEST_METRIC = {"classify": "eval_accuracy", "tag": "eval_f1"}  # the metric `best/` keeps the maximum of
+TASKS = ("classify", "tag", "qa", "sft")  # issue 20 adds seq2seq
+HEAD_KIND = {"classify": "sequence", "tag": "token", "qa": "qa"}  # sft trains the body's own LM head
+BEST_METRIC = {"classify": "eval_accuracy", "tag": "eval_f1", "qa": "eval_f1", "sft": "eval_loss"}  # what best/ keeps
+LOWER_IS_BETTER = {"eval_loss"}
 # Fine-tuning defaults over Hparams': BERT's recipe (a small peak rate, AdamW b2 0.999, decay 0.01).
 FINETUNE_HPARAMS = {"learning_rate": 5e-5, "total_steps": 300, "weight_decay": 0.01, "b2": 0.999}
 
@@ -71,7 +78,8 @@ class FinetuneConfig:
                                     aliases=("from",))
     model: str | None = setting(None, "zoo preset to train from scratch instead of --from (with --tokenizer)")
     task: str = setting("classify", f"the task: {', '.join(TASKS)}", one_of(TASKS))
-    data: list = setting(factory=list, help="the training file (classify: TSV, CSV or JSONL; tag: CoNLL)")
+    data: list = setting(factory=list, help="the training file (classify: TSV, CSV or JSONL; tag: CoNLL; "
+                                           "qa: SQuAD JSON; sft: JSONL)")
     eval_data: str | None = setting(None, "the evaluation file (default: every 50th training example)")
     tokenizer: str | None = setting(None, "a tokenizer directory or SentencePiece .model (default: the "
                                     "--from checkpoint's)")
@@ -79,7 +87,9 @@ class FinetuneConfig:
                                      POSITIVE_INT)
     overrides: dict = setting(factory=dict, check=MAPPING, help="model Config fields (KEY=VALUE, e.g. dropout=0.1)")
     batch_size: int = setting(32, "global batch, in examples", POSITIVE_INT)
-    seq_len: int = setting(128, "tokens per example (longer ones are cut)", POSITIVE_INT)
+    seq_len: int = setting(128, "tokens per example (longer ones are cut; qa: per window)", POSITIVE_INT)
+    doc_stride: int | None = setting(None, "qa: tokens shared by consecutive windows of a long context "
+                                     "(default: seq_len // 3)", POSITIVE_INT)
     hparams: Hparams = setting(factory=lambda: Hparams(**FINETUNE_HPARAMS), help="train.Hparams")
     seed: int = setting(0, "seed of the new head, dropout and data order")
     checkpoint_every: int = setting(100, "save a checkpoint every N steps (and at the end)", POSITIVE_INT)
@@ -251,6 +261,9 @@ def task_head(fc: FinetuneConfig, src: Source, names: tuple[str, ...], path: str
             raise ValueError(f"--num-labels {fc.num_labels}: the head in {fc.init_from} has "
                              f"{src.head.num_labels} ({list(src.head.labels)})")
         return src.head
+    key = jax.random.fold_in(jax.random.key(fc.seed), 1)
+    if kind == "qa":  # two outputs, the answer's start and end
+        return zoo.heads.init(src.cfg, key, 2, "qa")
     if fc.num_labels is not None:
         if fc.num_labels < len(names):
             raise ValueError(f"--num-labels {fc.num_labels}: {path} has {len(names)} labels {list(names)}")
@@ -260,7 +273,6 @@ def task_head(fc: FinetuneConfig, src: Source, names: tuple[str, ...], path: str
     elif len(names) < 2:
         raise ValueError(f"--task {fc.task}: {path} has one label ({names[0]!r}), so the number of "
                          f"labels cannot be inferred; pass --num-labels N")
-    key = jax.random.fold_in(jax.random.key(fc.seed), 1)
     return zoo.heads.init(src.cfg, key, len(names), kind, labels=names,
                           problem_type="single_label_classification")
 
@@ -269,11 +281,11 @@ def task_head(fc: FinetuneConfig, src: Source, names: tuple[str, ...], path: str
 
 @dataclasses.dataclass
 class ClassifyData:
-    """Encoded examples and the train order: the interface train.loop.train_loop reads
+    """Encoded rows and the train order: the interface train.loop.train_loop reads
     (next_batch, position, set_position, eval_batches, train_rows, epoch_steps). Each epoch
     visits the examples in a permutation seeded by (seed, epoch); the remainder is dropped."""
 
-    train: dict[str, np.ndarray]  # tokens/token_types/mask [N, T], labels [N]
+    train: dict[str, np.ndarray]  # tokens/mask [N, T], and labels [N] / [N, T] or loss_mask [N, T]
     eval: dict[str, np.ndarray]
     batch_size: int
     seed: int = 0
@@ -283,7 +295,7 @@ class ClassifyData:
     index: int = 0
 
     def __post_init__(self) -> None:
-        n = len(self.train["labels"])
+        n = len(self.train["tokens"])
         if n < self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size}: the train set has only {n} examples")
         self.train_rows = np.arange(n)
@@ -309,7 +321,7 @@ class ClassifyData:
 
     def eval_batches(self, count: int = 0) -> list[dict[str, np.ndarray]]:
         """Every eval example once, in order; the last batch is padded with weight-0 rows."""
-        n, b = len(self.eval["labels"]), self.batch_size
+        n, b = len(self.eval["tokens"]), self.batch_size
         out = []
         for start in range(0, n, b):
             ids = np.arange(start, start + b)
@@ -318,28 +330,36 @@ class ClassifyData:
         return out
 
 
-def read_data(task: str, path: str) -> Examples | Tagged:
+Data = Examples | Tagged | Dialogues | Questions
+
+
+def read_data(task: str, path: str) -> Data:
     """The examples of a --data / --eval-data file for `task`."""
-    return read_tagged(path) if task == "tag" else read_examples(path)
+    return {"tag": read_tagged, "sft": read_dialogues, "qa": read_squad}.get(task, read_examples)(path)
 
 
-def found_labels(data: Examples | Tagged) -> tuple[str, ...]:
-    """The label names of a train set, in id order (tags sorted)."""
+def found_labels(data: Data) -> tuple[str, ...]:
+    """The label names of a train set, in id order (tags sorted; none for sft)."""
+    if isinstance(data, (Dialogues, Questions)):
+        return ()
     if isinstance(data, Tagged):
         return tuple(sorted({t for tags in data.tags for t in tags}))
     return label_names(data)
 
 
-def subset(data: Examples | Tagged, ids: Sequence[int]) -> Examples | Tagged:
+def subset(data: Data, ids: Sequence[int]) -> Data:
     """The examples `ids` of `data` (each per-example list indexed)."""
     lists = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
     return dataclasses.replace(data, **{k: [v[i] for i in ids] for k, v in lists.items() if isinstance(v, list)})
 
 
-def encode(enc: TextEncoder, data: Examples | Tagged, names: Sequence[str], seq_len: int,
-           train: Examples | Tagged | None = None) -> dict[str, np.ndarray]:
+def encode(enc: TextEncoder, data: Data, names: Sequence[str], seq_len: int, train: Data | None = None,
+           eos_id: int | None = None) -> dict[str, np.ndarray]:
     """Token rows and labels: [N] for examples, [N, seq_len] for tagged sentences (each word's
-    tag at its first sub-word, -1 elsewhere; words past seq_len are cut and not scored)."""
+    tag at its first sub-word, -1 elsewhere; words past seq_len are cut and not scored); for
+    dialogues a loss_mask [N, seq_len] instead (eos_id closes a completion)."""
+    if isinstance(data, Dialogues):
+        return encode_dialogues(enc, chat_format(enc.source), data, seq_len, eos_id)
     if isinstance(data, Tagged):
         rows, first = enc.encode_words(data.words, seq_len)
         labels = np.full(first.shape, -1, np.int32)
@@ -401,6 +421,23 @@ def tagging_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray,
     return out
 
 
+def qa_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, w: Windows,
+               data: Questions) -> dict[str, float]:
+    """eval_exact_match and eval_f1 of the answers read back from every window's logits
+    [N, T, 2] (train/qa.py; a question may go unanswered when the data has unanswerable
+    ones), and eval_loss: the start and end cross entropy of labels [N, 2]. weights [N]."""
+    keep = weights > 0
+    logits, labels = logits[keep].astype(np.float64), labels[keep]
+    by_pos = np.swapaxes(logits, 1, 2)  # [N, 2, T]
+    lse = np.log(np.sum(np.exp(by_pos - by_pos.max(-1, keepdims=True)), -1)) + by_pos.max(-1)
+    picked = np.take_along_axis(by_pos, labels[..., None], -1)[..., 0]
+    unanswerable = any(not a for a in data.answers)
+    out = squad_metrics(answers(logits, w, data, allow_empty=unanswerable), data)
+    out["eval_loss"] = float(np.mean(lse - picked))
+    out["eval_perplexity"] = float(np.exp(out["eval_loss"]))
+    return out
+
+
 def _gather(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -416,9 +453,9 @@ class Setup:
 
     cfg: zoo.Config
     hp: Hparams
-    task: zoo.heads.Head  # static part
+    task: zoo.heads.Head | None  # static part; None: sft (no head)
     source: Source
-    head: zoo.heads.Head
+    head: zoo.heads.Head | None
     pipeline: ClassifyData
     mesh: Any
     rules: Any
@@ -426,6 +463,7 @@ class Setup:
     rows_like: dict  # ShapeDtypeStructs of a global batch of rows
     record: dict[str, Any]
     eval_count: int
+    qa: tuple[Windows, Questions] | None = None  # the eval windows and questions, to read answers back
 
 
 def setup(fc: FinetuneConfig) -> Setup:
@@ -445,7 +483,10 @@ def setup(fc: FinetuneConfig) -> Setup:
         raise ValueError(f"--seq-len {fc.seq_len} exceeds the model's max_len {cfg.max_len}")
     if src.encoder.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {src.encoder.vocab_size} ids, the model {cfg.vocab_size}")
-    head = task_head(fc, src, found_labels(train), train.path)
+    if fc.task == "sft" and cfg.family != "decoder":
+        raise ValueError(f"--task sft trains decoders (next-token prediction); this is an {cfg.family} model")
+    head = None if fc.task == "sft" else task_head(fc, src, found_labels(train), train.path)
+    names = () if head is None else head.labels
     if fc.eval_data:
         evaluation = read_data(fc.task, fc.eval_data)
         eval_of = train
@@ -457,8 +498,15 @@ def setup(fc: FinetuneConfig) -> Setup:
     if isinstance(train, Examples) and (evaluation.pairs is None) != (train.pairs is None):
         raise DataError(f"{evaluation.path}: expected {'text pairs' if train.pairs else 'single texts'} as in "
                         f"{train.path}")
-    train_rows = encode(src.encoder, train, head.labels, fc.seq_len)
-    eval_rows = encode(src.encoder, evaluation, head.labels, fc.seq_len, eval_of)
+    qa = None
+    if isinstance(train, Questions):
+        stride = fc.doc_stride or fc.seq_len // 3
+        train_rows = windows(src.encoder, train, fc.seq_len, stride).rows
+        qa = (windows(src.encoder, evaluation, fc.seq_len, stride), evaluation)
+        eval_rows = qa[0].rows
+    else:
+        train_rows = encode(src.encoder, train, names, fc.seq_len, eos_id=cfg.eos_id)
+        eval_rows = encode(src.encoder, evaluation, names, fc.seq_len, eval_of, eos_id=cfg.eos_id)
     rows_like = {k: jax.ShapeDtypeStruct((fc.batch_size, *v.shape[1:]), v.dtype) for k, v in train_rows.items()}
     rows_like["weights"] = jax.ShapeDtypeStruct((fc.batch_size,), np.float32)
     rows_sharding = batch_shardings(rows_like, mesh, rules)
@@ -466,9 +514,10 @@ def setup(fc: FinetuneConfig) -> Setup:
     pipeline = ClassifyData(train_rows, eval_rows, fc.batch_size, fc.seed, part, parts)
     record = {"config": cfg.to_dict(), "objective": fc.task, "seq_len": fc.seq_len, "batch_size": fc.batch_size,
               "seed": fc.seed, "tokenizer": src.encoder.fingerprint, "data_fingerprint": fingerprint(train_rows),
-              "hparams": dataclasses.asdict(fc.hparams), "head": head_config(static_task(head))}
-    return Setup(cfg, fc.hparams, static_task(head), src, head, pipeline, mesh, rules, rows_sharding, rows_like,
-                 record, len(evaluation))
+              "hparams": dataclasses.asdict(fc.hparams), "head": None if head is None else head_config(static_task(head))}
+    task = None if head is None else static_task(head)
+    return Setup(cfg, fc.hparams, task, src, head, pipeline, mesh, rules, rows_sharding, rows_like, record,
+                 len(evaluation), qa)
 
 
 class Best:
@@ -481,8 +530,10 @@ class Best:
         self.best = run_files.get("best")
 
     def offer(self, step: int, metrics: dict[str, float], state: Any, record: dict[str, Any]) -> None:
-        if self.best is not None and metrics[self.metric] <= self.best[self.metric]:
-            return
+        if self.best is not None:
+            new, old = metrics[self.metric], self.best[self.metric]
+            if (new >= old) if self.metric in LOWER_IS_BETTER else (new <= old):
+                return
         self.ckpt.save(step, state, {**record, "step": step}, force=True)
         self.best = {"step": step, "metric": self.metric, **metrics, "path": f"best/{step}"}
         if hosts.is_primary():
@@ -497,6 +548,11 @@ def make_evaluate(s: Setup, runner: Any, best: Best, objective: Any) -> Any:
     predict = jax.jit(lambda params, batch: task_logits(params, s.cfg, batch, s.task)[0])
 
     def evaluate(state: Any, eval_rows: list[dict]) -> dict[str, float]:
+        if s.task is None:  # sft: the held-out loss over the tokens to write
+            metrics = evaluate_loss(Compiled(objective, runner), state, eval_rows, jax.random.key(0))
+            best.offer(int(jax.device_get(state.step)), metrics, runner.global_state(state),
+                       {**s.record, "data": s.pipeline.position})
+            return metrics
         logits, labels, weights = [], [], []
         for rows in eval_rows:
             batch = objective(None, rows)
@@ -505,7 +561,9 @@ def make_evaluate(s: Setup, runner: Any, best: Best, objective: Any) -> Any:
             labels.append(_gather(rows["labels"]))
             weights.append(_gather(rows["weights"]))
         logits, labels, weights = np.concatenate(logits), np.concatenate(labels), np.concatenate(weights)
-        if s.task.kind == "token":
+        if s.task.kind == "qa":
+            metrics = qa_metrics(logits, labels, weights, *s.qa)
+        elif s.task.kind == "token":
             metrics = tagging_metrics(logits, labels, weights, s.task.labels)
         else:
             metrics = classification_metrics(logits, labels, weights)
@@ -537,15 +595,19 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
         state, start, record, _ = ckpt.restore_intact(abstract_state(s.cfg, s.hp, s.task), s.mesh, s.rules, vet)
         s.pipeline.set_position(record["data"])
     token_types = s.cfg.family == "encoder" and s.cfg.type_vocab_size > 0
-    make_batch = lambda key, rows: classify(key, rows, token_types=token_types)
+    spans = s.task is not None and s.task.kind == "qa"
+    make_batch = sft if s.task is None else \
+        lambda key, rows: classify(key, rows, token_types=token_types, spans=spans)
     batch_like = jax.eval_shape(make_batch, None, s.rows_like)
     runner = make_runner(s.cfg, s.hp, s.mesh, batch_like, fc.parallel, s.rules, s.task)
     objective = jax.jit(make_batch, out_shardings=runner.batch_sh)
     if state is None:
-        params = None if s.source.params is None else {**s.source.params, TASK_HEAD: s.head.params}
+        params = s.source.params
+        if params is not None and s.head is not None:
+            params = {**params, TASK_HEAD: s.head.params}
         state = runner.init(fc.seed, params)
     old = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
-    run_files = {**fc.to_dict(), "head": head_config(s.task)}
+    run_files = {**fc.to_dict(), "head": s.record["head"]}
     if old.get("best") and start:
         run_files["best"] = old["best"]
     if primary:
@@ -561,8 +623,9 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
     peak, peak_note = peak_flops(list(s.mesh.devices.flat), fc.peak_flops)
     if primary:
         origin = fc.init_from or f"{fc.model} (from scratch)"
+        labels = "" if s.head is None else f", {s.head.num_labels} labels {list(s.head.labels)}"
         print(f"fine-tuning {origin} ({s.cfg.family}, {zoo.param_count(s.cfg) / 1e6:.2f}M params) | task "
-              f"{fc.task}, {s.head.num_labels} labels {list(s.head.labels)} | {len(s.pipeline.train_rows)} train "
+              f"{fc.task}{labels} | {len(s.pipeline.train_rows)} train "
               f"/ {s.eval_count} eval examples | batch {fc.batch_size} x {fc.seq_len}", flush=True)
     t0 = time.time()
     log = MetricsLog(run_dir, start, enabled=primary)

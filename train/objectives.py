@@ -16,7 +16,8 @@ in the training loop):
 | `denoise`         | encdec  | raw token stream chunks (`train.noising`)   |
 
 Fine-tuning tasks (`python -m train finetune`, train/finetune.py) are objectives too:
-`classify` makes one target per row, which the step scores with the state's task head.
+`classify` makes one target per row (or per token), which the step scores with the state's
+task head; `sft` is next-token prediction weighted by the rows' loss mask.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ FAMILY_OF = {"clm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
 DEFAULT_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encdec": "span_corruption"}
 
 __all__ = ["FAMILY_OF", "Objective", "check_objective", "classify", "clm", "denoise", "make_objective", "mlm",
-           "prefix_lm", "segment_positions", "span_corruption", "t5_lengths", "t5_raw_length"]
+           "prefix_lm", "segment_positions", "sft", "span_corruption", "t5_lengths", "t5_raw_length"]
 
 
 def check_objective(name: str, family: str) -> None:
@@ -52,15 +53,19 @@ def check_objective(name: str, family: str) -> None:
                          f"family is {family!r}; use one of {fits}")
 
 
-def classify(key: jax.Array | None, rows: dict[str, jax.Array], *, token_types: bool = True) -> Batch:
-    """Sequence or token classification. rows: tokens [B, T], mask bool [B, T], labels int
-    [B] (a label per row) or [B, T] (a tag per token, -1 where none is scored), weights [B]
-    (0: a padding row of the last eval batch), token_types [B, T] (encoders: BERT's segments
-    of a text pair; token_types=False drops them, for models without) -> inputs, segment_ids
-    (1 on real tokens: the mask), targets and weights shaped as labels. No RNG."""
+def classify(key: jax.Array | None, rows: dict[str, jax.Array], *, token_types: bool = True,
+             spans: bool = False) -> Batch:
+    """Sequence or token classification, or answer spans. rows: tokens [B, T], mask bool
+    [B, T], labels int [B] (a label per row), [B, T] (a tag per token, -1 where none is
+    scored) or, with spans=True, [B, 2] (the answer's start and end token), weights [B] (0: a
+    padding row of the last eval batch), token_types [B, T] (encoders: BERT's segments of a
+    text pair; token_types=False drops them, for models without) -> inputs, segment_ids (1
+    on real tokens: the mask), targets and weights shaped as labels. No RNG."""
     del key
     labels, weights = rows["labels"].astype(jnp.int32), rows["weights"].astype(jnp.float32)
-    if labels.ndim == 2:
+    if spans:
+        weights = jnp.broadcast_to(weights[:, None], labels.shape)
+    elif labels.ndim == 2:
         weights = weights[:, None] * (labels >= 0)
         labels = jnp.maximum(labels, 0)
     batch = {"inputs": rows["tokens"], "segment_ids": rows["mask"].astype(jnp.int32),
@@ -68,6 +73,19 @@ def classify(key: jax.Array | None, rows: dict[str, jax.Array], *, token_types: 
     if token_types:
         batch["token_types"] = rows["token_types"]
     return batch
+
+
+def sft(key: jax.Array | None, rows: dict[str, jax.Array]) -> Batch:
+    """Supervised fine-tuning of a decoder: next-token prediction weighted by the loss mask.
+    rows: tokens [B, T], mask bool [B, T], loss_mask bool [B, T] (the tokens to learn to
+    write), weights [B] (0: a padding row) -> inputs, segment_ids (the mask), targets [B, T]
+    (the next token) and weights [B, T] (1 where the next token is one to learn). No RNG."""
+    del key
+    tokens = rows["tokens"].astype(jnp.int32)
+    shift = lambda x: jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+    weights = shift(rows["loss_mask"] & rows["mask"]).astype(jnp.float32) * rows["weights"][:, None]
+    return {"inputs": tokens, "segment_ids": rows["mask"].astype(jnp.int32), "targets": shift(tokens),
+            "weights": weights}
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

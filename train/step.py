@@ -145,11 +145,14 @@ def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
     to fp32 before logsumexp. chunk > 0 computes the vocabulary projection and the loss that
     many positions at a time (`train.loss.chunked`): the [B, T, V] logits never exist.
     task: the cross entropy is the task head's (`task_logits`), one target per row
-    (targets/weights [B]) or per token ([B, T])."""
+    (targets/weights [B]), per token ([B, T]) or, for qa heads, the answer's start and end
+    positions ([B, 2], each a softmax over the T positions)."""
     if task is not None:
         logits, out = task_logits(params, cfg, batch, task, key, remat)
         targets, w = batch["targets"], batch["weights"]
-        if targets.ndim == 1:  # one target per row (sequence heads); token heads have one per token
+        if task.kind == "qa":  # [B, T, 2] -> [B, 2, T]: the start and the end, each a softmax over positions
+            logits = jnp.swapaxes(logits, 1, 2)
+        elif targets.ndim == 1:  # one target per row (sequence heads); token heads have one per token
             logits, targets, w = logits[:, None], targets[:, None], w[:, None]
         sums = loss.from_logits(logits, targets, w, z_loss)
         return {**sums, "weight": jnp.sum(batch["weights"].astype(jnp.float32)),
