@@ -220,6 +220,65 @@ def test_top_k_and_top_p_sample_the_truncated_renormalised_distribution(top_k, t
     assert tv(got, want) < 0.05, (got.round(3), want.round(3))
 
 
+def _filter_rows():
+    """Fixed logits [R, 10] with the edge cases of the filters: ties (at and around a cut),
+    -inf entries, a flat row, a peaked row, random rows."""
+    rng = np.random.default_rng(0)
+    rows = [[2.0, 2.0, 1.0, 1.0, 0.0, 0.0, -1.0, -1.0, -3.0, -3.0],
+            [1.0] * 10,
+            [8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [3.0, -np.inf, 1.0, 1.0, -np.inf, 0.5, 0.5, 0.5, -2.0, 2.0],
+            [0.0, np.log(2.0), np.log(4.0), np.log(8.0), -5.0, -5.0, np.log(8.0), 0.0, 1.0, 1.0]]
+    return np.concatenate([np.asarray(rows, np.float32),
+                           (rng.standard_normal((12, 10)) * 2).astype(np.float32)])
+
+
+@pytest.mark.parametrize("settings", [dict(min_p=0.1), dict(min_p=0.3), dict(min_p=1.0),
+                                      dict(typical_p=0.2), dict(typical_p=0.5), dict(typical_p=0.9),
+                                      dict(temperature=0.7, top_k=6, top_p=0.9, min_p=0.05, typical_p=0.8)])
+def test_min_p_and_typical_p_keep_the_tokens_transformers_keeps(settings):
+    """zoo.sampling.process on fixed logits keeps exactly the tokens transformers' warpers
+    (TemperatureLogitsWarper, TopK, TopP, MinP, TypicalLogitsWarper, in generate's order) keep."""
+    import torch
+    from transformers import generation as hf
+    from zoo.sampling import Sampler, process
+
+    logits = _filter_rows()
+    if "top_p" in settings:  # top-p cuts ties by position, transformers by torch.sort's order
+        logits = logits[5:]
+    warpers = [hf.TemperatureLogitsWarper(settings.get("temperature", 1.0))]
+    if "top_k" in settings:
+        warpers.append(hf.TopKLogitsWarper(settings["top_k"]))
+    if "top_p" in settings:
+        warpers.append(hf.TopPLogitsWarper(settings["top_p"]))
+    if "min_p" in settings:
+        warpers.append(hf.MinPLogitsWarper(settings["min_p"]))
+    if "typical_p" in settings:
+        warpers.append(hf.TypicalLogitsWarper(settings["typical_p"]))
+    theirs = torch.tensor(logits)
+    for w in warpers:
+        theirs = w(None, theirs)
+    sampler = Sampler(False, settings.get("temperature", 1.0), settings.get("top_k", 0),
+                      settings.get("top_p", 1.0), settings.get("min_p", 0.0), settings.get("typical_p", 1.0))
+    ours = np.asarray(process(jnp.asarray(logits), sampler))
+    kept = np.isfinite(ours)
+    assert (kept == np.isfinite(theirs.numpy())).all()
+    assert kept.sum(axis=1).min() >= 1 and (kept != np.isfinite(logits)).any()  # it filtered
+
+
+def test_min_p_and_typical_p_reach_the_sampler():
+    """min_p=1 keeps only the best token (greedy); a tiny typical_p keeps only the token whose
+    surprisal is closest to the entropy (checked on the teacher-forced logits)."""
+    cfg, params = _model("tiny-decoder", head_scale=5.0)
+    prompt = tokens(jax.random.key(17), 2, 5)
+    greedy = zoo.generate(params, cfg, prompt, 6, stop_tokens=())
+    assert zoo.generate(params, cfg, prompt, 6, key=KEY, min_p=1.0, stop_tokens=()).tolist() == greedy.tolist()
+    typical = zoo.generate(params, cfg, prompt, 6, key=KEY, typical_p=1e-6, stop_tokens=())
+    logp = jax.nn.log_softmax(_teacher_forced(params, cfg, prompt, typical), axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1, keepdims=True)
+    assert jnp.argmin(jnp.abs(-logp - entropy), axis=-1).tolist() == typical.tolist() != greedy.tolist()
+
+
 def test_sampling_depends_on_the_key_only():
     cfg, params = _model("tiny-decoder", head_scale=5.0)
     prompt = tokens(jax.random.key(9), 4, 4)
@@ -462,14 +521,14 @@ def hf_models(tmp_path_factory):
     return get
 
 
-def _hf_generate(model, cfg, prompt, mask, num_beams, eos):
+def _hf_generate(model, cfg, prompt, mask, num_beams, eos, **settings):
     import torch
     import transformers
 
     config = transformers.GenerationConfig(
         do_sample=False, num_beams=num_beams, max_new_tokens=HF_NEW, eos_token_id=eos,
         pad_token_id=cfg.pad_id, bos_token_id=cfg.bos_id, decoder_start_token_id=cfg.decoder_start_id,
-        length_penalty=1.0, early_stopping=False)
+        length_penalty=1.0, early_stopping=False, **settings)
     model.generation_config.forced_eos_token_id = None  # BART's config forces EOS last
     with torch.no_grad():
         out = model.generate(torch.tensor(prompt, dtype=torch.long),
@@ -500,6 +559,31 @@ def test_matches_transformers_generate(hf_models, name, num_beams):
                         num_beams=num_beams, stop_tokens=(eos,))
     theirs = _hf_generate(model, cfg, prompt, mask, num_beams, eos)
     for a, b in zip(np.asarray(ours), theirs):
+        assert _until(a, eos) == _until(b, eos)
+
+
+@pytest.mark.parametrize("name,num_beams", [("llama", 1), ("llama", 4),
+                                            pytest.param("bart", 4, marks=pytest.mark.slow)])
+def test_penalties_match_transformers_generate(hf_models, name, num_beams):
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens together, greedy and 4
+    beams, token for token (llama: a left-padded row, whose padding transformers skips too;
+    bart: the decoder start token counts as seen). The stop token is one greedy emits 2nd,
+    so min_new_tokens=5 holds it back. On these weights each setting alone changes the
+    output (checked when the test was written; not re-run, to keep the suite fast)."""
+    model, cfg, params = hf_models(name)
+    prompt = np.asarray(tokens(jax.random.key(14), 3, 7))
+    mask = np.ones(prompt.shape, bool)
+    if cfg.family == "decoder":
+        mask[1, :3] = False
+        prompt = np.where(mask, prompt, cfg.pad_id)
+    settings = dict(repetition_penalty=1.1, no_repeat_ngram_size=2, min_new_tokens=5)
+    gen = lambda eos, **kw: np.asarray(zoo.generate(params, cfg, jnp.asarray(prompt), HF_NEW,
+                                                    prompt_mask=jnp.asarray(mask), num_beams=num_beams,
+                                                    stop_tokens=eos, **kw))
+    eos = int(gen(())[0, 1])
+    ours = gen((eos,), **settings)
+    theirs = _hf_generate(model, cfg, prompt, mask, num_beams, eos, **settings)
+    for a, b in zip(ours, theirs):
         assert _until(a, eos) == _until(b, eos)
 
 

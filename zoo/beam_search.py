@@ -3,7 +3,8 @@
 It follows Hugging Face's vectorised beam search (early_stopping=False), so both return the
 same sequences on the same weights:
 
-- each step scores every (beam, token) continuation by its summed log-probability and keeps
+- each step scores every (beam, token) continuation by its summed log-probability (after
+  the penalties of `zoo.logits`, applied to the log-probabilities, as transformers does) and keeps
   the best `max(2, 1 + #stop) * num_beams` candidates;
 - a candidate that ends (stop token, or the last allowed token) and ranks among the first
   `num_beams` becomes a finished hypothesis scored `sum_logprob / length ** length_penalty`
@@ -21,8 +22,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from zoo import logits as processors
 from zoo.config import Config
-from zoo.decoding import Options, is_stop, new_cache, prefill, reach, step
+from zoo.decoding import Options, history, is_stop, new_cache, prefill, reach, step
 from zoo.nn import cache as kv_cache
 
 _DEAD = -1.0e9  # score of an impossible beam or an empty hypothesis slot
@@ -56,12 +58,15 @@ def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _select(s: Beams, logits: jax.Array, opts: Options) -> tuple[Beams, jax.Array]:
-    """One step from logits [B * nb, V]. Returns (state, source row of each new beam [B * nb])."""
+def _select(s: Beams, logits: jax.Array, seen: jax.Array, opts: Options) -> tuple[Beams, jax.Array]:
+    """One step from logits [B * nb, V], seen: each beam's prompt [B * nb, P] (`history`).
+    Returns (state, source row of each new beam [B * nb])."""
     b, nb, n = s.running.shape
     vocab = logits.shape[-1]
     g = s.length
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, nb, vocab)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = processors.apply(logp, seen, s.running.reshape(b * nb, n), g, opts.penalties,
+                            opts.stop_tokens).reshape(b, nb, vocab)
     flat = (logp + s.running_scores[:, :, None]).reshape(b, nb * vocab)
     k = min(max(2, 1 + len(opts.stop_tokens)) * nb, nb * vocab)
     cand_scores, cand_idx = jax.lax.top_k(flat, k)  # [B, K], best first
@@ -100,7 +105,8 @@ def beam_search(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.A
     cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts), opts)
     logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)
     cache = kv_cache.repeat_rows(cache, nb)
-    state, rows = _select(_init(batch, nb, n, opts.pad_id), jnp.repeat(logits, nb, axis=0), opts)
+    seen = jnp.repeat(history(cfg, prompt, prompt_mask), nb, axis=0)
+    state, rows = _select(_init(batch, nb, n, opts.pad_id), jnp.repeat(logits, nb, axis=0), seen, opts)
 
     def cond(carry: tuple) -> jax.Array:
         s = carry[0]
@@ -111,7 +117,7 @@ def beam_search(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.A
         cache = kv_cache.take_rows(cache, rows)
         last = jax.lax.dynamic_slice_in_dim(s.running, s.length - 1, 1, axis=2).reshape(-1, 1)
         logits, cache = step(params, cfg, last, cache)
-        s, rows = _select(s, logits[:, 0], opts)
+        s, rows = _select(s, logits[:, 0], seen, opts)
         return s, rows, cache
 
     state, _, _ = jax.lax.while_loop(cond, body, (state, rows, cache))

@@ -5,6 +5,7 @@
     cache = new_cache(cfg, batch, reach, options)
     logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)   # [B, V]: first new token
     logits, cache = step(params, cfg, tokens, cache)                  # tokens [B, T] -> [B, T, V]
+    hidden, mask, cache = prefill_hidden(...); hidden, cache = step_hidden(...)  # the states
 
 For a decoder the prompt is the start of the sequence (left-aligned here, so every row's last
 prompt token is in the last column); for encdec the prompt is the source: the encoder runs once,
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from zoo import encdec
 from zoo.config import Config
+from zoo.logits import Penalties
 from zoo.model import cached_hidden
 from zoo.nn import cache as kv_cache
 from zoo.nn.attention import fuse_qkv
@@ -42,15 +44,19 @@ class Options(NamedTuple):
     num_beams: int = 1
     length_penalty: float = 1.0
     num_speculative: int = 0  # draft tokens per round; 0: no draft model
+    penalties: Penalties = Penalties()  # repetition / n-gram / min-new-tokens (zoo.logits)
+    contrastive_k: int = 0  # contrastive search over this many candidates; 0: off
+    penalty_alpha: float = 0.0  # contrastive search's weight of the degeneration penalty
     sink_tokens: int = 0  # streaming (zoo.streaming): first tokens kept past the window
     cache_window: int | None = None  # streaming: recent tokens kept; None: a plain cache
 
 
 def reach(cfg: Config, prompt_len: int, opts: Options) -> int:
     """Tokens the cache must hold: the prompt (decoder) or the start token (encdec), every
-    new token but the last, and the draft tokens a speculative round may add."""
+    new token but the last (contrastive search feeds the last too), and the draft tokens a
+    speculative round may add."""
     fed = (prompt_len if cfg.family == "decoder" else 1) + opts.max_new_tokens - 1
-    return fed + opts.num_speculative
+    return fed + opts.num_speculative + (opts.contrastive_k > 0)
 
 
 def unstacked(params: dict) -> dict:
@@ -96,6 +102,36 @@ def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     return jnp.take_along_axis(tokens, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
 
 
+def decoder_prompt(cfg: Config, prompt: jax.Array,
+                   prompt_mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """What the decoder is fed first: the prompt left-aligned (decoder) or the start token
+    (encdec), with its mask -> (tokens [B, T'], mask [B, T'] or None: all real)."""
+    if cfg.family == "encdec":
+        return jnp.full((prompt.shape[0], 1), cfg.decoder_start_id, jnp.int32), None
+    if prompt_mask is not None:
+        return left_align(prompt, prompt_mask)
+    return prompt, None
+
+
+def history(cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None) -> jax.Array:
+    """The tokens seen before the first new one, as `zoo.logits` reads them: int32 [B, T'],
+    -1 on padding."""
+    tokens, mask = decoder_prompt(cfg, prompt, prompt_mask)
+    tokens = tokens.astype(jnp.int32)
+    return tokens if mask is None else jnp.where(mask, tokens, -1)
+
+
+def prefill_hidden(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
+                   cache: kv_cache.Cache) -> tuple[jax.Array, jax.Array | None, kv_cache.Cache]:
+    """Feeds the prompt [B, T] -> (last hidden states of what the decoder was fed [B, T', D],
+    their mask [B, T'] or None (all real; see `decoder_prompt`), cache)."""
+    if cfg.family == "encdec":
+        cache, _ = encdec.prime_cache(params, layout(cfg), cache, prompt, prompt_mask)
+    prompt, prompt_mask = decoder_prompt(cfg, prompt, prompt_mask)
+    hidden, _, cache = feed(params, layout(cfg), prompt, cache, prompt_mask)
+    return hidden, prompt_mask, cache
+
+
 def feed(params: dict, cfg: Config, tokens: jax.Array, cache: kv_cache.Cache,
          mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, kv_cache.Cache]:
     """`zoo.model.cached_hidden` of a chunk tokens [B, T] (mask [B, T]) into a cache that holds
@@ -122,22 +158,27 @@ def feed(params: dict, cfg: Config, tokens: jax.Array, cache: kv_cache.Cache,
 def prefill(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
             cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
     """Feeds the prompt [B, T] -> (logits of the first new token [B, V] fp32, cache)."""
-    if cfg.family == "encdec":
-        cache, _ = encdec.prime_cache(params, layout(cfg), cache, prompt, prompt_mask)
-        prompt = jnp.full((prompt.shape[0], 1), cfg.decoder_start_id, jnp.int32)
-        prompt_mask = None
-    elif prompt_mask is not None:
-        prompt, prompt_mask = left_align(prompt, prompt_mask)
-    hidden, _, cache = feed(params, layout(cfg), prompt, cache, prompt_mask)
-    logits = vocab_logits(params, hidden[:, -1:], resolve(cfg))[:, 0]
-    return logits.astype(jnp.float32), cache
+    hidden, _, cache = prefill_hidden(params, cfg, prompt, prompt_mask, cache)
+    return logits(params, cfg, hidden[:, -1:])[:, 0], cache
+
+
+def step_hidden(params: dict, cfg: Config, tokens: jax.Array,
+                cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
+    """Feeds tokens [B, T] after the cached ones -> (last hidden states [B, T, D], cache)."""
+    hidden, _, cache = cached_hidden(params, layout(cfg), tokens, cache)
+    return hidden, cache
 
 
 def step(params: dict, cfg: Config, tokens: jax.Array,
          cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
     """Feeds tokens [B, T] after the cached ones -> (logits [B, T, V] fp32, cache)."""
-    hidden, _, cache = cached_hidden(params, layout(cfg), tokens, cache)
-    return vocab_logits(params, hidden, resolve(cfg)).astype(jnp.float32), cache
+    hidden, cache = step_hidden(params, cfg, tokens, cache)
+    return logits(params, cfg, hidden), cache
+
+
+def logits(params: dict, cfg: Config, hidden: jax.Array) -> jax.Array:
+    """The vocabulary projection of hidden states [B, T, D] -> fp32 logits [B, T, V]."""
+    return vocab_logits(params, hidden, resolve(cfg)).astype(jnp.float32)
 
 
 def is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:

@@ -7,6 +7,11 @@ encdec families, each a single `jax.jit` program around one `lax.while_loop`.
     tokens = zoo.generate(params, cfg, prompt, 64, num_beams=4)                       # beams
     tokens = zoo.generate(params, cfg, prompt, 64, draft_params=dp, draft_cfg=dc,
                           num_speculative=4)                                          # speculative
+    tokens = zoo.generate(params, cfg, prompt, 64, penalty_alpha=0.6, top_k=4)        # contrastive
+    tokens, lengths = zoo.generate(params, cfg, prompt, 64, return_lengths=True)      # + lengths
+
+Every strategy but speculative takes the penalties of `zoo.logits` (repetition_penalty,
+no_repeat_ngram_size, min_new_tokens); sampling also takes min_p and typical_p.
 
 The prompt is int [B, T]; rows of different lengths come with prompt_mask (bool [B, T], True
 on real tokens; any padding side). For encdec the prompt is the source and decoding starts
@@ -26,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo import logits as processors
 from zoo import sampling, streaming
 from zoo.beam_search import beam_search
 from zoo.config import Config
-from zoo.decoding import Options, is_stop, new_cache, prefill, reach, step, unstacked
+from zoo.contrastive import contrastive
+from zoo.decoding import Options, history, is_stop, new_cache, prefill, reach, step, unstacked
 from zoo.nn.checks import TABLE_POSITIONS, check_mask, check_tokens
 from zoo.sampling import Sampler, choose
 from zoo.speculative import speculative
@@ -43,11 +50,21 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
              stop_tokens: Sequence[int] | None = None, draft_params: dict | None = None,
              draft_cfg: Config | None = None, num_speculative: int = 4,
              cache_len: int | None = None, cache_dtype: str | None = None,
-             sink_tokens: int | None = None, cache_window: int | None = None) -> jax.Array:
+             repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
+             min_new_tokens: int | None = None, min_p: float | None = None,
+             typical_p: float | None = None, penalty_alpha: float | None = None,
+             sink_tokens: int | None = None, cache_window: int | None = None,
+             return_lengths: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """New tokens after each prompt: int32 [B, max_new_tokens].
 
     prompt: int [B, T] (encdec: the source); prompt_mask: bool [B, T], True on real tokens.
-    key: sample instead of taking the argmax, with temperature (default 1), top_k and top_p.
+    key: sample instead of taking the argmax, with temperature (default 1), top_k, top_p,
+    min_p (keep tokens at least min_p times as probable as the best) and typical_p (locally
+    typical sampling), applied in that order.
+    repetition_penalty (> 0; 1: off), no_repeat_ngram_size (0: off), min_new_tokens (stop
+    tokens banned before): `zoo.logits`, for greedy, sampling, beams and contrastive search.
+    penalty_alpha with top_k (no key): contrastive search, scoring the top_k candidates by
+    (1 - penalty_alpha) * p - penalty_alpha * (max cosine similarity to the earlier states).
     num_beams > 1: beam search (deterministic) scoring sum log p / length ** length_penalty.
     stop_tokens: ids that end a row (default: (cfg.eos_id,); () never stops early). A row
     that stopped is filled with `filler(cfg, stop_tokens)`: cfg.pad_id, else cfg.eos_id, else
@@ -61,6 +78,8 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
     the first sink_tokens tokens and the cache_window most recent ones, positions assigned
     within the cache, so max_new_tokens is unbounded at constant memory (decoder models with
     rope, alibi, relative or no positions; not with speculative decoding or cache_len).
+    return_lengths: also return how many tokens each row generated, int32 [B] (its stop
+    token included): `tokens, lengths = generate(..., return_lengths=True)`.
     A `zoo.nnx.Model` may stand for (params, cfg), `generate(model, prompt, 64)`, and for
     (draft_params, draft_cfg) as draft_params.
     """
@@ -75,12 +94,17 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
     check_tokens("prompt", prompt, cfg)
     check_mask("prompt_mask", prompt_mask, "prompt", prompt)
     _check_rows(prompt_mask)
-    sampler = _sampler(key, temperature, top_k, top_p)
-    stops = _stop_tokens(cfg, stop_tokens)
     _check_positive_int("max_new_tokens", max_new_tokens)
+    contrastive_k = _check_contrastive(penalty_alpha, top_k, key, num_beams, draft_params)
+    sampler = _sampler(key, temperature, None if contrastive_k else top_k, top_p, min_p, typical_p)
+    stops = _stop_tokens(cfg, stop_tokens)
+    penalties = processors.check(repetition_penalty, no_repeat_ngram_size, min_new_tokens, max_new_tokens)
     _check_positive_int("num_beams", num_beams)
     speculate = _check_draft(cfg, draft_params, draft_cfg, num_speculative, num_beams)
     sinks, window = _check_streaming(cfg, sink_tokens, cache_window, speculate, cache_len)
+    if speculate and penalties.active:
+        raise ValueError("repetition_penalty, no_repeat_ngram_size, min_new_tokens: not available "
+                         "with speculative decoding (draft_params)")
     if num_beams > 1 and not sampler.greedy:
         raise ValueError("num_beams > 1 is deterministic beam search: drop key/temperature/top_k/top_p")
     if not isinstance(length_penalty, (int, float)):
@@ -90,13 +114,23 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
     opts = Options(max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stops,
                    pad_id=filler(cfg, stops), cache_len=cache_len, quantize=cache_dtype == "int8",
                    num_beams=num_beams, length_penalty=float(length_penalty),
-                   num_speculative=num_speculative if speculate else 0,
+                   num_speculative=num_speculative if speculate else 0, penalties=penalties,
+                   contrastive_k=contrastive_k, penalty_alpha=float(penalty_alpha or 0.0),
                    sink_tokens=sinks, cache_window=window)
     _check_length(cfg, prompt.shape[1], opts, draft_cfg if speculate else None)
     if key is None:
         key = jax.random.key(0)  # unused by greedy and beams; keeps one program signature
-    return _run(params, prompt, prompt_mask, key, draft_params if speculate else None,
-                cfg=cfg, draft_cfg=draft_cfg if speculate else None, opts=opts)
+    tokens = _run(params, prompt, prompt_mask, key, draft_params if speculate else None,
+                  cfg=cfg, draft_cfg=draft_cfg if speculate else None, opts=opts)
+    return (tokens, generated_lengths(tokens, stops)) if return_lengths else tokens
+
+
+def generated_lengths(tokens: jax.Array, stop_tokens: Sequence[int]) -> jax.Array:
+    """tokens [B, N] as generate returns them -> int32 [B]: the tokens each row generated,
+    up to and including its first stop token (N for a row that never stopped)."""
+    stops = is_stop(tokens, tuple(stop_tokens))
+    first = jnp.argmax(stops, axis=1).astype(jnp.int32)
+    return jnp.where(jnp.any(stops, axis=1), first + 1, tokens.shape[1]).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "opts"))
@@ -111,6 +145,8 @@ def _run(params: dict, prompt: jax.Array, prompt_mask: jax.Array | None, key: ja
         return beam_search(params, cfg, prompt, prompt_mask, opts)
     if draft_cfg is not None:
         return speculative(params, cfg, draft_params, draft_cfg, prompt, prompt_mask, key, opts)
+    if opts.contrastive_k:
+        return contrastive(params, cfg, prompt, prompt_mask, opts)
     return _sample(params, cfg, prompt, prompt_mask, key, opts)
 
 
@@ -120,9 +156,11 @@ def _sample(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array
     batch, n, s = prompt.shape[0], opts.max_new_tokens, opts.sampler
     cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts), opts)
     logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)
+    seen = history(cfg, prompt, prompt_mask)
+    out = jnp.full((batch, n), opts.pad_id, jnp.int32)
     key, first_key = jax.random.split(key)
-    first = choose(logits, s, first_key)
-    out = jnp.full((batch, n), opts.pad_id, jnp.int32).at[:, 0].set(first)
+    first = choose(processors.apply(logits, seen, out, 0, opts.penalties, opts.stop_tokens), s, first_key)
+    out = out.at[:, 0].set(first)
 
     def cond(carry: tuple) -> jax.Array:
         i, _, done = carry[:3]
@@ -132,7 +170,8 @@ def _sample(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array
         i, out, done, cache, key = carry
         key, step_key = jax.random.split(key)
         logits, cache = step(params, cfg, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1), cache)
-        token = jnp.where(done, opts.pad_id, choose(logits[:, 0], s, step_key))
+        logits = processors.apply(logits[:, 0], seen, out, i, opts.penalties, opts.stop_tokens)
+        token = jnp.where(done, opts.pad_id, choose(logits, s, step_key))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         return i + 1, out, done | is_stop(token, opts.stop_tokens), cache, key
 
@@ -184,17 +223,35 @@ def _check_rows(mask: jax.Array | None) -> None:
 
 
 def _sampler(key: jax.Array | None, temperature: float | None, top_k: int | None,
-             top_p: float | None) -> Sampler:
+             top_p: float | None, min_p: float | None, typical_p: float | None) -> Sampler:
     if key is None:
-        given = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
-                 if v is not None]
+        given = [n for n, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                ("min_p", min_p), ("typical_p", typical_p)) if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: sampling needs key=jax.random.key(...); "
                              "without a key generate is greedy")
         return Sampler()
     temperature = 1.0 if temperature is None else temperature
-    sampling.check(temperature, top_k, top_p)
-    return Sampler(False, float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p))
+    sampling.check(temperature, top_k, top_p, min_p, typical_p)
+    return Sampler(False, float(temperature), int(top_k or 0), float(1.0 if top_p is None else top_p),
+                   float(min_p or 0.0), float(1.0 if typical_p is None else typical_p))
+
+
+def _check_contrastive(penalty_alpha: float | None, top_k: int | None, key: jax.Array | None,
+                       num_beams: int, draft_params: dict | None) -> int:
+    """The candidates of contrastive search (0: penalty_alpha not given)."""
+    if penalty_alpha is None:
+        return 0
+    if not (isinstance(penalty_alpha, (int, float)) and 0.0 <= penalty_alpha <= 1.0):
+        raise ValueError(f"penalty_alpha: expected a number in [0, 1], got {penalty_alpha!r}")
+    if top_k is None:
+        raise ValueError("penalty_alpha: contrastive search needs top_k (the candidates per step)")
+    if not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k: expected an int >= 1 (or None), got {top_k!r}")
+    if key is not None or num_beams > 1 or draft_params is not None:
+        raise ValueError("penalty_alpha: contrastive search is deterministic and single-beam; "
+                         "drop key, num_beams and draft_params")
+    return top_k
 
 
 def filler(cfg: Config, stop_tokens: tuple[int, ...]) -> int:
