@@ -288,6 +288,65 @@ def test_sampling_depends_on_the_key_only():
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
 
 
+# --- contrastive search ---------------------------------------------------------------------
+def _contrastive_reference(params, cfg, prompt, new, k, alpha):
+    """Contrastive search written out for one unpadded prompt [T] without a cache: each
+    step runs the whole sequence plus each of the k most probable tokens and keeps the best
+    (1 - alpha) * p(v) - alpha * max_j cos(h_v, h_j) over the earlier tokens' states h_j.
+    (Sequences are right-padded to one width: in a causal decoder that changes no state.)"""
+    seq = [int(t) for t in prompt]
+    width = 16
+    padded = lambda rows: jnp.asarray([r + [0] * (width - len(r)) for r in rows])
+    for _ in range(new):
+        t = len(seq)
+        out = FWD(params, cfg, padded([seq]))
+        probs = np.asarray(jax.nn.softmax(out.logits[0, t - 1]), np.float64)
+        context = np.asarray(out.hidden[0, :t], np.float64)
+        top = [int(v) for v in np.argsort(-probs, kind="stable")[:k]]
+        states = np.asarray(FWD(params, cfg, padded([seq + [v] for v in top])).hidden[:, t], np.float64)
+        best, best_score = None, -np.inf
+        for v, h in zip(top, states):
+            cos = context @ h / (np.linalg.norm(context, axis=1) * np.linalg.norm(h))
+            score = (1 - alpha) * probs[v] - alpha * cos.max()
+            if score > best_score:
+                best, best_score = int(v), score
+        seq.append(best)
+    return seq[len(prompt):]
+
+
+def test_contrastive_search_equals_its_scoring_written_out():
+    """Two prompts, one left-padded (the padding is no context), with a penalty that
+    composes; the result is neither greedy's nor plain top-1."""
+    cfg, params = _model("tiny-decoder", head_scale=3.0)
+    k, alpha, new = 4, 0.6, 6
+    prompt = np.asarray(tokens(jax.random.key(18), 2, 6))
+    mask = np.ones(prompt.shape, bool)
+    mask[1, :2] = False
+    out = zoo.generate(params, cfg, jnp.asarray(prompt), new, prompt_mask=jnp.asarray(mask),
+                       penalty_alpha=alpha, top_k=k, stop_tokens=())
+    for row in range(2):
+        assert out[row].tolist() == _contrastive_reference(params, cfg, prompt[row][mask[row]], new, k, alpha)
+    greedy = zoo.generate(params, cfg, jnp.asarray(prompt), new, prompt_mask=jnp.asarray(mask), stop_tokens=())
+    assert out.tolist() != greedy.tolist()
+
+
+# --- batch serving ----------------------------------------------------------------------------
+def test_return_lengths_counts_each_rows_tokens_up_to_its_stop():
+    """Ragged prompts whose rows stop at different steps (or never): lengths count the stop
+    token. (They are read off the tokens, so every strategy returns them alike.)"""
+    num_beams = 1
+    cfg, params = _model("tiny-decoder")
+    prompt = tokens(jax.random.key(19), 3, 6)
+    mask = jnp.arange(6)[None, :] >= jnp.array([[0], [3], [1]])
+    free = zoo.generate(params, cfg, prompt, 10, prompt_mask=mask, num_beams=num_beams, stop_tokens=()).tolist()
+    stop = free[0][2]
+    out, lengths = zoo.generate(params, cfg, prompt, 10, prompt_mask=mask, num_beams=num_beams,
+                                stop_tokens=(stop,), return_lengths=True)
+    want = [row.index(stop) + 1 if stop in row else 10 for row in out.tolist()]
+    assert lengths.dtype == jnp.int32 and lengths.tolist() == want
+    assert min(want) < 10 and len(set(want)) > 1, want
+
+
 # --- speculative ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name,overrides,k", [("tiny-decoder", {}, 3), ("tiny-decoder", dict(sliding_window=4), 2),
                                               ("tiny-encdec", {}, 3)])
@@ -424,6 +483,17 @@ def test_bad_arguments_are_clear_errors():
         (dict(draft_params=params, draft_cfg=cfg, num_speculative=0), "num_speculative"),
         (dict(prompt_mask=jnp.zeros((2, 5), bool)), "no real token"),
         (dict(prompt_mask=jnp.ones((2, 4), bool)), "prompt_mask"),
+        (dict(typical_p=0.9), "typical_p: sampling needs key"),
+        (dict(min_p=0.1), "min_p: sampling needs key"),
+        (dict(key=key, typical_p=0.0), "typical_p"),
+        (dict(key=key, min_p=1.5), "min_p"),
+        (dict(penalty_alpha=0.6), "penalty_alpha: contrastive search needs top_k"),
+        (dict(penalty_alpha=1.5, top_k=4), "penalty_alpha"),
+        (dict(penalty_alpha=0.6, top_k=4, num_beams=2), "penalty_alpha"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+        (dict(min_new_tokens=9), "min_new_tokens"),
+        (dict(repetition_penalty=1.2, draft_params=params, draft_cfg=cfg), "speculative"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
