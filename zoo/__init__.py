@@ -8,11 +8,12 @@ from zoo.hf import load_hf, save_hf
 from zoo.model import Inputs, apply, axes, forward, init, param_count, spec
 from zoo.nn.cache import Cache, init as init_cache
 from zoo.nn.output import Output
+from zoo.nn.quant import quantize
 from zoo.presets import preset
 
 __all__ = ["Cache", "Config", "ConfigError", "Inputs", "Output", "apply", "axes", "decoder", "encdec", "encode",
            "encoder", "flops", "forward", "generate", "heads", "init", "init_cache", "load_hf", "nn",
-           "param_count", "preset", "presets", "save_hf", "sharding", "spec", "tokenizer", "nnx", "linen"]
+           "param_count", "preset", "presets", "quantize", "save_hf", "sharding", "spec", "tokenizer", "nnx", "linen"]
 
 
 def __getattr__(name: str):

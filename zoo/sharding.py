@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import warnings
 from typing import Any, Iterator, Sequence
@@ -21,6 +22,8 @@ from typing import Any, Iterator, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from zoo.nn.quant import QuantizedWeight
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 Rules = tuple[tuple[str, Any], ...]
@@ -108,13 +111,21 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int] | None, mesh: M
 def tree_shardings(axes_tree: Any, mesh: Mesh, shapes: Any | None = None,
                    rules: Rules = DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of logical-axis tuples (`zoo.axes(cfg)`); `shapes` is the
-    matching tree of arrays or ShapeDtypeStructs, used to check divisibility."""
+    matching tree of arrays or ShapeDtypeStructs, used to check divisibility. Where shapes
+    holds a `zoo.nn.quant.QuantizedWeight` (`zoo.quantize`), its q and scale get the
+    weight's logical axes in their own order (`QuantizedWeight.axes`)."""
     is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
     if shapes is None:
         return jax.tree.map(lambda a: NamedSharding(mesh, spec_for(a, None, mesh, rules)),
                             axes_tree, is_leaf=is_axes)
-    return jax.tree.map(lambda a, s: NamedSharding(mesh, spec_for(a, s.shape, mesh, rules)),
-                        axes_tree, shapes, is_leaf=is_axes)
+    def one(a: tuple, s: Any) -> Any:
+        if isinstance(s, QuantizedWeight):
+            q_axes, scale_axes = s.axes(a)
+            return dataclasses.replace(s, q=NamedSharding(mesh, spec_for(q_axes, s.q.shape, mesh, rules)),
+                                       scale=NamedSharding(mesh, spec_for(scale_axes, s.scale.shape, mesh, rules)))
+        return NamedSharding(mesh, spec_for(a, s.shape, mesh, rules))
+
+    return jax.tree.map(one, axes_tree, shapes, is_leaf=is_axes)
 
 
 def active_devices() -> int:

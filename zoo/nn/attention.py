@@ -19,6 +19,7 @@ from zoo.nn.linear import matmul
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param
 from zoo.nn.positions import RopeTables, apply_rope, apply_rope_cached
+from zoo.nn.quant import concatenate
 from zoo.sharding import constrain
 
 _MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
@@ -240,8 +241,8 @@ def fuse_qkv(p: dict) -> dict:
     d, n, h = p["q"].shape
     k = p["k"].shape[1]
     out = {name: w for name, w in p.items() if name not in ("q", "k", "v", "q_bias", "k_bias", "v_bias")}
-    out["qkv"] = jnp.concatenate([p["q"].reshape(d, n * h), p["k"].reshape(d, k * h),
-                                  p["v"].reshape(d, k * h)], axis=1)
+    out["qkv"] = concatenate([p["q"].reshape(d, n * h), p["k"].reshape(d, k * h),  # or QuantizedWeights
+                              p["v"].reshape(d, k * h)], axis=1)
     if "q_bias" in p:
         out["qkv_bias"] = jnp.concatenate([p["q_bias"].reshape(-1), p["k_bias"].reshape(-1),
                                            p["v_bias"].reshape(-1)])

@@ -10,6 +10,7 @@ from zoo.config import Config
 from zoo.nn.checks import check_positions
 from zoo.nn.linear import matmul, matmul_transposed
 from zoo.nn.param import Spec, init_std, param
+from zoo.nn.quant import take_rows
 from zoo.nn.positions import sinusoidal_table
 
 
@@ -38,7 +39,7 @@ def embed_tokens(p: dict, tokens: jax.Array, cfg: Config,
                  token_types: jax.Array | None = None) -> jax.Array:
     """tokens [B, T] int -> [B, T, E] in the compute dtype (E = cfg.embed_size)."""
     dt = jnp.dtype(cfg.dtype)
-    x = jnp.take(p["tokens"], tokens, axis=0, mode="clip").astype(dt)
+    x = take_rows(p["tokens"], tokens).astype(dt)  # a quantized table: just these rows
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, dt)
     if "types" in p:

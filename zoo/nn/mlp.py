@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from zoo.config import ACTIVATIONS, Config
 from zoo.nn.linear import matmul
 from zoo.nn.param import Spec, init_std, param
+from zoo.nn.quant import concatenate
 from zoo.sharding import constrain
 
 _FUNCTIONS = {
@@ -45,7 +46,7 @@ def fuse_gate(p: dict) -> dict:
     if "wg" not in p:
         return p
     out = {k: v for k, v in p.items() if k not in ("wg", "wi", "bg", "bi")}
-    out["wgi"] = jnp.concatenate([p["wg"], p["wi"]], axis=1)
+    out["wgi"] = concatenate([p["wg"], p["wi"]], axis=1)  # arrays or QuantizedWeights
     if "bi" in p:
         out["bgi"] = jnp.concatenate([p["bg"], p["bi"]])
     return out
