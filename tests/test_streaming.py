@@ -93,17 +93,24 @@ def test_while_it_fits_streaming_generates_as_a_plain_cache():
 
 
 def test_ragged_rows_stream_as_they_would_alone():
-    """Past the window, each row of a ragged batch keeps its own sinks: the batch generates
-    what each row generates alone."""
+    """Past the window, each row of a left-padded batch keeps its own sinks (slots by
+    position, not by column): its logits are those of the row fed alone."""
     cfg = tiny("tiny-decoder")
     params = zoo.init(cfg, KEY)
-    prompt = tokens(jax.random.key(3), 2, 9)
-    mask = jnp.array([[True] * 9, [False] * 4 + [True] * 5])
-    kw = dict(stop_tokens=(), sink_tokens=2, cache_window=5)
-    both = zoo.generate(params, cfg, prompt, 12, prompt_mask=mask, **kw)
-    first = zoo.generate(params, cfg, prompt[:1], 12, **kw)
-    second = zoo.generate(params, cfg, prompt[1:, 4:], 12, **kw)
-    np.testing.assert_array_equal(both, jnp.concatenate([first, second]))
+    toks = tokens(jax.random.key(3), 2, 16)
+    mask = jnp.array([[True] * 16, [False] * 5 + [True] * 11])
+
+    @jax.jit
+    def run(params, toks, mask):
+        cache = kv_cache.init(cfg, toks.shape[0], toks.shape[1], per_layer=True, stream=(2, 5))
+        hidden, _, _ = decoding.feed(params, decoding.layout(cfg), toks, cache, mask)
+        return zoo.model.logits(params, cfg, hidden)
+
+    p = _unstacked(params)
+    both = run(p, toks, mask)
+    alone = run(p, toks[1:, 5:], None)
+    np.testing.assert_allclose(both[1, 5:], alone[0], atol=2e-5)
+    np.testing.assert_allclose(both[:1], run(p, toks[:1], None), atol=2e-5)
 
 
 def test_cache_memory_is_constant_past_max_len():
