@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=[1],
+                   help="decode: also measure these batch sizes (tokens/s per row and in total), "
+                        "e.g. --batches 1 8 32; the batch-1 row always runs")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--param-dtype", default=None, help="default: float32 for train, else --dtype")
     p.add_argument("--attention", default=None, help="attention implementation (xla, cudnn)")
@@ -77,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
                    help="encode: the share of each row that is padding on average; rows for the "
                         "padded batch and for its documents packed into fewer rows")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--quant", type=int, choices=(4, 8), action="append", default=[],
+                   help="decode: also rows for bf16 and these quantized weights (bench/quant.py)")
     p.add_argument("--json", default=None, help="write the rows here")
     return p
 
@@ -104,6 +109,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     else:
         row = model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters, args.padding)
     rows = [{**common, **row}]
+    if args.bench == "decode" and args.quant:  # bf16, int8, int4 rows (bench/quant.py)
+        from bench import quant
+
+        rows += [{**common, **r} for r in quant.decode_rows(cfg, args.prompt_len, args.new_tokens, bandwidth,
+                                                            args.iters, args.quant, row)]
+    if args.bench == "decode":  # the --batches sweep, after the batch-1 row
+        rows += [{**common, **model_bench.decode_row(cfg, args.prompt_len, args.new_tokens, bandwidth,
+                                                     args.iters, batch=b)} for b in args.batches if b != 1]
     if args.bench == "encode" and args.padding:
         rows.append({**common, **model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters,
                                                         args.padding, packed=True)})
@@ -121,8 +134,9 @@ def environment(cfg: zoo.Config, peak: float) -> dict[str, Any]:
             "scan_layers": cfg.scan_layers}
 
 
-COLUMNS = ("bench", "family", "dtype", "layout", "rows", "tokens_per_s", "mfu", "bound_tokens_per_s",
-           "compile_s", "peak_bytes", "peer", "peer_tokens_per_s", "ratio")
+COLUMNS = ("bench", "family", "dtype", "layout", "rows", "batch", "tokens_per_s", "row_tokens_per_s",
+           "mfu", "bound_tokens_per_s",
+           "vs_fp32", "compile_s", "peak_bytes", "peer", "peer_tokens_per_s", "ratio")
 
 
 def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -151,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import moe
 
         return moe.main(argv[1:])
+    if argv[:1] == ["quant"]:  # quantized-inference quality (bench/quant.py)
+        from bench import quant
+
+        return quant.main(argv[1:])
     args = parser().parse_args(argv)
     rows = run(args)
     r = rows[0]

@@ -33,11 +33,17 @@ def test_train_rows_name_the_peer_and_the_ratio(tmp_path):
 
 
 def test_decode_rows_report_the_bandwidth_bound(tmp_path):
-    rows = _rows(tmp_path, "decode", "--new-tokens", "4", "--prompt-len", "4", "--vs", "hf")
+    """Batch 1 and the --batches sweep (a row of 2: per-row and total rates, a bound twice
+    batch 1's), then the peer."""
+    rows = _rows(tmp_path, "decode", "--new-tokens", "4", "--prompt-len", "4", "--vs", "hf", "--batches", "2")
     for row in rows:
         assert row["bench"] == "decode" and row["bound_tokens_per_s"] > 0
         assert row["tokens_per_s"] > 0 and row["mfu"] is None
-    assert rows[1]["peer"] == "hf" and rows[1]["ratio"] > 0
+    one, two, peer = rows
+    assert (one["batch"], two["batch"]) == (1, 2) and "peer" not in two
+    assert two["tokens_per_s"] == pytest.approx(2 * two["row_tokens_per_s"])
+    assert two["bound_tokens_per_s"] == pytest.approx(2 * one["bound_tokens_per_s"])
+    assert peer["peer"] == "hf" and peer["ratio"] > 0
 
 
 def test_profile_lists_the_ops_of_a_step(capsys):
