@@ -23,13 +23,16 @@ counts them, and the token-level `eval_accuracy`). `sft` trains a decoder on con
 prompt/completion pairs (train/chat.py) with the loss on what the model should write; its
 metric is `eval_loss` (lowest kept) over those tokens. `qa` reads SQuAD v1.1/v2.0 JSON into
 overlapping windows (train/qa.py) and reports `eval_exact_match` and `eval_f1` as the SQuAD
-script scores the answers read back. seq2seq is issue 20's next part.
+script scores the answers read back. `seq2seq` trains an encoder-decoder on source -> target
+pairs (train/seq2seq.py); each evaluation generates the eval targets with `zoo.generate` and
+adds sacreBLEU's `eval_bleu` and `eval_chrf` (best/ keeps the best BLEU).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -49,8 +52,9 @@ from train.cli import _HelpFormatter, parse_value
 from train.export import head_config, restore_run
 from train.loop import Compiled, RunError, evaluate as evaluate_loss, in_run_dir, train_loop
 from train.chat import Dialogues, chat_format, encode_dialogues, read_dialogues
-from train.objectives import classify, sft
+from train.objectives import classify, seq2seq, sft
 from train.qa import Questions, Windows, answers, read_squad, squad_metrics, windows
+from train.seq2seq import Pairs, bleu_chrf, encode_pairs, read_pairs
 from train.optim import TASK_HEAD, Hparams
 from train.parallel import build_mesh, check_fit, make_runner, process_rows, rules_from
 from train.parallel import PARALLEL
@@ -62,9 +66,11 @@ from train.step import abstract_state, batch_shardings, static_task, task_logits
 from train.tasks import (DataError, Examples, Tagged, TextEncoder, label_ids, label_names, load_encoder,
                          read_examples, read_tagged, tag_ids)
 
-TASKS = ("classify", "tag", "qa", "sft")  # issue 20 adds seq2seq
-HEAD_KIND = {"classify": "sequence", "tag": "token", "qa": "qa"}  # sft trains the body's own LM head
-BEST_METRIC = {"classify": "eval_accuracy", "tag": "eval_f1", "qa": "eval_f1", "sft": "eval_loss"}  # what best/ keeps
+TASKS = ("classify", "tag", "qa", "seq2seq", "sft")
+HEAD_KIND = {"classify": "sequence", "tag": "token", "qa": "qa"}  # seq2seq and sft train the body's own LM head
+BEST_METRIC = {"classify": "eval_accuracy", "tag": "eval_f1", "qa": "eval_f1", "seq2seq": "eval_bleu",
+               "sft": "eval_loss"}  # what best/ keeps
+FAMILIES = {"seq2seq": ("encdec",), "sft": ("decoder",)}  # the others: encoders and decoders (a head)
 LOWER_IS_BETTER = {"eval_loss"}
 # Fine-tuning defaults over Hparams': BERT's recipe (a small peak rate, AdamW b2 0.999, decay 0.01).
 FINETUNE_HPARAMS = {"learning_rate": 5e-5, "total_steps": 300, "weight_decay": 0.01, "b2": 0.999}
@@ -79,8 +85,9 @@ class FinetuneConfig:
     model: str | None = setting(None, "zoo preset to train from scratch instead of --from (with --tokenizer)")
     task: str = setting("classify", f"the task: {', '.join(TASKS)}", one_of(TASKS))
     data: list = setting(factory=list, help="the training file (classify: TSV, CSV or JSONL; tag: CoNLL; "
-                                           "qa: SQuAD JSON; sft: JSONL)")
-    eval_data: str | None = setting(None, "the evaluation file (default: every 50th training example)")
+                                           "qa: SQuAD JSON; sft: JSONL; seq2seq: TSV/JSONL or two parallel files)")
+    eval_data: list = setting(factory=list, help="the evaluation file(s), as --data (default: every 50th "
+                                                 "training example)")
     tokenizer: str | None = setting(None, "a tokenizer directory or SentencePiece .model (default: the "
                                     "--from checkpoint's)")
     num_labels: int | None = setting(None, "labels of a new head (default: the head's, or those in --data)",
@@ -90,6 +97,7 @@ class FinetuneConfig:
     seq_len: int = setting(128, "tokens per example (longer ones are cut; qa: per window)", POSITIVE_INT)
     doc_stride: int | None = setting(None, "qa: tokens shared by consecutive windows of a long context "
                                      "(default: seq_len // 3)", POSITIVE_INT)
+    num_beams: int = setting(1, "seq2seq: beams of the evaluation's generation (1: greedy)", POSITIVE_INT)
     hparams: Hparams = setting(factory=lambda: Hparams(**FINETUNE_HPARAMS), help="train.Hparams")
     seed: int = setting(0, "seed of the new head, dropout and data order")
     checkpoint_every: int = setting(100, "save a checkpoint every N steps (and at the end)", POSITIVE_INT)
@@ -115,8 +123,13 @@ class FinetuneConfig:
                 raise ValueError(f"--model: expected one of {zoo.presets.names()}, got {self.model!r}")
             if self.tokenizer is None:
                 raise ValueError(f"--model {self.model}: a model from scratch needs --tokenizer")
-        if len(self.data) != 1:
-            raise ValueError(f"--data: --task {self.task} reads one training file, got {len(self.data)}: {self.data}")
+        if isinstance(self.eval_data, str):  # run.json of a run before eval_data took two files
+            self.eval_data = [self.eval_data]
+        files = (1, 2) if self.task == "seq2seq" else (1,)
+        for flag, given in (("--data", self.data), ("--eval-data", self.eval_data)):
+            if len(given) not in files and (given or flag == "--data"):
+                want = "one file or two parallel files" if self.task == "seq2seq" else "one file"
+                raise ValueError(f"{flag}: --task {self.task} reads {want}, got {len(given)}: {given}")
 
     # what train.loop.train_loop reads
     steps = property(lambda self: self.hparams.total_steps)
@@ -149,9 +162,12 @@ def resolve(argv: Sequence[str]) -> FinetuneConfig:
     """FinetuneConfig from a command line; with --resume the run dir's run.json is the lowest
     layer, then flags, then KEY=VALUE pairs."""
     args = parser().parse_intermixed_args(list(argv))
-    if args.data:  # `--data a.tsv steps=5`: nargs="+" swallowed the KEY=VALUE after it
-        extra = [d for d in args.data if re.fullmatch(r"[A-Za-z_][\w.]*=.*", d) and not Path(d).exists()]
-        args.data, args.pairs = [d for d in args.data if d not in extra], [*args.pairs, *extra]
+    for name in ("data", "eval_data"):  # `--data a.tsv steps=5`: nargs="+" swallowed the KEY=VALUE after it
+        files = getattr(args, name)
+        if files:
+            extra = [d for d in files if re.fullmatch(r"[A-Za-z_][\w.]*=.*", d) and not Path(d).exists()]
+            setattr(args, name, [d for d in files if d not in extra])
+            args.pairs = [*args.pairs, *extra]
     layer = {k: v for k, v in vars(args).items() if k != "pairs" and v is not None}
     for item in args.pairs:
         if "=" not in item:
@@ -207,7 +223,10 @@ def load_source(fc: FinetuneConfig) -> Source:
     """The checkpoint --from names (or --model from scratch), with its tokenizer."""
     if fc.model is not None:
         enc = load_encoder(fc.tokenizer)
-        cfg = zoo.preset(fc.model, **{**fc.overrides, "vocab_size": enc.vocab_size, "pad_id": enc.pad_id})
+        ids = {"vocab_size": enc.vocab_size, "pad_id": enc.pad_id}
+        if enc.eos_id is not None:
+            ids["eos_id"] = enc.eos_id
+        cfg = zoo.preset(fc.model, **{**fc.overrides, **ids})
         return Source(cfg, None, None, enc)
     path = Path(fc.init_from)
     if (path / "run.json").is_file():
@@ -330,17 +349,19 @@ class ClassifyData:
         return out
 
 
-Data = Examples | Tagged | Dialogues | Questions
+Data = Examples | Tagged | Dialogues | Questions | Pairs
 
 
-def read_data(task: str, path: str) -> Data:
-    """The examples of a --data / --eval-data file for `task`."""
-    return {"tag": read_tagged, "sft": read_dialogues, "qa": read_squad}.get(task, read_examples)(path)
+def read_data(task: str, paths: Sequence[str]) -> Data:
+    """The examples of the --data / --eval-data file(s) for `task`."""
+    if task == "seq2seq":
+        return read_pairs(paths)
+    return {"tag": read_tagged, "sft": read_dialogues, "qa": read_squad}.get(task, read_examples)(paths[0])
 
 
 def found_labels(data: Data) -> tuple[str, ...]:
     """The label names of a train set, in id order (tags sorted; none for sft)."""
-    if isinstance(data, (Dialogues, Questions)):
+    if isinstance(data, (Dialogues, Questions, Pairs)):
         return ()
     if isinstance(data, Tagged):
         return tuple(sorted({t for tags in data.tags for t in tags}))
@@ -360,6 +381,8 @@ def encode(enc: TextEncoder, data: Data, names: Sequence[str], seq_len: int, tra
     dialogues a loss_mask [N, seq_len] instead (eos_id closes a completion)."""
     if isinstance(data, Dialogues):
         return encode_dialogues(enc, chat_format(enc.source), data, seq_len, eos_id)
+    if isinstance(data, Pairs):
+        return encode_pairs(enc, data, seq_len)
     if isinstance(data, Tagged):
         rows, first = enc.encode_words(data.words, seq_len)
         labels = np.full(first.shape, -1, np.int32)
@@ -438,6 +461,26 @@ def qa_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, w: W
     return out
 
 
+def translation_metrics(s: Setup, params: Any, eval_rows: list[dict], objective: Any,
+                        num_beams: int) -> dict[str, float]:
+    """eval_bleu and eval_chrf of the eval sources' translations by `zoo.generate` (greedy, or
+    num_beams), up to the target length, against the eval targets."""
+    texts = []
+    for rows in eval_rows:
+        batch = objective(None, rows)
+        with zoo.sharding.use(s.mesh, s.rules):
+            out = zoo.generate(params, s.cfg, batch["inputs"], batch["targets"].shape[1],
+                               prompt_mask=batch["inputs"] != s.cfg.pad_id, num_beams=num_beams)
+        keep = _gather(rows["weights"]) > 0
+        texts += [s.source.encoder.decode(_until_stop(row, s.cfg.eos_id)) for row in _gather(out)[keep]]
+    return bleu_chrf(texts, s.references.targets)
+
+
+def _until_stop(ids: np.ndarray, eos_id: int | None) -> np.ndarray:
+    stop = np.flatnonzero(ids == eos_id) if eos_id is not None else []
+    return ids[:stop[0]] if len(stop) else ids
+
+
 def _gather(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -464,6 +507,7 @@ class Setup:
     record: dict[str, Any]
     eval_count: int
     qa: tuple[Windows, Questions] | None = None  # the eval windows and questions, to read answers back
+    references: Pairs | None = None  # seq2seq: the eval pairs, whose targets generation is scored against
 
 
 def setup(fc: FinetuneConfig) -> Setup:
@@ -476,16 +520,17 @@ def setup(fc: FinetuneConfig) -> Setup:
             import seqeval  # noqa: F401  (the entity F1 of every evaluation)
         except ImportError:
             raise ValueError("--task tag scores entities with seqeval: pip install seqeval") from None
-    train = read_data(fc.task, fc.data[0])
+    train = read_data(fc.task, fc.data)
     src = load_source(fc)
     cfg = src.cfg
     if cfg.positions in ("learned", "sinusoidal") and fc.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len {fc.seq_len} exceeds the model's max_len {cfg.max_len}")
     if src.encoder.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {src.encoder.vocab_size} ids, the model {cfg.vocab_size}")
-    if fc.task == "sft" and cfg.family != "decoder":
-        raise ValueError(f"--task sft trains decoders (next-token prediction); this is an {cfg.family} model")
-    head = None if fc.task == "sft" else task_head(fc, src, found_labels(train), train.path)
+    if fc.task in FAMILIES and cfg.family not in FAMILIES[fc.task]:
+        what = {"sft": "decoders (next-token prediction)", "seq2seq": "encoder-decoders (source -> target)"}
+        raise ValueError(f"--task {fc.task} trains {what[fc.task]}; this is an {cfg.family} model")
+    head = None if fc.task in FAMILIES else task_head(fc, src, found_labels(train), train.path)
     names = () if head is None else head.labels
     if fc.eval_data:
         evaluation = read_data(fc.task, fc.eval_data)
@@ -517,7 +562,7 @@ def setup(fc: FinetuneConfig) -> Setup:
               "hparams": dataclasses.asdict(fc.hparams), "head": None if head is None else head_config(static_task(head))}
     task = None if head is None else static_task(head)
     return Setup(cfg, fc.hparams, task, src, head, pipeline, mesh, rules, rows_sharding, rows_like, record,
-                 len(evaluation), qa)
+                 len(evaluation), qa, evaluation if isinstance(evaluation, Pairs) else None)
 
 
 class Best:
@@ -543,13 +588,15 @@ class Best:
         self.ckpt.close()
 
 
-def make_evaluate(s: Setup, runner: Any, best: Best, objective: Any) -> Any:
+def make_evaluate(s: Setup, runner: Any, best: Best, objective: Any, num_beams: int = 1) -> Any:
     """(state, eval_rows) -> the eval metrics; offers the state to `best`."""
     predict = jax.jit(lambda params, batch: task_logits(params, s.cfg, batch, s.task)[0])
 
     def evaluate(state: Any, eval_rows: list[dict]) -> dict[str, float]:
-        if s.task is None:  # sft: the held-out loss over the tokens to write
+        if s.task is None:  # sft, seq2seq: the held-out loss over the tokens to write
             metrics = evaluate_loss(Compiled(objective, runner), state, eval_rows, jax.random.key(0))
+            if s.references is not None:
+                metrics.update(translation_metrics(s, state.params, eval_rows, objective, num_beams))
             best.offer(int(jax.device_get(state.step)), metrics, runner.global_state(state),
                        {**s.record, "data": s.pipeline.position})
             return metrics
@@ -596,8 +643,12 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
         s.pipeline.set_position(record["data"])
     token_types = s.cfg.family == "encoder" and s.cfg.type_vocab_size > 0
     spans = s.task is not None and s.task.kind == "qa"
-    make_batch = sft if s.task is None else \
-        lambda key, rows: classify(key, rows, token_types=token_types, spans=spans)
+    if fc.task == "seq2seq":
+        make_batch = functools.partial(seq2seq, start_id=s.cfg.decoder_start_id)
+    elif fc.task == "sft":
+        make_batch = sft
+    else:
+        make_batch = lambda key, rows: classify(key, rows, token_types=token_types, spans=spans)
     batch_like = jax.eval_shape(make_batch, None, s.rows_like)
     runner = make_runner(s.cfg, s.hp, s.mesh, batch_like, fc.parallel, s.rules, s.task)
     objective = jax.jit(make_batch, out_shardings=runner.batch_sh)
@@ -618,7 +669,7 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
         if start:
             print(f"resumed {fc.run_dir} at step {start}", flush=True)
     best = Best(run_dir, run_files, BEST_METRIC[fc.task])
-    compiled = Compiled(objective, runner, make_evaluate(s, runner, best, objective))
+    compiled = Compiled(objective, runner, make_evaluate(s, runner, best, objective, fc.num_beams))
     flops = train_flops(s.cfg, fc.seq_len, 1) * fc.batch_size
     peak, peak_note = peak_flops(list(s.mesh.devices.flat), fc.peak_flops)
     if primary:

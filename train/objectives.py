@@ -17,7 +17,8 @@ in the training loop):
 
 Fine-tuning tasks (`python -m train finetune`, train/finetune.py) are objectives too:
 `classify` makes one target per row (or per token), which the step scores with the state's
-task head; `sft` is next-token prediction weighted by the rows' loss mask.
+task head; `sft` is next-token prediction weighted by the rows' loss mask, `seq2seq` teacher-forced
+source -> target for encoder-decoders.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ FAMILY_OF = {"clm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
 DEFAULT_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encdec": "span_corruption"}
 
 __all__ = ["FAMILY_OF", "Objective", "check_objective", "classify", "clm", "denoise", "make_objective", "mlm",
-           "prefix_lm", "segment_positions", "sft", "span_corruption", "t5_lengths", "t5_raw_length"]
+           "prefix_lm", "segment_positions", "seq2seq", "sft", "span_corruption", "t5_lengths", "t5_raw_length"]
 
 
 def check_objective(name: str, family: str) -> None:
@@ -86,6 +87,18 @@ def sft(key: jax.Array | None, rows: dict[str, jax.Array]) -> Batch:
     weights = shift(rows["loss_mask"] & rows["mask"]).astype(jnp.float32) * rows["weights"][:, None]
     return {"inputs": tokens, "segment_ids": rows["mask"].astype(jnp.int32), "targets": shift(tokens),
             "weights": weights}
+
+
+def seq2seq(key: jax.Array | None, rows: dict[str, jax.Array], *, start_id: int) -> Batch:
+    """Source -> target for encoder-decoders (teacher forcing). rows: tokens [B, S] (the
+    source, padded with pad_id), target [B, T], target_mask bool [B, T], weights [B] ->
+    inputs, decoder_inputs (the target shifted right after start_id), targets [B, T] and
+    weights [B, T] (the real target tokens of real rows). No RNG."""
+    del key
+    target = rows["target"].astype(jnp.int32)
+    start = jnp.full_like(target[:, :1], start_id)
+    return {"inputs": rows["tokens"].astype(jnp.int32), "decoder_inputs": jnp.concatenate([start, target[:, :-1]], 1),
+            "targets": target, "weights": rows["target_mask"].astype(jnp.float32) * rows["weights"][:, None]}
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

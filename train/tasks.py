@@ -267,6 +267,39 @@ class TextEncoder:
             out["tokens"][i, :k], out["token_types"][i, :k], out["mask"][i, :k] = ids[:k], types[:k], True
         return out
 
+    def encode_text(self, text: str, special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """One text's ids, uncut, and the (start, end) characters of each (None for a
+        SentencePiece encoder); special_tokens: with those the tokenizer adds around a text
+        (a BOS, BERT's [CLS] ... [SEP])."""
+        if self.fast is not None:
+            self.fast.no_truncation()
+            e = self.fast.encode(text, add_special_tokens=special_tokens)
+            return list(e.ids), list(e.offsets)
+        ids = self.sp.encode([text])[0]
+        v = self.sp.vocab
+        if special_tokens:
+            ids = ([v.bos_id] if v.bos_id is not None else []) + ids + [v.eos_id]
+        return ids, None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ids, special tokens (padding, BOS, EOS, ...) dropped."""
+        ids = [int(i) for i in ids]
+        if self.fast is not None:
+            return self.fast.decode(ids, skip_special_tokens=True)
+        v = self.sp.vocab
+        return self.sp.decode([i for i in ids if i not in (v.pad_id, v.eos_id, v.bos_id)])
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-sequence id the tokenizer closes a text with (None if it names none)."""
+        if self.sp is not None:
+            return self.sp.vocab.eos_id
+        for token in (_read_config(self.source).get("eos_token") if self.source.is_dir() else None, "</s>", "[SEP]"):
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and self.fast.token_to_id(token) is not None:
+                return int(self.fast.token_to_id(token))
+        return None
+
     def encode_words(self, words: Sequence[Sequence[str]], seq_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Pre-split sentences -> rows as `encode`, and word int32 [N, seq_len]: the index of
         the word whose FIRST sub-word sits at each position, -1 elsewhere (special tokens,
