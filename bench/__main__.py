@@ -1,5 +1,5 @@
 """`python -m bench train|decode|encode [--family F] [--vs hf|hf-flax] [--json out.json]`
-(`python -m bench moe ...`: bench/moe.py)
+(`python -m bench moe ...`: bench/moe.py; `python -m bench long ...`: bench/long_context.py)
 
 Prints a table and writes JSON rows: bench, family, tokens_per_s, mfu (and with --vs: peer,
 peer_tokens_per_s, ratio = zoo / peer; decode rows: bound_tokens_per_s). Ceilings (matmul
@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import moe
 
         return moe.main(argv[1:])
+    if argv[:1] == ["long"]:  # its own options (bench/long_context.py)
+        from bench import long_context
+
+        return long_context.main(argv[1:])
     if argv[:1] == ["quant"]:  # quantized-inference quality (bench/quant.py)
         from bench import quant
 

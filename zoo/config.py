@@ -36,7 +36,7 @@ LAYER_KINDS = ("global", "local")
 DTYPES = ("float32", "bfloat16", "float16")
 INITIALIZERS = ("normal", "gpt2", "t5")  # zoo.nn.param.init_std
 # zoo.nn.backend: "auto" is resolved once at a model's entry, never inside the math.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "rows")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "rows", "blockwise")
 MATMULS = ("auto", "xla", "f32_accumulate")
 LAYOUTS = ("stacked", "decoding")
 ROUTERS = ("softmax", "sigmoid")  # zoo.nn.moe.route
@@ -129,9 +129,13 @@ class Config:
     rope_interleave: bool = False  # MLA: rotate adjacent pairs (x0, x1), (x2, x3).. (DeepSeek's layout)
     # auto: cudnn where it applies (NVIDIA GPU, bf16/fp16, no additive bias, not decoding from
     # a cache), else xla | xla: einsums, any device | cudnn: NVIDIA's fused kernel, bf16/fp16
-    # rows: the xla einsums one batch row at a time (fast on a CPU). zoo.nn.backend.resolve
-    # turns "auto" into one of the others at the model's entry.
+    # rows: the xla einsums one batch row at a time (fast on a CPU) | blockwise: blocks of
+    # queries over blocks of keys with an online softmax, memory linear in the length
+    # (zoo.nn.blockwise; auto picks it where one layer's scores would be large, see
+    # zoo.nn.backend.choose_attention). zoo.nn.backend.resolve turns "auto" into one of the
+    # others at the model's entry.
     attention: str = "auto"
+    attention_block: int = 512  # blockwise: queries and keys per block
     # xla: a plain dot | f32_accumulate: bf16 products accumulated to fp32, then rounded (the
     # form a CPU's bf16 units run fast) | auto: the latter on a CPU.
     matmul: str = "auto"
@@ -362,6 +366,8 @@ def _validate(c: Config) -> None:
     _require(isinstance(c.attn_sinks, bool), "attn_sinks", f"expected a bool, got {c.attn_sinks!r}")
     _require(c.attention in ATTENTION_IMPLEMENTATIONS, "attention",
              f"expected one of {ATTENTION_IMPLEMENTATIONS}, got {c.attention!r}")
+    _require(isinstance(c.attention_block, int) and c.attention_block > 0, "attention_block",
+             f"expected a positive int, got {c.attention_block!r}")
     _require(c.attention != "cudnn" or c.dtype != "float32", "attention",
              "the cudnn kernel needs dtype bfloat16 or float16")
     _require(c.initializer in INITIALIZERS, "initializer",

@@ -42,7 +42,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | N
     """
     if cfg.family != "decoder":
         raise ValueError(f"zoo.decoder.forward: cfg.family must be 'decoder', got {cfg.family!r}")
-    cfg = resolve(cfg)
+    cfg = resolve(cfg, tokens)
     check_tokens("tokens", tokens, cfg)
     check_mask("mask", mask, "tokens", tokens)
     check_mask("prefix_mask", prefix_mask, "tokens", tokens)

@@ -33,7 +33,7 @@ def spec(cfg: Config) -> Spec:
 def encode(params: dict, cfg: Config, src: jax.Array, src_mask: jax.Array | None = None,
            key: jax.Array | None = None, remat: bool | str = False) -> tuple[jax.Array, jax.Array]:
     """src int [B, S] -> (memory [B, S, D], MoE balance loss)."""
-    cfg = resolve(cfg).replace(layout="stacked")  # the decoding layout covers the decoder only
+    cfg = resolve(cfg, src).replace(layout="stacked")  # the decoding layout covers the decoder only
     check_tokens("src", src, cfg)
     check_mask("src_mask", src_mask, "src", src)
     keys = jax.random.split(key) if key is not None else (None, None)
@@ -74,7 +74,7 @@ def decode(params: dict, cfg: Config, memory: jax.Array | None, tgt: jax.Array,
 
     With a primed cache (`prime_cache`), memory and src_mask are not needed: tgt continues
     the cached rows and Output.cache is the updated cache."""
-    cfg = resolve(cfg)
+    cfg = resolve(cfg, tgt, memory)
     check_tokens("tgt", tgt, cfg)
     check_mask("tgt_mask", tgt_mask, "tgt", tgt)
     if cache is not None:
@@ -125,7 +125,7 @@ def forward(params: dict, cfg: Config, src: jax.Array | None, tgt: jax.Array, *,
     """
     if cfg.family != "encdec":
         raise ValueError(f"zoo.encdec.forward: cfg.family must be 'encdec', got {cfg.family!r}")
-    cfg = resolve(cfg)
+    cfg = resolve(cfg, src, tgt)
     if cache is not None:
         memory = None
         if cache.cross is None:

@@ -62,7 +62,7 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, *, mask: jax.Array | N
     """
     if cfg.family != "encoder":
         raise ValueError(f"zoo.encoder.forward: cfg.family must be 'encoder', got {cfg.family!r}")
-    cfg = resolve(cfg)
+    cfg = resolve(cfg, tokens)
     check_tokens("tokens", tokens, cfg)
     check_mask("mask", mask, "tokens", tokens)
     check_same_shape("token_types", token_types, "tokens", tokens)

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import Config
+from zoo.nn.blockwise import blockwise_attend
 from zoo.nn.cache import LayerKV, Plan, update as update_cache
 from zoo.nn.linear import matmul
+from zoo.nn.masks import MaskParts, PositionBias, attention_mask  # attention_mask: re-exported
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param
 from zoo.nn.positions import RopeTables, apply_rope, apply_rope_cached
@@ -28,13 +30,15 @@ _MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 class Context(NamedTuple):
     """What every layer of a stack needs besides its params; built once per forward.
 
-    mask: [B, Tq, Tk] bool, True where query may attend to key.
-    bias: [B|1, N, Tq, Tk] fp32 additive bias (ALiBi / relative), or None.
+    mask: [B, Tq, Tk] bool, True where query may attend to key; for the blockwise path
+    (`Config.attention="blockwise"`) the MaskParts it is built from, block by block.
+    bias: [B|1, N, Tq, Tk] fp32 additive bias (ALiBi / relative), or None; with MaskParts
+    the PositionBias that builds it.
     rope: the rotation of queries and keys at their positions, or None (no RoPE, cross).
     """
 
-    mask: jax.Array
-    bias: jax.Array | None
+    mask: jax.Array | MaskParts
+    bias: jax.Array | PositionBias | None
     rope: RopeTables | None
     causal: bool = False  # static: mask is at most the causal mask (lets kernels skip blocks)
     key_rope: RopeTables | None = None  # a streaming cache's keys, rotated on read ([B, R] positions)
@@ -63,36 +67,6 @@ def attention_spec(cfg: Config, cross: bool = False) -> Spec:
     return spec
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool,
-                   k_valid: jax.Array | None = None, window: int | None = None,
-                   q_segments: jax.Array | None = None, k_segments: jax.Array | None = None,
-                   prefix: jax.Array | None = None) -> jax.Array:
-    """[B, Tq, Tk] bool from positions [B, Tq] / [B, Tk].
-
-    causal: a key is visible when its position is <= the query's; `prefix` ([B, T] bool,
-    self-attention only) additionally lets prefix queries see every prefix key.
-    window: keys `window` or more positions away are hidden: back from the query when
-    causal, on either side otherwise (an encoder's local attention; ModernBERT's
-    local_attention = 2 * (window - 1)).
-    k_valid: [B, Tk] False for padding. Segments: only equal ids attend (packing).
-    """
-    q = q_pos[:, :, None]
-    k = k_pos[:, None, :]
-    allowed = jnp.ones(jnp.broadcast_shapes(q.shape, k.shape), bool)
-    if causal:
-        visible = k <= q
-        if prefix is not None:
-            visible = visible | (prefix[:, :, None] & prefix[:, None, :])
-        allowed = allowed & visible
-    if window is not None:
-        allowed = allowed & ((q - k if causal else jnp.abs(q - k)) < window)
-    if k_valid is not None:
-        allowed = allowed & k_valid[:, None, :]
-    if q_segments is not None and k_segments is not None:
-        allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
-    return allowed
-
-
 def project_kv(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """x: [B, S, D] -> keys, values [B, S, K, H] (before QK-norm and RoPE)."""
     dt = x.dtype
@@ -104,10 +78,11 @@ def project_kv(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array
     return k, v
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-           bias: jax.Array | None, scale: float, implementation: str = "xla",
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | MaskParts,
+           bias: jax.Array | PositionBias | None, scale: float, implementation: str = "xla",
            causal: bool = False, cache_layout: bool = False,
-           softcap: float | None = None, sinks: jax.Array | None = None) -> jax.Array:
+           softcap: float | None = None, sinks: jax.Array | None = None,
+           block: int = 512) -> jax.Array:
     """q: [B, T, N, H], k/v: [B, S, K, H], mask: [B, T, S] -> [B, T, N, H].
 
     cache_layout: k [B*K, S, H] and v [B*K, H, S] as a KV cache stores them (`zoo.nn.cache`).
@@ -118,8 +93,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     einsum below, on any device; "rows" the same one batch row at a time (a CPU's cache
     holds a row's scores); "cudnn" NVIDIA's fused kernel through
     `jax.nn.dot_product_attention` (`causal` lets it skip masked blocks) where the call
-    allows it (`cudnn_fits`), else xla. "auto" here is xla: the math never looks at the
-    device it runs on."""
+    allows it (`cudnn_fits`), else xla. "blockwise" (`zoo.nn.blockwise`, `block` queries
+    and keys at a time) in memory linear in T and S; it needs the mask as MaskParts (and
+    the bias as a PositionBias), and other paths given those build the dense arrays (a
+    cache's queries, cache_layout, take the xla path). "auto" here is xla: the math never
+    looks at the device it runs on."""
+    if isinstance(mask, MaskParts):
+        if implementation == "blockwise" and not cache_layout:
+            return blockwise_attend(q, k, v, mask, bias, scale, block=block, softcap=softcap,
+                                    sinks=sinks)
+        mask, bias = mask.dense(), None if bias is None else bias(mask.q_pos, mask.k_pos)
     if implementation == "cudnn" and cudnn_fits(q.dtype, bias is not None, cache_layout, softcap,
                                                 sinks is not None):
         try:
@@ -289,7 +272,7 @@ def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
     scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
     out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, cache_layout,
-                 cfg.attn_softcap, p.get("sinks"))
+                 cfg.attn_softcap, p.get("sinks"), cfg.attention_block)
     # One [N*H, D] matmul: as an einsum over (n, h), XLA may transpose the weight to match
     # the activation's layout, a full copy of W_o on every decoding step.
     y = matmul(out, p["o"], n_in=2, mode=cfg.matmul)

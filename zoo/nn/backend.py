@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zoo.config import Config
 from zoo.sharding import active_devices
@@ -23,14 +24,25 @@ def platform() -> str:
     return device.platform
 
 
-def choose_attention(cfg: Config, where: str, devices: int) -> str:
-    """What attention="auto" runs on platform `where` with `devices` active devices: cuDNN's
-    fused kernel on an NVIDIA GPU in bf16/fp16 (falling back to xla per call where the kernel
-    does not fit, `zoo.nn.attention.cudnn_fits`); row by row on one CPU device (a row's
-    scores stay in the core's cache; with several devices XLA's SPMD partitioner should see
-    one batched op); the plain einsums elsewhere."""
+# attention="auto" takes the blockwise path (zoo.nn.blockwise) where one layer's fp32 scores
+# [B, N, T, T] would pass this many bytes: the XLA paths hold them whole, and a training step
+# keeps every layer's probabilities for the backward pass (bench/RESULTS.md, "Long context").
+BLOCKWISE_ABOVE_BYTES = 1 << 28
+
+
+def choose_attention(cfg: Config, where: str, devices: int,
+                     shape: tuple[int, int] | None = None) -> str:
+    """What attention="auto" runs on platform `where` with `devices` active devices, for
+    inputs of `shape` (batch, length; None: unknown): cuDNN's fused kernel on an NVIDIA GPU
+    in bf16/fp16 (falling back to xla per call where the kernel does not fit,
+    `zoo.nn.attention.cudnn_fits`); blockwise where one layer's scores would pass
+    BLOCKWISE_ABOVE_BYTES; row by row on one CPU device (a row's scores stay in the core's
+    cache; with several devices XLA's SPMD partitioner should see one batched op); the
+    plain einsums elsewhere."""
     if where == "cuda" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
+    if shape is not None and shape[0] * cfg.num_heads * shape[1] ** 2 * 4 > BLOCKWISE_ABOVE_BYTES:
+        return "blockwise"
     if where == "cpu" and devices == 1:
         return "rows"
     return "xla"
@@ -47,15 +59,20 @@ def choose_grouped_matmul(where: str) -> str:
     return "tiles" if where == "cpu" else "ragged"
 
 
-def resolve(cfg: Config) -> Config:
+def resolve(cfg: Config, *inputs: jax.Array | None) -> Config:
     """cfg with attention, matmul and grouped_matmul "auto" replaced by this device's choice
-    (the same cfg when none is "auto"). Call at trace time: it reads the active mesh."""
+    (the same cfg when none is "auto"); inputs: the model's token arrays [B, L] or
+    hidden states [B, L, D] (None skipped), whose batch and longest length the attention
+    choice weighs. Call at trace
+    time: it reads the active mesh."""
     if "auto" not in (cfg.attention, cfg.matmul, cfg.grouped_matmul):
         return cfg
     where = platform()
     changes = {}
     if cfg.attention == "auto":
-        changes["attention"] = choose_attention(cfg, where, active_devices())
+        shapes = [np.shape(x) for x in inputs if x is not None and np.ndim(x) >= 2]
+        shape = (shapes[0][0], max(s[1] for s in shapes)) if shapes else None
+        changes["attention"] = choose_attention(cfg, where, active_devices(), shape)
     if cfg.matmul == "auto":
         changes["matmul"] = choose_matmul(where)
     if cfg.grouped_matmul == "auto":

@@ -30,8 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import Config
+from zoo.nn.blockwise import blockwise_attend
 from zoo.nn.cache import LatentKV, Plan, update_latent
 from zoo.nn.linear import matmul
+from zoo.nn.masks import MaskParts
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param
 from zoo.nn.positions import apply_rope, yarn_mscale
@@ -134,11 +136,28 @@ def _project_out(p: dict, out: jax.Array, cfg: Config) -> jax.Array:
 
 
 def apply_mla(p: dict, x: jax.Array, ctx, cfg: Config) -> jax.Array:
-    """Self-attention x [B, T, D] -> [B, T, D] in the expanded form (ctx: zoo.nn.attention.Context)."""
+    """Self-attention x [B, T, D] -> [B, T, D] in the expanded form (ctx: zoo.nn.attention.Context;
+    its mask as MaskParts: the blockwise path, `attend_blockwise`)."""
     q_nope, q_rope = _queries(p, x, ctx.rope, cfg)
     c, k_rope = latent(p, x, ctx.rope, cfg)
-    out = attend_expanded(q_nope, q_rope, c, k_rope, p["kv_b"], ctx.mask, mla_scale(cfg), cfg.matmul)
+    if isinstance(ctx.mask, MaskParts):
+        out = attend_blockwise(q_nope, q_rope, c, k_rope, p["kv_b"], ctx.mask, mla_scale(cfg), cfg)
+    else:
+        out = attend_expanded(q_nope, q_rope, c, k_rope, p["kv_b"], ctx.mask, mla_scale(cfg), cfg.matmul)
     return _project_out(p, out, cfg)
+
+
+def attend_blockwise(q_nope: jax.Array, q_rope: jax.Array, c: jax.Array, k_rope: jax.Array,
+                     kv_b: jax.Array, parts: MaskParts, scale: float, cfg: Config) -> jax.Array:
+    """The expanded form in memory linear in the length (`Config.attention="blockwise"`):
+    each head's key [Hn + R] (k_rope shared) and value [Hv] from the latents, attended by
+    `zoo.nn.blockwise` (shapes as `attend_expanded`) -> [B, T, N, Hv]."""
+    hn = q_nope.shape[-1]
+    k_nope, v = jnp.split(matmul(c, kv_b.astype(c.dtype), mode=cfg.matmul), [hn], axis=-1)  # [B, S, N, *]
+    k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)
+    return blockwise_attend(q, k, v, parts, None, scale, block=cfg.attention_block)
 
 
 def apply_cached_mla(p: dict, x: jax.Array, ctx, cfg: Config, layer: LatentKV,

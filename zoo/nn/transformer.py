@@ -37,7 +37,8 @@ from zoo.nn.mlp import apply_mlp, dense, dense_spec, mlp_spec
 from zoo.nn.moe import apply_moe, moe_spec
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param, stacked
-from zoo.nn.positions import alibi_bias, relative_bias, rope_tables
+from zoo.nn.masks import MaskParts, PositionBias
+from zoo.nn.positions import rope_tables
 from zoo.sharding import constrain
 
 
@@ -442,15 +443,20 @@ def self_context(p_stack: dict, cfg: Config, positions: jax.Array, *, causal: bo
     """What the layers of a stack over positions [B, T] share: per attention kind, the mask
     (its window for "local"), the position bias and the RoPE tables; for an encdec decoder
     (memory [B, S, D]), the cross-attention Context over the valid memory [B, S]."""
-    bias = position_bias(p_stack, cfg, positions, positions, bidirectional=not causal)
+    # The blockwise path builds each block's mask and bias from positions: no [T, T] here.
+    blockwise = cfg.attention == "blockwise"
+    bias = bias_parts(p_stack, cfg, bidirectional=not causal)
+    if bias is not None and not blockwise:
+        bias = bias(positions, positions)
+    build_mask = MaskParts.build if blockwise else attention_mask
     contexts = {}
     for kind in attention_kinds(cfg):
-        mask = attention_mask(positions, positions, causal=causal, k_valid=valid,
-                              window=window(cfg, kind), q_segments=segments, k_segments=segments,
-                              prefix=prefix)
+        mask = build_mask(positions, positions, causal=causal, k_valid=valid,
+                          window=window(cfg, kind), q_segments=segments, k_segments=segments,
+                          prefix=prefix)
         contexts[kind] = Context(mask, bias, _rope(cfg, kind, positions),
                                  causal=causal and prefix is None)
-    cross = None if memory is None else cross_context(positions, memory_valid, memory.shape[1])
+    cross = None if memory is None else cross_context(positions, memory_valid, memory.shape[1], blockwise)
     return StackContext(contexts, cross, memory)
 
 
@@ -458,20 +464,29 @@ def _rope(cfg: Config, kind: str, positions: jax.Array):
     return rope_tables(cfg, kind, positions) if cfg.positions == "rope" else None
 
 
-def cross_context(q_positions: jax.Array, memory_valid: jax.Array | None, memory_len: int) -> Context:
-    """Cross-attention: every decoder position sees every valid encoder position."""
+def cross_context(q_positions: jax.Array, memory_valid: jax.Array | None, memory_len: int,
+                  blockwise: bool = False) -> Context:
+    """Cross-attention: every decoder position sees every valid encoder position (blockwise:
+    the mask as MaskParts)."""
     b = q_positions.shape[0]
     k_pos = jnp.broadcast_to(jnp.arange(memory_len), (b, memory_len))
-    mask = attention_mask(q_positions, k_pos, causal=False, k_valid=memory_valid)
+    mask = (MaskParts.build if blockwise else attention_mask)(q_positions, k_pos, causal=False,
+                                                               k_valid=memory_valid)
     return Context(mask, None, None)
 
 
 def position_bias(p_stack: dict, cfg: Config, q_pos: jax.Array, k_pos: jax.Array,
                   bidirectional: bool) -> jax.Array | None:
+    bias = bias_parts(p_stack, cfg, bidirectional)
+    return None if bias is None else bias(q_pos, k_pos)
+
+
+def bias_parts(p_stack: dict, cfg: Config, bidirectional: bool) -> PositionBias | None:
+    """The stack's score bias as a function of positions (ALiBi, T5 relative), or None."""
     if cfg.positions == "alibi":
-        return alibi_bias(q_pos, k_pos, cfg.num_heads)
+        return PositionBias(None, cfg, bidirectional)
     if cfg.positions == "relative":
-        return relative_bias(p_stack["rel_bias"], q_pos, k_pos, bidirectional, cfg)
+        return PositionBias(p_stack["rel_bias"], cfg, bidirectional)
     return None
 
 
