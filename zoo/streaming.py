@@ -10,7 +10,8 @@ RoPE keys are cached unrotated and rotated to their in-cache position on each re
 and relative biases read the same positions. The cached states of deeper layers are those
 computed when each token was fed, with the context it had then (StreamingLLM does not
 recompute them), so only a one-layer model's step equals a fresh forward over
-[sink tokens, last W tokens] (tests/test_streaming.py checks that identity). `cache_window` without `sink_tokens` is the window-only baseline.
+[sink tokens, last W tokens] (tests/test_streaming.py checks that identity).
+`cache_window` without `sink_tokens` is the window-only baseline.
 
 Learned and sinusoidal position tables are refused: they add each token's absolute position
 to its embedding, which every cached key and value of every layer carries, so no position can

@@ -48,9 +48,9 @@ query gets its own key's rank; ALiBi and relative biases read the same positions
 sinks + window tokens a step attends over the cached keys and values of the sinks and the
 window as a forward over [sinks, last window tokens] at positions 0..n-1 would; as in
 StreamingLLM, deeper layers' cached states are the ones computed when each token was fed
-(with the context it had then), not recomputed. Local layers (`Config.layer_pattern`) keep their own
-ring; their window must not exceed the streaming one. A chunk of more than one token must
-end by position sinks + window - 1 (`zoo.decoding.feed` splits a longer prompt).
+(with the context it had then), not recomputed. Local layers (`Config.layer_pattern`) keep
+their own ring; their window must not exceed the streaming one. A chunk of more than one
+token must end by position sinks + window - 1 (`zoo.decoding.feed` splits a longer prompt).
 
 With `quantize=True` keys and values are int8 with one fp32 scale per token and head
 (absmax over head_dim), which halves the memory of a bf16 cache (quarters an fp32 one).
