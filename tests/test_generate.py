@@ -490,6 +490,7 @@ def test_bad_arguments_are_clear_errors():
         (dict(penalty_alpha=0.6), "penalty_alpha: contrastive search needs top_k"),
         (dict(penalty_alpha=1.5, top_k=4), "penalty_alpha"),
         (dict(penalty_alpha=0.6, top_k=4, num_beams=2), "penalty_alpha"),
+        (dict(penalty_alpha=0.6, top_k=500), "beyond the vocabulary"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
         (dict(min_new_tokens=9), "min_new_tokens"),

@@ -96,6 +96,9 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
     _check_rows(prompt_mask)
     _check_positive_int("max_new_tokens", max_new_tokens)
     contrastive_k = _check_contrastive(penalty_alpha, top_k, key, num_beams, draft_params)
+    if contrastive_k > cfg.vocab_size:
+        raise ValueError(f"top_k: {top_k} candidates for contrastive search, beyond the vocabulary "
+                         f"({cfg.vocab_size})")
     sampler = _sampler(key, temperature, None if contrastive_k else top_k, top_p, min_p, typical_p)
     stops = _stop_tokens(cfg, stop_tokens)
     penalties = processors.check(repetition_penalty, no_repeat_ngram_size, min_new_tokens, max_new_tokens)
