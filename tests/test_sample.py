@@ -61,3 +61,5 @@ def test_sample_errors(run_dir, tmp_path, capsys):
     assert "no checkpoint 99" in capsys.readouterr().err
     assert sample.main(["--run", str(path), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+    assert sample.main(["--run", str(path), "--prompt", "x", "--sink-tokens", "4"]) == 2
+    assert "needs cache_window" in capsys.readouterr().err

@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--cache-dtype", choices=("int8",), help="int8 KV cache")
+    p.add_argument("--cache-window", type=int,
+                   help="stream past the context: keep only this many recent tokens (zoo.streaming)")
+    p.add_argument("--sink-tokens", type=int, help="with --cache-window: also keep the first N tokens")
     return p
 
 
@@ -116,7 +119,8 @@ def sample(args: argparse.Namespace) -> list[str]:
     key = jax.random.key(args.seed or 0) if sampling else None
     new = zoo.generate(params, cfg, jnp.asarray(tokens), args.max_new_tokens, prompt_mask=jnp.asarray(mask),
                        key=key, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       num_beams=args.num_beams, cache_dtype=args.cache_dtype)
+                       num_beams=args.num_beams, cache_dtype=args.cache_dtype,
+                       sink_tokens=args.sink_tokens, cache_window=args.cache_window)
     print(f"{args.run} step {step}: {cfg.family}, {zoo.param_count(cfg) / 1e6:.2f}M params", file=sys.stderr)
     return completions(tok, cfg, np.asarray(new))
 
