@@ -411,3 +411,89 @@ def test_qa_finetunes_and_exports(bert_dir, tmp_path):
     real = rows["mask"]  # padding positions are never read back
     np.testing.assert_allclose(got[..., 0][real], want.start_logits.numpy()[real], atol=1e-4)
     np.testing.assert_allclose(got[..., 1][real], want.end_logits.numpy()[real], atol=1e-4)
+
+
+# --- LoRA ----------------------------------------------------------------------------------------
+
+def test_lora_trains_only_adapters_and_head_and_export_merges_them(bert_dir, tmp_path):
+    """--lora-rank 4: 40 steps on a data=2,tensor=2 mesh learn the task; the BERT weights come
+    back bit-identical, the optimizer holds moments for the adapters and head only, and the
+    export (adapters merged) gives transformers the same logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax
+
+    import zoo
+    from train import lora
+    from train.optim import TASK_HEAD
+    from train.step import task_logits
+
+    run_dir = tmp_path / "lora"
+    assert finetune.main(_argv(bert_dir, run_dir, "--steps", "40", "--mesh", "data=2,tensor=2", "--lora-rank", "4",
+                               "--lr", "1e-2")) == 0
+    evals = [r for r in _rows(run_dir) if "eval_accuracy" in r]
+    assert evals[-1]["eval_accuracy"] >= 0.75, evals  # chance: 0.5
+    state = export.restore_run(run_dir)
+    _, original = zoo.load_hf(bert_dir)
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(
+            {k: v for k, v in state.params.items() if k not in (lora.LORA, TASK_HEAD)})[0], jax.tree.leaves(original)):
+        np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
+    adapters = jax.tree.leaves(state.params[lora.LORA])
+    assert len(adapters) == 4 * 2  # A and B of q, k, v and o (each stacked over the 2 layers)
+    trained = sum(x.size for x in adapters + jax.tree.leaves(state.params[TASK_HEAD]))
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert moments == 2 * trained  # Adam's two moments of the trained params; none of the frozen ones
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(state.params[lora.LORA]))
+
+    out = tmp_path / "hf"
+    assert export.export_main(["--run", str(run_dir), "--out", str(out)]) == 0
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    rows = load_encoder(run_dir / "tokenizer").encode(["the movie was good", "a bad plot"], None, SEQ)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(rows["tokens"]), attention_mask=torch.tensor(rows["mask"]),
+                     token_type_ids=torch.tensor(rows["token_types"])).logits.numpy()
+    batch = {"inputs": rows["tokens"], "segment_ids": rows["mask"].astype(np.int32), "token_types": rows["token_types"]}
+    got = np.asarray(task_logits(lora.merged(state.params, state.hp.lora_alpha), state.cfg, batch, state.task)[0])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# --- distillation --------------------------------------------------------------------------------
+
+def test_the_distillation_objective_is_alpha_t2_kl_plus_the_rest_ce():
+    import jax.numpy as jnp
+
+    from train import loss
+    from train.step import _distilled
+
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(4, 1, 3)), rng.normal(size=(4, 3))
+    targets, w = np.array([[0], [2], [1], [1]]), np.array([[1.0], [1.0], [0.0], [1.0]])
+    sums = loss.from_logits(jnp.asarray(s), jnp.asarray(targets), jnp.asarray(w))
+    got = _distilled(sums, jnp.asarray(s), jnp.asarray(t), jnp.asarray(w), 0.7, 2.0, 0.0)["objective"]
+    log_softmax = lambda x: x - np.log(np.exp(x).sum(-1, keepdims=True))
+    pt, ps = np.exp(log_softmax(t / 2.0)), log_softmax(s[:, 0] / 2.0)
+    kl = (pt * (np.log(pt) - ps)).sum(-1)
+    ce = -log_softmax(s[:, 0])[np.arange(4), targets[:, 0]]
+    want = 0.7 * 4.0 * (kl * w[:, 0]).sum() + 0.3 * (ce * w[:, 0]).sum()
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+def test_a_one_layer_student_learns_from_the_fine_tuned_teacher(finetuned, bert_dir, tmp_path):
+    """--from the 2-layer BERT with num_layers=1 starts from its first layer; --teacher the
+    fine-tuned run with --distill-alpha 1: the labels carry no weight, so what the student
+    learns comes from the teacher's logits."""
+    import jax
+
+    import zoo
+
+    run_dir = tmp_path / "student"
+    argv = _argv(bert_dir, run_dir, "--steps", "30", "--mesh", "data=2", "--teacher", str(finetuned),
+                 "--distill-alpha", "1", "--eval-every", "30", "num_layers=1")
+    assert finetune.main(argv) == 0
+    evals = [r for r in _rows(run_dir) if "eval_accuracy" in r]
+    assert evals[-1]["eval_accuracy"] >= 0.75, evals  # chance: 0.5
+    assert json.loads((run_dir / "run.json").read_text())["teacher"] == str(finetuned)
+    cfg, original = zoo.load_hf(bert_dir)
+    _, student = finetune.first_layers(cfg.replace(num_layers=1), original, cfg)
+    assert jax.tree.leaves(student["encoder"]["layers"])[0].shape[0] == 1
+    np.testing.assert_array_equal(student["encoder"]["layers"]["attn"]["q"][0], original["encoder"]["layers"]["attn"]["q"][0])

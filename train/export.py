@@ -1,5 +1,6 @@
 """`python -m train export --run DIR --out DIR`: a fine-tuning run's best state (train/finetune.py)
-as a Hugging Face directory, its task head included (`zoo.save_hf(..., head=)`), with the
+as a Hugging Face directory, its task head included (`zoo.save_hf(..., head=)`) and LoRA
+adapters merged into the weights they adapt, with the
 run's tokenizer files, so that transformers loads it with AutoModelForSequenceClassification
 and AutoTokenizer and gives the same predictions.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import zoo
+from train import lora
 from train.checkpoint import Checkpointer, CheckpointError, quiet_libraries
 from train.optim import TASK_HEAD, Hparams
 from train.parallel import build_mesh
@@ -40,7 +42,7 @@ def restore_run(run_dir: str | Path, step: int | None = None) -> Any:
         raise ValueError(f"--run {run_dir}: not a fine-tuning run (its run.json has no head)")
     cfg = zoo.Config.from_json((run_dir / "config.json").read_text())
     hp = Hparams(**run["hparams"])
-    task = head_from_config(run["head"])
+    task = None if run["head"] is None else head_from_config(run["head"])  # None: sft
     where = run_dir / "best" if step is None and (run_dir / "best").is_dir() else run_dir / "checkpoints"
     ckpt = Checkpointer(where, every=1, keep=1)
     try:
@@ -54,7 +56,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     """The run's best state (or checkpoint `step`) as a Hugging Face directory with its head
     (`zoo.save_hf(..., head=)`) and the run's tokenizer files."""
     state = restore_run(run_dir, step)
-    body = {k: v for k, v in state.params.items() if k != TASK_HEAD}
+    body = {k: v for k, v in lora.merged(state.params, state.hp.lora_alpha).items() if k != TASK_HEAD}
     zoo.save_hf(state.cfg, body, out, head=state.head)
     tok = Path(run_dir) / "tokenizer"
     if tok.is_dir():

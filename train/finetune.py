@@ -46,7 +46,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import zoo
-from train import hosts
+from train import hosts, lora
 from train.checkpoint import Checkpointer, CheckpointError, check_record, quiet_libraries
 from train.cli import _HelpFormatter, parse_value
 from train.export import head_config, restore_run
@@ -55,7 +55,7 @@ from train.chat import Dialogues, chat_format, encode_dialogues, read_dialogues
 from train.objectives import classify, seq2seq, sft
 from train.qa import Questions, Windows, answers, read_squad, squad_metrics, windows
 from train.seq2seq import Pairs, bleu_chrf, encode_pairs, read_pairs
-from train.optim import TASK_HEAD, Hparams
+from train.optim import TASK_HEAD, Hparams, lora_targets
 from train.parallel import build_mesh, check_fit, make_runner, process_rows, rules_from
 from train.parallel import PARALLEL
 from train.report import MetricsLog, Progress, Reporter, peak_flops, plot_losses, read_metrics, summary, train_flops
@@ -98,6 +98,9 @@ class FinetuneConfig:
     doc_stride: int | None = setting(None, "qa: tokens shared by consecutive windows of a long context "
                                      "(default: seq_len // 3)", POSITIVE_INT)
     num_beams: int = setting(1, "seq2seq: beams of the evaluation's generation (1: greedy)", POSITIVE_INT)
+    teacher: str | None = setting(None, "classify: distil from this fine-tuned model (a run dir or a Hugging "
+                                  "Face directory with a sequence head, same labels and tokenizer); see "
+                                  "--distill-alpha, --distill-temperature")
     hparams: Hparams = setting(factory=lambda: Hparams(**FINETUNE_HPARAMS), help="train.Hparams")
     seed: int = setting(0, "seed of the new head, dropout and data order")
     checkpoint_every: int = setting(100, "save a checkpoint every N steps (and at the end)", POSITIVE_INT)
@@ -242,8 +245,21 @@ def load_source(fc: FinetuneConfig) -> Source:
             raise
         head = None
     if fc.overrides:
-        cfg = cfg.replace(**fc.overrides)
+        cfg, params = first_layers(cfg.replace(**fc.overrides), params, cfg)
     return Source(cfg, params, head, load_encoder(fc.tokenizer or path, cfg.pad_id))
+
+
+def first_layers(cfg: zoo.Config, params: dict, old: zoo.Config) -> tuple[zoo.Config, dict]:
+    """A checkpoint's params for `cfg`, a copy of `old` with fewer `num_layers`: its first
+    layers (a shallower student initialised from the teacher's bottom). Other configs pass."""
+    if cfg.num_layers >= old.num_layers:
+        return cfg, params
+    stack = params.get(cfg.family, {}).get("layers") if cfg.family in ("encoder", "decoder") else None
+    if stack is None or set(params[cfg.family]) - {"layers", "final_norm", "embed_norm", "positions"}:
+        raise ValueError(f"num_layers={cfg.num_layers}: a checkpoint's first layers are taken from one plain "
+                         f"stack of {cfg.family} layers; this {old.family} model's layers are laid out otherwise")
+    body = {**params[cfg.family], "layers": jax.tree.map(lambda x: x[:cfg.num_layers], stack)}
+    return cfg, {**params, cfg.family: body}
 
 
 def _from_run(path: Path, fc: FinetuneConfig) -> Source:
@@ -258,7 +274,7 @@ def _from_run(path: Path, fc: FinetuneConfig) -> Source:
         return Source(cfg, params, None, load_encoder(fc.tokenizer or path / "tokenizer.model", cfg.pad_id))
     state = restore_run(path)
     head = state.head
-    params = {k: v for k, v in state.params.items() if k != TASK_HEAD}
+    params = {k: v for k, v in lora.merged(state.params, state.hp.lora_alpha).items() if k != TASK_HEAD}
     return Source(cfg, params, head, load_encoder(fc.tokenizer or path / "tokenizer", cfg.pad_id))
 
 
@@ -374,6 +390,56 @@ def subset(data: Data, ids: Sequence[int]) -> Data:
     return dataclasses.replace(data, **{k: [v[i] for i in ids] for k, v in lists.items() if isinstance(v, list)})
 
 
+class Teacher:
+    """A fine-tuned classifier whose logits a student learns from: rows -> [B, num_labels]."""
+
+    def __init__(self, src: Source, token_types: bool):
+        self.params = {**src.params, TASK_HEAD: src.head.params}
+        task, cfg = static_task(src.head), src.cfg
+        self.fn = jax.jit(lambda params, rows: task_logits(params, cfg, classify(None, rows, token_types=token_types),
+                                                            task)[0])
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        fields = ("tokens", "mask", "token_types", "labels", "weights")
+        return np.asarray(self.fn(self.params, {k: rows[k] for k in fields})).astype(np.float32)
+
+
+def load_teacher(fc: FinetuneConfig, student: Source, head: zoo.heads.Head) -> Teacher:
+    """--teacher: a fine-tuned sequence classifier with the student's labels and tokenizer."""
+    if fc.task != "classify":
+        raise ValueError(f"--teacher: distillation is for --task classify so far, got --task {fc.task}")
+    src = load_source(dataclasses.replace(fc, init_from=fc.teacher, model=None, overrides={}, tokenizer=None,
+                                          teacher=None))
+    if src.head is None or src.head.kind != "sequence":
+        raise ValueError(f"--teacher {fc.teacher}: expected a fine-tuned sequence classifier (a head), found "
+                         f"{'no head' if src.head is None else 'a ' + src.head.kind + ' head'}")
+    if tuple(src.head.labels) != tuple(head.labels):
+        raise ValueError(f"--teacher {fc.teacher}: its labels {list(src.head.labels)} differ from the student's "
+                         f"{list(head.labels)}")
+    if src.encoder.fingerprint != student.encoder.fingerprint:
+        raise ValueError(f"--teacher {fc.teacher}: its tokenizer differs from the student's; the teacher reads "
+                         f"the student's token rows")
+    return Teacher(src, src.cfg.family == "encoder" and src.cfg.type_vocab_size > 0)
+
+
+class Distilled:
+    """A pipeline whose rows carry the teacher's logits (`teacher_logits`), computed as each
+    batch is drawn (the same rows on resume, so the same targets)."""
+
+    def __init__(self, base: ClassifyData, teacher: Teacher):
+        self.base, self.teacher = base, teacher
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        rows = self.base.next_batch()
+        return {**rows, "teacher_logits": self.teacher(rows)}
+
+    def eval_batches(self, count: int = 0) -> list[dict[str, np.ndarray]]:
+        return [{**r, "teacher_logits": self.teacher(r)} for r in self.base.eval_batches(count)]
+
+
 def encode(enc: TextEncoder, data: Data, names: Sequence[str], seq_len: int, train: Data | None = None,
            eos_id: int | None = None) -> dict[str, np.ndarray]:
     """Token rows and labels: [N] for examples, [N, seq_len] for tagged sentences (each word's
@@ -481,6 +547,17 @@ def _until_stop(ids: np.ndarray, eos_id: int | None) -> np.ndarray:
     return ids[:stop[0]] if len(stop) else ids
 
 
+def trainable_count(state: Any, hp: Hparams) -> int:
+    """Parameters the optimizer updates: all, or with LoRA the adapters and the head."""
+    params = state.params if not hp.lora_rank else {k: v for k, v in state.params.items()
+                                                    if k in (lora.LORA, TASK_HEAD)}
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
 def _gather(x: jax.Array) -> np.ndarray:
     if jax.process_count() > 1:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -531,6 +608,9 @@ def setup(fc: FinetuneConfig) -> Setup:
         what = {"sft": "decoders (next-token prediction)", "seq2seq": "encoder-decoders (source -> target)"}
         raise ValueError(f"--task {fc.task} trains {what[fc.task]}; this is an {cfg.family} model")
     head = None if fc.task in FAMILIES else task_head(fc, src, found_labels(train), train.path)
+    if fc.hparams.lora_rank:
+        lora.check_targets(zoo.axes(cfg), lora_targets(fc.hparams))
+    teacher = load_teacher(fc, src, head) if fc.teacher else None
     names = () if head is None else head.labels
     if fc.eval_data:
         evaluation = read_data(fc.task, fc.eval_data)
@@ -557,9 +637,15 @@ def setup(fc: FinetuneConfig) -> Setup:
     rows_sharding = batch_shardings(rows_like, mesh, rules)
     part, parts = process_rows(rows_sharding["tokens"], rows_like["tokens"].shape)
     pipeline = ClassifyData(train_rows, eval_rows, fc.batch_size, fc.seed, part, parts)
+    if teacher is not None:
+        pipeline = Distilled(pipeline, teacher)
+        rows_like["teacher_logits"] = jax.ShapeDtypeStruct((fc.batch_size, head.num_labels), np.float32)
+        rows_sharding = batch_shardings(rows_like, mesh, rules)
     record = {"config": cfg.to_dict(), "objective": fc.task, "seq_len": fc.seq_len, "batch_size": fc.batch_size,
               "seed": fc.seed, "tokenizer": src.encoder.fingerprint, "data_fingerprint": fingerprint(train_rows),
               "hparams": dataclasses.asdict(fc.hparams), "head": None if head is None else head_config(static_task(head))}
+    if teacher is not None:
+        record["teacher"] = fc.teacher
     task = None if head is None else static_task(head)
     return Setup(cfg, fc.hparams, task, src, head, pipeline, mesh, rules, rows_sharding, rows_like, record,
                  len(evaluation), qa, evaluation if isinstance(evaluation, Pairs) else None)
@@ -590,13 +676,15 @@ class Best:
 
 def make_evaluate(s: Setup, runner: Any, best: Best, objective: Any, num_beams: int = 1) -> Any:
     """(state, eval_rows) -> the eval metrics; offers the state to `best`."""
-    predict = jax.jit(lambda params, batch: task_logits(params, s.cfg, batch, s.task)[0])
+    predict = jax.jit(lambda params, batch: task_logits(lora.merged(params, s.hp.lora_alpha), s.cfg, batch,
+                                                        s.task)[0])
 
     def evaluate(state: Any, eval_rows: list[dict]) -> dict[str, float]:
         if s.task is None:  # sft, seq2seq: the held-out loss over the tokens to write
             metrics = evaluate_loss(Compiled(objective, runner), state, eval_rows, jax.random.key(0))
             if s.references is not None:
-                metrics.update(translation_metrics(s, state.params, eval_rows, objective, num_beams))
+                metrics.update(translation_metrics(s, lora.merged(state.params, s.hp.lora_alpha), eval_rows,
+                                                   objective, num_beams))
             best.offer(int(jax.device_get(state.step)), metrics, runner.global_state(state),
                        {**s.record, "data": s.pipeline.position})
             return metrics
@@ -678,6 +766,9 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
         print(f"fine-tuning {origin} ({s.cfg.family}, {zoo.param_count(s.cfg) / 1e6:.2f}M params) | task "
               f"{fc.task}{labels} | {len(s.pipeline.train_rows)} train "
               f"/ {s.eval_count} eval examples | batch {fc.batch_size} x {fc.seq_len}", flush=True)
+        print(f"trainable {trainable_count(state, fc.hparams) / 1e6:.3f}M params"
+              f"{f' (LoRA r={fc.hparams.lora_rank} on {fc.hparams.lora_targets}, and the head)' if fc.hparams.lora_rank else ''}"
+              f" | optimizer state {tree_bytes(state.opt_state) / 2**20:.2f} MiB", flush=True)
     t0 = time.time()
     log = MetricsLog(run_dir, start, enabled=primary)
     reporter = Reporter(log, Progress(fc.steps, flops, peak, enabled=primary), flops, peak, fc.steps)

@@ -12,6 +12,8 @@ import optax
 import zoo
 from train.settings import (DECAY_RATE, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
                             Check, check_fields, setting)
+from train import lora
+from train.lora import LORA
 from zoo.nn.param import logical_axes
 from zoo.nn.transformer import REMAT_POLICIES
 
@@ -57,6 +59,17 @@ class Hparams:
     loss_chunk: int = setting(0, "compute the output head and the loss this many target "
                               "positions at a time (it must divide the target length), so the "
                               "[B, T, V] logits are never stored; 0: all at once", NON_NEGATIVE_INT)
+    lora_rank: int = setting(0, "train low-rank adapters of this rank (and a task head) instead of "
+                             "the weights, which stay frozen (train/lora.py); 0: train everything",
+                             NON_NEGATIVE_INT)
+    lora_alpha: float = setting(16.0, "LoRA scale numerator: an adapter adds alpha / rank * A @ B", POSITIVE)
+    distill_alpha: float = setting(0.5, "with a teacher (finetune --teacher): the loss is alpha * T^2 * "
+                                   "KL(teacher || student) + (1 - alpha) * cross entropy", FRACTION)
+    distill_temperature: float = setting(2.0, "with a teacher: the temperature T both softmaxes are taken at",
+                                         POSITIVE)
+    lora_targets: str = setting("q,k,v,o", "comma-separated weight names LoRA adapts (attention q,k,v,o; "
+                                "MLP wi,wg,wo)", Check(lambda v: isinstance(v, str) and all(v.split(",")),
+                                                       "comma-separated names"))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -77,17 +90,24 @@ _NO_DECAY_NAMES = ("bias", "bi", "bo", "bg", "scale")
 TASK_HEAD = "task_head"  # the params key of a fine-tuned task head (train/step.py)
 
 
-def param_axes(cfg: zoo.Config, task: Any = None) -> dict:
+def param_axes(cfg: zoo.Config, task: Any = None, hp: Hparams | None = None) -> dict:
     """The logical axes of a state's params: the model's (`zoo.axes`) and, with `task` (a
-    `zoo.heads.Head` whose params are left out, static), its head's under TASK_HEAD."""
+    `zoo.heads.Head` whose params are left out, static), its head's under TASK_HEAD; with
+    hp.lora_rank, the adapters' under LORA."""
     axes = zoo.axes(cfg)
+    if hp is not None and hp.lora_rank:
+        axes = {**axes, LORA: lora.adapter_axes(axes, lora_targets(hp))}
     if task is not None:
         head_spec = zoo.heads.spec(cfg, task.outputs, task.recipe)
         axes = {**axes, TASK_HEAD: logical_axes(head_spec)}
     return axes
 
 
-def decay_mask(cfg: zoo.Config, task: Any = None) -> dict:
+def lora_targets(hp: Hparams) -> tuple[str, ...]:
+    return tuple(n.strip() for n in hp.lora_targets.split(","))
+
+
+def decay_mask(cfg: zoo.Config, task: Any = None, hp: Hparams | None = None) -> dict:
     """True for parameters that get weight decay: matrices, embeddings and expert weights
     (two or more dims besides the stacked `layers` axis). Norms (the `norm` logical axis)
     and biases (leaf names `bias`, `*_bias`, `bi`, `bo`, `bg`; attention biases are
@@ -99,14 +119,22 @@ def decay_mask(cfg: zoo.Config, task: Any = None) -> dict:
             return False
         return len([a for a in axes if a != "layers"]) >= 2
 
-    return jax.tree_util.tree_map_with_path(decays, param_axes(cfg, task),
+    return jax.tree_util.tree_map_with_path(decays, param_axes(cfg, task, hp),
                                             is_leaf=lambda x: isinstance(x, tuple))
 
 
 def make_optimizer(cfg: zoo.Config, hp: Hparams, task: Any = None) -> optax.GradientTransformation:
     """clip(global norm) -> AdamW(schedule, decay on matrices only); `task`: a fine-tuning
-    task head's static part (its matrices decay too)."""
+    task head's static part (its matrices decay too). With hp.lora_rank only the adapters and
+    the head are updated and hold moments; the frozen weights get no state at all."""
     parts = [optax.clip_by_global_norm(hp.clip_norm)] if hp.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule(hp), b1=hp.b1, b2=hp.b2, eps=hp.eps,
-                             weight_decay=hp.weight_decay, mask=decay_mask(cfg, task)))
-    return optax.chain(*parts)
+    if not hp.lora_rank:
+        parts.append(optax.adamw(schedule(hp), b1=hp.b1, b2=hp.b2, eps=hp.eps,
+                                 weight_decay=hp.weight_decay, mask=decay_mask(cfg, task, hp)))
+        return optax.chain(*parts)
+    # the trainable subtree: adapters and head matrices decay, the head's vectors do not
+    matrices = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)
+    parts.append(optax.adamw(schedule(hp), b1=hp.b1, b2=hp.b2, eps=hp.eps, weight_decay=hp.weight_decay,
+                             mask=matrices))
+    return optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()},
+                                 lora.trainable(param_axes(cfg, task, hp), TASK_HEAD))

@@ -142,7 +142,8 @@ class Runner:
             return init(self.cfg, self.hp, jax.random.key(seed), self.task)
         rng = jax.random.key_data(jax.random.split(jax.random.key(seed))[1])
         start = jax.jit(state_from_params, static_argnums=(0, 1, 4), out_shardings=self.state_sh)
-        return start(self.cfg, self.hp, jax.device_put(params, self.state_sh.params), rng, self.task)
+        given = {k: v for k, v in self.state_sh.params.items() if k in params}  # LoRA adapters start inside
+        return start(self.cfg, self.hp, jax.device_put(params, given), rng, self.task)
 
     def place(self, state: TrainState) -> TrainState:
         """`state` (on any devices or mesh, or on the host) moved into this runner's shardings."""

@@ -31,7 +31,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import zoo
 from train import balance, loss
-from train.optim import TASK_HEAD, Hparams, make_optimizer, param_axes, schedule
+from train import lora
+from train.lora import LORA
+from train.optim import TASK_HEAD, Hparams, lora_targets, make_optimizer, param_axes, schedule
 from zoo.nn.param import materialize
 
 Batch = dict[str, jax.Array]
@@ -95,6 +97,9 @@ def state_from_params(cfg: zoo.Config, hp: Hparams, params: Any, rng: jax.Array,
         raise TypeError(f"init_state: hp must be train.Hparams, got {type(hp).__name__}")
     if (task is not None) != (isinstance(params, dict) and TASK_HEAD in params):
         raise ValueError(f"state: params must hold {TASK_HEAD!r} exactly when a task is given")
+    if hp.lora_rank and LORA not in params:  # fresh adapters (W' = W) over the given weights
+        key = jax.random.fold_in(jax.random.wrap_key_data(rng), 7)
+        params = {**params, LORA: lora.init(params, zoo.axes(cfg), lora_targets(hp), hp.lora_rank, key)}
     opt_state = make_optimizer(cfg, hp, task).init(params)
     return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
                       rng=rng, cfg=cfg, hp=hp, task=task)
@@ -139,14 +144,16 @@ def model_inputs(cfg: zoo.Config, batch: Batch) -> zoo.Inputs:
 
 def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
               remat: bool | str = False, z_loss: float = 0.0, chunk: int = 0,
-              task: Any = None) -> dict[str, jax.Array]:
+              task: Any = None, distill: tuple[float, float] = (0.5, 2.0)) -> dict[str, jax.Array]:
     """Sums over the batch: weighted cross entropy `ce`, `z` (weighted lse^2), `correct`,
     `weight`, `objective` = ce + z_loss * z; `aux` is the model's MoE balance loss. Logits go
     to fp32 before logsumexp. chunk > 0 computes the vocabulary projection and the loss that
     many positions at a time (`train.loss.chunked`): the [B, T, V] logits never exist.
     task: the cross entropy is the task head's (`task_logits`), one target per row
     (targets/weights [B]), per token ([B, T]) or, for qa heads, the answer's start and end
-    positions ([B, 2], each a softmax over the T positions)."""
+    positions ([B, 2], each a softmax over the T positions). A batch with `teacher_logits`
+    (shaped as the head's logits) distils: distill = (alpha, T) makes the objective
+    alpha * T^2 * KL(teacher || student at T) + (1 - alpha) * ce (+ z_loss * z)."""
     if task is not None:
         logits, out = task_logits(params, cfg, batch, task, key, remat)
         targets, w = batch["targets"], batch["weights"]
@@ -155,6 +162,8 @@ def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
         elif targets.ndim == 1:  # one target per row (sequence heads); token heads have one per token
             logits, targets, w = logits[:, None], targets[:, None], w[:, None]
         sums = loss.from_logits(logits, targets, w, z_loss)
+        if "teacher_logits" in batch:
+            sums = _distilled(sums, logits, batch["teacher_logits"], w, *distill, z_loss)
         return {**sums, "weight": jnp.sum(batch["weights"].astype(jnp.float32)),
                 "aux": jnp.asarray(out.aux_loss, jnp.float32)}
     out = forward(params, cfg, batch, key, remat)
@@ -167,6 +176,19 @@ def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
         sums = loss.from_logits(out.logits, targets, w, z_loss)
     return {**sums, "weight": jnp.sum(w.astype(jnp.float32)),
             "aux": jnp.asarray(out.aux_loss, jnp.float32)}
+
+
+def _distilled(sums: dict, logits: jax.Array, teacher: jax.Array, w: jax.Array, alpha: float,
+               temperature: float, z_loss: float) -> dict:
+    """The sums with the distillation objective (see `loss_sums`). logits [B, 1, L] or as
+    teacher, teacher [B, L] (sequence heads) or the logits' shape, w the cross entropy's."""
+    teacher = teacher.reshape(logits.shape).astype(jnp.float32) / temperature
+    student = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    t_log = jax.nn.log_softmax(teacher, axis=-1)
+    kl = jnp.sum(jnp.exp(t_log) * (t_log - student), axis=-1)
+    kl_sum = jnp.sum(kl * w)
+    objective = alpha * temperature ** 2 * kl_sum + (1 - alpha) * sums["ce"] + z_loss * sums["z"]
+    return {**sums, "objective": objective}
 
 
 def task_logits(params: Any, cfg: zoo.Config, batch: Batch, task: Any, key: jax.Array | None = None,
@@ -213,7 +235,8 @@ def _grads(state: TrainState, batch: Batch, key: jax.Array | None,
     cfg, hp, k = state.cfg, state.hp, state.hp.accum_steps
 
     def micro_loss(params: Any, mb: Batch, mkey: jax.Array | None) -> tuple[jax.Array, dict]:
-        sums = loss_sums(params, cfg, mb, mkey, hp.remat, hp.z_loss, hp.loss_chunk, state.task)
+        sums = loss_sums(lora.merged(params, hp.lora_alpha), cfg, mb, mkey, hp.remat, hp.z_loss, hp.loss_chunk,
+                         state.task, (hp.distill_alpha, hp.distill_temperature))
         loss = sums["objective"] / norm + hp.aux_weight * sums["aux"] / k
         return loss, sums
 
@@ -300,13 +323,14 @@ def _eval_metrics(sums: dict[str, jax.Array]) -> Metrics:
 
 def _eval_step(state: TrainState, batch: Batch) -> Metrics:
     check_batch(state.cfg, batch)
-    return _eval_metrics(loss_sums(state.params, state.cfg, batch, None, chunk=state.hp.loss_chunk,
-                                   task=state.task))
+    return _eval_metrics(loss_sums(lora.merged(state.params, state.hp.lora_alpha), state.cfg, batch, None,
+                                   chunk=state.hp.loss_chunk, task=state.task))
 
 
 def _pmap_eval_step(state: TrainState, batch: Batch) -> Metrics:
     check_batch(state.cfg, batch)
-    sums = loss_sums(state.params, state.cfg, batch, None, chunk=state.hp.loss_chunk, task=state.task)
+    sums = loss_sums(lora.merged(state.params, state.hp.lora_alpha), state.cfg, batch, None,
+                     chunk=state.hp.loss_chunk, task=state.task)
     return _eval_metrics(jax.lax.psum(sums, PMAP_AXIS))
 
 
@@ -325,11 +349,33 @@ def state_shardings(state: TrainState, mesh: Mesh,
     """NamedShardings for a (possibly abstract, from `jax.eval_shape`) state: params by
     their logical axes, optimizer moments like their params, scalars replicated."""
     replicated = NamedSharding(mesh, P())
-    params = zoo.sharding.tree_shardings(param_axes(state.cfg, state.task), mesh, state.params, rules)
-    tx = make_optimizer(state.cfg, state.hp, state.task)
-    opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, state.opt_state, params,
-                                           transform_non_params=lambda _: replicated)
+    params = zoo.sharding.tree_shardings(param_axes(state.cfg, state.task, state.hp), mesh, state.params, rules)
+    if state.hp.lora_rank:
+        opt = _masked_moments_like(state.opt_state, params, replicated)
+    else:
+        tx = make_optimizer(state.cfg, state.hp, state.task)
+        opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, state.opt_state, params,
+                                               transform_non_params=lambda _: replicated)
     return state.replace(params=params, opt_state=opt, step=replicated, rng=replicated)
+
+
+def _masked_moments_like(opt_state: Any, params: Any, other: Any) -> Any:
+    """The shardings of a LoRA optimizer state: each params-shaped subtree (the moments, with
+    optax's MaskedNode where a weight is frozen) takes `params`' shardings, any other array
+    `other`. optax.tree_utils.tree_map_params does not see through multi_transform's masks."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    target = jax.tree.structure(params)
+
+    def visit(node: Any) -> Any:
+        if masked(node):
+            return node
+        if jax.tree.structure(node, is_leaf=masked) == target:
+            return jax.tree.map(lambda m, sh: m if masked(m) else sh, node, params, is_leaf=masked)
+        if hasattr(node, "shape"):
+            return other
+        return jax.tree.map(visit, node, is_leaf=lambda x: x is not node)
+
+    return visit(opt_state)
 
 
 def batch_shardings(batch: Any, mesh: Mesh,
