@@ -36,7 +36,7 @@ LAYER_KINDS = ("global", "local")
 DTYPES = ("float32", "bfloat16", "float16")
 INITIALIZERS = ("normal", "gpt2", "t5")  # zoo.nn.param.init_std
 # zoo.nn.backend: "auto" is resolved once at a model's entry, never inside the math.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "rows", "blockwise")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "rows", "blockwise", "splash")
 MATMULS = ("auto", "xla", "f32_accumulate")
 LAYOUTS = ("stacked", "decoding")
 ROUTERS = ("softmax", "sigmoid")  # zoo.nn.moe.route
@@ -132,8 +132,9 @@ class Config:
     # rows: the xla einsums one batch row at a time (fast on a CPU) | blockwise: blocks of
     # queries over blocks of keys with an online softmax, memory linear in the length
     # (zoo.nn.blockwise; auto picks it where one layer's scores would be large, see
-    # zoo.nn.backend.choose_attention). zoo.nn.backend.resolve turns "auto" into one of the
-    # others at the model's entry.
+    # zoo.nn.backend.choose_attention) | splash: the Pallas splash kernel on a TPU where the
+    # masks fit it, else blockwise (zoo.nn.splash). zoo.nn.backend.resolve turns "auto" into
+    # one of the others at the model's entry.
     attention: str = "auto"
     attention_block: int = 512  # blockwise: queries and keys per block
     # xla: a plain dot | f32_accumulate: bf16 products accumulated to fp32, then rounded (the

@@ -20,6 +20,7 @@ from zoo.nn.linear import matmul
 from zoo.nn.masks import MaskParts, PositionBias, attention_mask  # attention_mask: re-exported
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param
+from zoo.nn.splash import splash_attend, splash_unfit
 from zoo.nn.positions import RopeTables, apply_rope, apply_rope_cached
 from zoo.nn.quant import concatenate
 from zoo.sharding import constrain
@@ -96,9 +97,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | MaskParts
     allows it (`cudnn_fits`), else xla. "blockwise" (`zoo.nn.blockwise`, `block` queries
     and keys at a time) in memory linear in T and S; it needs the mask as MaskParts (and
     the bias as a PositionBias), and other paths given those build the dense arrays (a
-    cache's queries, cache_layout, take the xla path). "auto" here is xla: the math never
-    looks at the device it runs on."""
+    cache's queries, cache_layout, take the xla path). "splash" (TPUs, `zoo.nn.splash`) the
+    Pallas splash kernel where the call fits it (`splash_unfit`), else blockwise. "auto" here
+    is xla: the math never looks at the device it runs on."""
     if isinstance(mask, MaskParts):
+        if implementation == "splash" and not cache_layout:
+            if splash_unfit(mask, bias, q.shape, k.shape) is None:
+                return splash_attend(q, k, v, mask, scale, softcap=softcap, sinks=sinks)
+            implementation = "blockwise"
         if implementation == "blockwise" and not cache_layout:
             return blockwise_attend(q, k, v, mask, bias, scale, block=block, softcap=softcap,
                                     sinks=sinks)

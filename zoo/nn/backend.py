@@ -35,12 +35,15 @@ def choose_attention(cfg: Config, where: str, devices: int,
     """What attention="auto" runs on platform `where` with `devices` active devices, for
     inputs of `shape` (batch, length; None: unknown): cuDNN's fused kernel on an NVIDIA GPU
     in bf16/fp16 (falling back to xla per call where the kernel does not fit,
-    `zoo.nn.attention.cudnn_fits`); blockwise where one layer's scores would pass
-    BLOCKWISE_ABOVE_BYTES; row by row on one CPU device (a row's scores stay in the core's
-    cache; with several devices XLA's SPMD partitioner should see one batched op); the
-    plain einsums elsewhere."""
+    `zoo.nn.attention.cudnn_fits`); the Pallas splash kernel on a TPU (falling back to
+    blockwise per call, `zoo.nn.splash.splash_unfit`); blockwise where one layer's scores
+    would pass BLOCKWISE_ABOVE_BYTES; row by row on one CPU device (a row's scores stay in
+    the core's cache; with several devices XLA's SPMD partitioner should see one batched
+    op); the plain einsums elsewhere."""
     if where == "cuda" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
+    if where == "tpu":
+        return "splash"
     if shape is not None and shape[0] * cfg.num_heads * shape[1] ** 2 * 4 > BLOCKWISE_ABOVE_BYTES:
         return "blockwise"
     if where == "cpu" and devices == 1:

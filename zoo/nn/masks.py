@@ -55,7 +55,7 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool,
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["q_pos", "k_pos", "window", "k_valid", "q_segments",
                                 "k_segments", "q_prefix", "k_prefix"],
-                   meta_fields=["causal"])
+                   meta_fields=["causal", "same_tokens"])
 @dataclasses.dataclass(frozen=True)
 class MaskParts:
     """The arguments of `attention_mask` for queries [B, T] over keys [B, S], kept apart.
@@ -73,15 +73,18 @@ class MaskParts:
     q_prefix: jax.Array | None = None  # [B, T] bool (causal self-attention)
     k_prefix: jax.Array | None = None  # [B, S] bool
     causal: bool = False
+    same_tokens: bool = False  # queries and keys are one row's tokens (self-attention)
 
     @staticmethod
     def build(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool,
               k_valid: jax.Array | None = None, window: int | None = None,
               q_segments: jax.Array | None = None, k_segments: jax.Array | None = None,
               prefix: jax.Array | None = None) -> "MaskParts":
-        """The parts of `attention_mask` called with the same arguments (prefix: self-attention)."""
+        """The parts of `attention_mask` called with the same arguments (prefix: self-attention;
+        the same positions array for queries and keys marks self-attention, `same_tokens`)."""
         w = jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)
-        return MaskParts(q_pos, k_pos, w, k_valid, q_segments, k_segments, prefix, prefix, causal)
+        return MaskParts(q_pos, k_pos, w, k_valid, q_segments, k_segments, prefix, prefix, causal,
+                         q_pos is k_pos)
 
     def dense(self) -> jax.Array:
         """The [B, T, S] bool mask, as `attention_mask` builds it."""

@@ -444,7 +444,7 @@ def self_context(p_stack: dict, cfg: Config, positions: jax.Array, *, causal: bo
     (its window for "local"), the position bias and the RoPE tables; for an encdec decoder
     (memory [B, S, D]), the cross-attention Context over the valid memory [B, S]."""
     # The blockwise path builds each block's mask and bias from positions: no [T, T] here.
-    blockwise = cfg.attention == "blockwise"
+    blockwise = cfg.attention in ("blockwise", "splash")
     bias = bias_parts(p_stack, cfg, bidirectional=not causal)
     if bias is not None and not blockwise:
         bias = bias(positions, positions)
