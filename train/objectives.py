@@ -60,8 +60,9 @@ def classify(key: jax.Array | None, rows: dict[str, jax.Array], *, token_types: 
     [B, T], labels int [B] (a label per row), [B, T] (a tag per token, -1 where none is
     scored) or, with spans=True, [B, 2] (the answer's start and end token), weights [B] (0: a
     padding row of the last eval batch), token_types [B, T] (encoders: BERT's segments of a
-    text pair; token_types=False drops them, for models without) -> inputs, segment_ids (1
-    on real tokens: the mask), targets and weights shaped as labels. No RNG."""
+    text pair; token_types=False drops them, for models without), teacher_logits (passed
+    on) -> inputs, segment_ids (1 on real tokens: the mask), targets and weights shaped as
+    labels. No RNG."""
     del key
     labels, weights = rows["labels"].astype(jnp.int32), rows["weights"].astype(jnp.float32)
     if spans:
@@ -73,6 +74,8 @@ def classify(key: jax.Array | None, rows: dict[str, jax.Array], *, token_types: 
              "targets": labels, "weights": weights}
     if token_types:
         batch["token_types"] = rows["token_types"]
+    if "teacher_logits" in rows:  # distillation's targets (train/finetune.py --teacher)
+        batch["teacher_logits"] = rows["teacher_logits"].astype(jnp.float32)
     return batch
 
 
