@@ -183,3 +183,23 @@ def test_moe_rows_compare_expert_counts_and_dispatches(tmp_path, capsys):
     train = [r for r in rows if r["bench"] == "moe_train"]
     assert [r["dispatch"] for r in train] == ["sparse", "dense"] and all(r["tokens_per_s"] > 0 for r in train)
     assert "| moe_layer" in capsys.readouterr().out
+
+
+def test_long_rows_report_peak_rss_and_skip_what_would_not_fit(tmp_path, monkeypatch):
+    """`python -m bench long`: a worker trains (or, over --max-gib, only compiles) and reports
+    its peak RSS; the driver runs one worker per (length, attention) and writes the rows (the
+    fresh processes replaced by in-process calls here)."""
+    from bench import long_context
+
+    job = {"seq_len": 64, "attention": "blockwise", "d_model": 64, "layers": 1, "block": 32,
+           "max_gib": 4.0, "iters": 1}
+    ran = long_context.worker(job)
+    assert ran["status"] == "ran" and ran["peak_rss_gib"] > 0 and ran["tokens_per_s"] > 0
+    skipped = long_context.worker({**job, "attention": "xla", "max_gib": 1e-6})
+    assert skipped["status"].startswith("not run") and "step_s" not in skipped
+    monkeypatch.setattr(long_context, "run_one", lambda job: {**job, "status": "ran"})
+    out = tmp_path / "long.json"
+    assert bench_cli.main(["long", "--lengths", "64,128", "--impls", "xla,blockwise", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["seq_len"], r["attention"]) for r in rows] == [(64, "xla"), (64, "blockwise"),
+                                                              (128, "xla"), (128, "blockwise")]

@@ -217,6 +217,9 @@ def test_auto_picks_blockwise_for_long_rows():
     cfg = tiny("tiny-decoder")
     long_row = int((backend.BLOCKWISE_ABOVE_BYTES / (cfg.num_heads * 4)) ** 0.5) + 1
     assert backend.choose_attention(cfg, "cpu", 1, (1, long_row)) == "blockwise"
+    assert backend.choose_attention(cfg, "rocm", 1, (1, long_row)) == "blockwise"
+    assert backend.choose_attention(cfg, "rocm", 1, (1, 4096)) == "xla"
+    assert backend.choose_attention(cfg, "cpu", 1, (1, backend.BLOCKWISE_CPU_FROM_LENGTH)) == "blockwise"
     assert backend.choose_attention(cfg, "cpu", 1, (1, 512)) == "rows"
     assert backend.choose_attention(cfg, "cpu", 1, None) == "rows"
     assert backend.resolve(cfg, jnp.zeros((1, long_row), jnp.int32)).attention == "blockwise"

@@ -28,6 +28,9 @@ def platform() -> str:
 # [B, N, T, T] would pass this many bytes: the XLA paths hold them whole, and a training step
 # keeps every layer's probabilities for the backward pass (bench/RESULTS.md, "Long context").
 BLOCKWISE_ABOVE_BYTES = 1 << 28
+# ... and on a CPU from this many tokens per row, where it measured faster than the rows path
+# (the causal blocks it skips, scores that stay in the cache; bench/RESULTS.md).
+BLOCKWISE_CPU_FROM_LENGTH = 2048
 
 
 def choose_attention(cfg: Config, where: str, devices: int,
@@ -37,14 +40,16 @@ def choose_attention(cfg: Config, where: str, devices: int,
     in bf16/fp16 (falling back to xla per call where the kernel does not fit,
     `zoo.nn.attention.cudnn_fits`); the Pallas splash kernel on a TPU (falling back to
     blockwise per call, `zoo.nn.splash.splash_unfit`); blockwise where one layer's scores
-    would pass BLOCKWISE_ABOVE_BYTES; row by row on one CPU device (a row's scores stay in
+    would pass BLOCKWISE_ABOVE_BYTES, or on a CPU for rows of BLOCKWISE_CPU_FROM_LENGTH
+    tokens or more; row by row on one CPU device (a row's scores stay in
     the core's cache; with several devices XLA's SPMD partitioner should see one batched
     op); the plain einsums elsewhere."""
     if where == "cuda" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     if where == "tpu":
         return "splash"
-    if shape is not None and shape[0] * cfg.num_heads * shape[1] ** 2 * 4 > BLOCKWISE_ABOVE_BYTES:
+    if shape is not None and (shape[0] * cfg.num_heads * shape[1] ** 2 * 4 > BLOCKWISE_ABOVE_BYTES
+                              or (where == "cpu" and shape[1] >= BLOCKWISE_CPU_FROM_LENGTH)):
         return "blockwise"
     if where == "cpu" and devices == 1:
         return "rows"
