@@ -319,7 +319,7 @@ def test_auto_kernels_are_chosen_once_from_the_platform():
     assert backend.choose_attention(cfg, "cuda", 1) == "xla"  # the kernel needs bf16/fp16
     assert backend.choose_attention(half, "cpu", 1) == "rows"
     assert backend.choose_attention(half, "cpu", 8) == "xla"  # SPMD should see one batched op
-    assert backend.choose_attention(half, "tpu", 1) == "xla"
+    assert backend.choose_attention(half, "tpu", 1) == "splash"  # Pallas, else blockwise (zoo.nn.splash)
     assert backend.choose_matmul("cpu") == "f32_accumulate" and backend.choose_matmul("tpu") == "xla"
     here = backend.resolve(cfg)
     assert (here.attention, here.matmul) == ("rows", "f32_accumulate")  # this CPU, no mesh
