@@ -3,6 +3,8 @@ outputs and the gradients of q, k, v, the relative-bias table and the sinks with
 (fp32) for every mask kind, at lengths that are not a multiple of the block; the blocks it
 skips; whole models (decoder, encoder, encdec) forward and backward; and what "auto" picks."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,6 +227,17 @@ def test_auto_picks_blockwise_for_long_rows():
     assert backend.resolve(cfg, jnp.zeros((1, long_row), jnp.int32)).attention == "blockwise"
     bf16 = cfg.replace(dtype="bfloat16")
     assert backend.choose_attention(bf16, "cuda", 1, (1, long_row)) == "cudnn"
+
+
+def test_a_long_chunk_over_a_cache_warns_that_it_runs_xla():
+    """A cache's queries take the XLA path (dense mask): past one block of them, say so."""
+    q, k = jnp.ones((1, 9, 2, 4)), jnp.ones((1, 20, 1, 4))
+    mask = jnp.ones((1, 9, 20), bool)
+    with pytest.warns(UserWarning, match="run the XLA path"):
+        attend(q, k, k, mask, None, 0.5, "blockwise", block=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attend(q[:, :8], k, k, mask[:, :8], None, 0.5, "blockwise", block=8)  # one block: quiet
 
 
 def test_attention_block_validated():

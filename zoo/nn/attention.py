@@ -8,6 +8,7 @@ values are never repeated. Scores and softmax run in fp32.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -109,6 +110,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | MaskParts
             return blockwise_attend(q, k, v, mask, bias, scale, block=block, softcap=softcap,
                                     sinks=sinks)
         mask, bias = mask.dense(), None if bias is None else bias(mask.q_pos, mask.k_pos)
+    elif implementation in ("blockwise", "splash") and q.shape[1] > block:
+        warnings.warn(f"attention={implementation!r}: {q.shape[1]} queries over a cache of "
+                      f"{mask.shape[-1]} keys run the XLA path, whose scores [B, N, T, S] grow with "
+                      "both; prefill a long prompt in chunks", stacklevel=2)
     if implementation == "cudnn" and cudnn_fits(q.dtype, bias is not None, cache_layout, softcap,
                                                 sinks is not None):
         try:
