@@ -15,6 +15,7 @@ import pytest
 from train import export, finetune
 from train.seq2seq import bleu_chrf, encode_pairs, read_pairs
 from train.tasks import DataError, load_encoder
+from train_util import word_level_tokenizer
 
 LEXICON = {"red": "rot", "green": "gruen", "blue": "blau", "cat": "katze", "dog": "hund", "one": "eins",
            "two": "zwei", "three": "drei"}
@@ -35,17 +36,13 @@ def bart_dir(tmp_path_factory) -> Path:
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     out = tmp_path_factory.mktemp("bart")
-    vocab = {w: i for i, w in enumerate(SPECIALS + list(LEXICON) + list(LEXICON.values()))}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in SPECIALS])
-    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A </s>",
-                                                                  special_tokens=[("<s>", 0), ("</s>", 2)])
+    words = list(LEXICON) + list(LEXICON.values())
+    tok = word_level_tokenizer(SPECIALS, words, "<s> $A </s>", [("<s>", 0), ("</s>", 2)])
     tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                          unk_token="<unk>").save_pretrained(out)
     torch.manual_seed(0)
-    cfg = transformers.BartConfig(vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
+    cfg = transformers.BartConfig(vocab_size=len(SPECIALS) + len(words), d_model=32, encoder_layers=2, decoder_layers=2,
                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                                   decoder_ffn_dim=64, max_position_embeddings=32, pad_token_id=1, bos_token_id=0,
                                   eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None)

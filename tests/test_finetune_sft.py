@@ -15,6 +15,7 @@ import pytest
 from train import export, finetune
 from train.chat import chat_format, encode_dialogues, read_dialogues
 from train.tasks import DataError, load_encoder
+from train_util import word_level_tokenizer
 
 WORDS = ["red", "green", "blue", "one", "two", "three", "cat", "dog", "say", "what", "is", "it"]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -34,19 +35,15 @@ def _chat(rng: random.Random) -> dict:
 def llama_dir(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     out = tmp_path_factory.mktemp("llama")
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in SPECIALS])
-    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = word_level_tokenizer(SPECIALS, WORDS, "<s> $A", [("<s>", 1)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 pad_token="<pad>", unk_token="<unk>")
     fast.chat_template = TEMPLATE
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = transformers.LlamaConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
                                    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).save_pretrained(out)

@@ -67,3 +67,17 @@ def losses_on_two_meshes(tmp_path: Path, tokenizer_path: Path, model: str, overr
     one, on_mesh = losses.values()
     assert len(one) == 4 and one[-1] < one[0], one
     return one, on_mesh, zoo.Config.from_json((run_dir / "config.json").read_text())
+
+
+def word_level_tokenizer(specials: list[str], words: list[str], template: str, template_ids: list) -> Any:
+    """A `tokenizers.Tokenizer` of whole words (ids: specials, then words) split on spaces,
+    the specials as special added tokens and `template` (e.g. "<s> $A </s>", with its
+    (token, id) pairs) as the post-processor: the tokenizer.json of the fine-tuning tests."""
+    import tokenizers
+
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in specials])
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single=template, special_tokens=template_ids)
+    return tok

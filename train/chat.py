@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train.tasks import DataError, TextEncoder
+from train.tasks import DataError, TextEncoder, data_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +42,7 @@ class Dialogues:
 
 def read_dialogues(path: str | Path) -> Dialogues:
     """The examples of an SFT JSONL file (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
+    path = data_file(path)
     items, lines = [], []
     for n, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not raw.strip():

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from train.tasks import DataError, TextEncoder
+from train.tasks import DataError, TextEncoder, data_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +44,7 @@ class Questions:
 
 def read_squad(path: str | Path) -> Questions:
     """The questions of a SQuAD-format JSON file (v1.1 or v2.0)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
+    path = data_file(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from train.tasks import DataError, TextEncoder
+from train.tasks import DataError, TextEncoder, data_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +35,7 @@ class Pairs:
 
 def read_pairs(paths: Sequence[str]) -> Pairs:
     """The pairs of one TSV/JSONL file or of two parallel text files (module docstring)."""
-    files = [Path(p) for p in paths]
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: no such data file")
+    files = [data_file(p) for p in paths]
     if len(files) == 2:
         a, b = (f.read_text(encoding="utf-8", errors="replace").splitlines() for f in files)
         if len(a) != len(b):

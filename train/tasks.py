@@ -63,11 +63,17 @@ class Examples:
 
 # --- reading files -------------------------------------------------------------------------
 
-def read_examples(path: str | Path) -> Examples:
-    """The labelled examples of a TSV, CSV or JSONL file (see the module docstring)."""
+def data_file(path: str | Path) -> Path:
+    """`path` as a Path; FileNotFoundError naming it when no such file exists."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
+    return path
+
+
+def read_examples(path: str | Path) -> Examples:
+    """The labelled examples of a TSV, CSV or JSONL file (see the module docstring)."""
+    path = data_file(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return _read_jsonl(path)
@@ -162,9 +168,7 @@ class Tagged:
 
 def read_tagged(path: str | Path) -> Tagged:
     """The sentences of a CoNLL-style file (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
+    path = data_file(path)
     words, tags, lines = [], [], []
     current: tuple[list[str], list[str]] | None = None
     for n, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
