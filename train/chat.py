@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from train.tasks import DataError, TextEncoder, data_file
+from train.tasks import DataError, TextEncoder, data_file, json_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +47,7 @@ def read_dialogues(path: str | Path) -> Dialogues:
     for n, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not raw.strip():
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n}: expected a JSON object, got invalid JSON ({e.msg})") from None
+        obj = json_line(raw, path, n)
         items.append(_item(obj, f"{path} line {n}"))
         lines.append(n)
     if not items:

@@ -12,12 +12,11 @@ as transformers' `tokenizer(source, text_target=target)` does.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Sequence
 
 import numpy as np
 
-from train.tasks import DataError, TextEncoder, data_file
+from train.tasks import DataError, TextEncoder, data_file, json_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +57,7 @@ def read_pairs(paths: Sequence[str]) -> Pairs:
         if not raw.strip():
             continue
         if jsonl:
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: expected a JSON object, got invalid JSON ({e.msg})") from None
+            obj = json_line(raw, path, n)
             if not (isinstance(obj, dict) and isinstance(obj.get("source"), str) and isinstance(obj.get("target"), str)):
                 raise DataError(f"{path} line {n}: expected an object with 'source' and 'target' strings")
             src, tgt = obj["source"], obj["target"]

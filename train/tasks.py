@@ -126,15 +126,20 @@ def _label_column(rows: list[tuple[int, list[str]]], width: int) -> int:
     return 0 if score(0) <= score(width - 1) else width - 1
 
 
+def json_line(raw: str, path: Path, n: int) -> Any:
+    """The JSON value of line n of a JSONL file; DataError naming the file and line if invalid."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {n}: expected a JSON object, got invalid JSON ({e.msg})") from None
+
+
 def _read_jsonl(path: Path) -> Examples:
     texts, pairs, labels, lines, keys = [], [], [], [], None
     for n, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not raw.strip():
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n}: expected a JSON object, got invalid JSON ({e.msg})") from None
+        obj = json_line(raw, path, n)
         if not isinstance(obj, dict):
             raise DataError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
         if keys is None:
