@@ -83,6 +83,7 @@ class Config:
     # Biases.
     attn_bias: bool = True  # q, k, v (and o unless attn_out_bias says otherwise)
     attn_out_bias: bool | None = None  # None: as attn_bias; Qwen2 has q/k/v biases only
+    attn_key_bias: bool | None = None  # None: as attn_bias; False: q/v (and o) only (Whisper's k_proj)
     mlp_bias: bool = True
     # Positions.
     positions: str = "learned"
@@ -114,6 +115,10 @@ class Config:
     layer_pattern: tuple[str, ...] = ()
     local_rope_theta: float | None = None  # RoPE base of "local" layers, unscaled (Gemma 3)
     type_vocab_size: int = 0  # BERT token types; 0: none
+    # encdec: the encoder stack's own scheme and table size (Whisper: sinusoidal over
+    # max_source_positions, learned decoder positions); None: positions / max_len.
+    encoder_positions: str | None = None
+    encoder_max_len: int | None = None
     # Attention.
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
     qk_norm: bool = False  # RMS-normalise each query and key head over head_dim (Qwen3, Gemma 3)
@@ -163,6 +168,9 @@ class Config:
     # norm) this wide, projected to d_model into the stack; the MLM transform maps back.
     # None: d_model wide, no projection.
     embed_dim: int | None = None
+    # encdec: the encoder reads float features [B, num_mel_bins, 2 * encoder max_len] through
+    # a convolutional stem (Whisper, zoo.nn.stem) instead of token ids; None: token ids.
+    num_mel_bins: int | None = None
     # Mixture of experts (0: dense MLP).
     num_experts: int = 0
     experts_per_token: int = 2
@@ -226,6 +234,20 @@ class Config:
     @property
     def out_bias(self) -> bool:
         return self.attn_bias if self.attn_out_bias is None else self.attn_out_bias
+
+    @property
+    def key_bias(self) -> bool:
+        """Attention keys have a bias (attn_key_bias, default attn_bias)."""
+        return self.attn_bias if self.attn_key_bias is None else self.attn_key_bias
+
+    @property
+    def encoder_stack(self) -> "Config":
+        """The config an encdec encoder stack runs under: its positions and table size
+        (encoder_positions, encoder_max_len) in place of the decoder's."""
+        if self.encoder_positions in (None, self.positions) and self.encoder_max_len in (None, self.max_len):
+            return self
+        return self.replace(positions=self.encoder_positions or self.positions,
+                            max_len=self.encoder_max_len or self.max_len)
 
     @property
     def mla(self) -> bool:
@@ -375,10 +397,28 @@ def _validate(c: Config) -> None:
              f"expected one of {INITIALIZERS}, got {c.initializer!r}")
     _require(c.dtype in DTYPES, "dtype", f"expected one of {DTYPES}, got {c.dtype!r}")
     _require(c.param_dtype in DTYPES, "param_dtype", f"expected one of {DTYPES}, got {c.param_dtype!r}")
+    _validate_encoder_inputs(c)
     for name in ("pad_id", "bos_id", "eos_id", "decoder_start_id"):
         value = getattr(c, name)
         _require(value is None or 0 <= value < c.vocab_size, name,
                  f"expected None or a token id in [0, {c.vocab_size}), got {value!r}")
+
+
+def _validate_encoder_inputs(c: Config) -> None:
+    """The encdec encoder's own positions and its feature input (Whisper), and the key bias."""
+    for name in ("encoder_max_len", "num_mel_bins"):
+        value = getattr(c, name)
+        _require(value is None or (isinstance(value, int) and value > 0), name,
+                 f"expected None or a positive int, got {value!r}")
+    _require(c.encoder_positions is None or c.encoder_positions in POSITIONS, "encoder_positions",
+             f"expected None or one of {POSITIONS}, got {c.encoder_positions!r}")
+    for name in ("encoder_positions", "encoder_max_len", "num_mel_bins"):
+        _require(getattr(c, name) is None or c.family == "encdec", name,
+                 f"only the encdec family has a separate encoder (family={c.family!r})")
+    _require(c.attn_key_bias in (None, False, True), "attn_key_bias",
+             f"expected None or a bool, got {c.attn_key_bias!r}")
+    _require(not c.attn_key_bias or c.attn_bias, "attn_key_bias",
+             "True needs attn_bias=True (it only leaves the key bias out of q/k/v biases)")
 
 
 def _validate_moe(c: Config) -> None:

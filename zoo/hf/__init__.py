@@ -4,8 +4,8 @@
     zoo.save_hf(cfg, params, "out_dir")               # transformers' from_pretrained loads it
 
 Supported `model_type`s: bert, roberta, albert, distilbert, modernbert, gpt2, llama, mistral, mixtral, t5, bart, gemma2,
-gemma3_text, qwen2, qwen3, phi3, deepseek_v2, deepseek_v3, gpt_oss. Each has a key map (data, in
-zoo/hf/{bert,albert,distilbert,modernbert,gpt2,llama,t5,bart,gemma,qwen,phi3,deepseek,gpt_oss}.py) applied by one loop in zoo/hf/keymap.py.
+gemma3_text, qwen2, qwen3, phi3, deepseek_v2, deepseek_v3, gpt_oss, whisper. Each has a key map (data, in
+zoo/hf/{bert,albert,distilbert,modernbert,gpt2,llama,t5,bart,gemma,qwen,phi3,deepseek,gpt_oss,whisper}.py) applied by one loop in zoo/hf/keymap.py.
 A config that zoo cannot reproduce exactly is a ValueError naming the field; `save_hf` proves
 each export by reading the written config back and comparing it to the Config it was given.
 """
@@ -13,6 +13,7 @@ each export by reading the written config back and comparing it to the Config it
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -42,12 +43,13 @@ from zoo.hf.phi3 import PHI3
 from zoo.hf.qwen import QWEN2, QWEN3
 from zoo.hf.qwen3_moe import QWEN3_MOE
 from zoo.hf.t5 import T5
+from zoo.hf.whisper import WHISPER
 
 # Order matters to save_hf: the first type that reproduces a Config is the one written.
 MODEL_TYPES: dict[str, ModelType] = {
     m.name: m for m in (BERT, ROBERTA, ALBERT, DISTILBERT,
                         MODERNBERT, GPT2, LLAMA, MISTRAL, MIXTRAL, T5, BART, GEMMA2, GEMMA3_TEXT,
-                        QWEN2, QWEN3, QWEN3_MOE, PHI3, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS)}
+                        QWEN2, QWEN3, QWEN3_MOE, PHI3, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS, WHISPER)}
 
 __all__ = ["MODEL_TYPES", "Unsupported", "load_hf", "save_hf"]
 
@@ -106,12 +108,29 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Confi
             return weights.get(key)
 
         buffers, used = read_params(get, model_type.rules, cfg, _shapes(cfg), jnp.dtype(stored))
+        used |= _check_fixed(model_type, cfg, get)
         _check_all_used(model_type, cfg, weights, used | _heads.stored_keys(task, weights))
     # One leaf at a time, so host memory never holds two copies of the model.
     params = {}
     for leaf in list(buffers):
         params[leaf] = jax.device_put(buffers.pop(leaf))
     return cfg, unflatten(params)
+
+
+def _check_fixed(model_type: ModelType, cfg: Config, get: Any) -> set[str]:
+    """The stored tensors zoo computes from the config (`ModelType.fixed`) must hold the
+    computed values, up to the stored dtype's rounding; returns their keys."""
+    fixed = model_type.fixed(cfg) if model_type.fixed else {}
+    for key, want in fixed.items():
+        got = get(key)
+        # torch computes the table in fp32 (angles up to the table length in radians), then
+        # the checkpoint may round it to fp16/bf16: allow that, never a different table.
+        tol = max(1e-3, 2 * float(jnp.finfo(got.dtype).eps))
+        if got.shape != want.shape or not np.allclose(np.asarray(got, np.float32), want, atol=tol, rtol=0):
+            raise Unsupported(f"load_hf: {model_type.name} weight {key!r} differs from the table zoo "
+                              f"computes for it (shape {tuple(got.shape)}, expected {want.shape}); "
+                              "zoo does not load a modified table")
+    return set(fixed)
 
 
 def _check_all_used(model_type: ModelType, cfg: Config, weights: Any, used: set[str]) -> None:
@@ -161,6 +180,12 @@ def _canonical(c: Config) -> Config:
         changes["attn_scale"] = None
     if c.attn_out_bias == c.attn_bias:
         changes["attn_out_bias"] = None
+    if c.attn_key_bias == c.attn_bias:
+        changes["attn_key_bias"] = None
+    if c.family == "encdec" and c.encoder_positions == c.positions:
+        changes["encoder_positions"] = None
+    if c.family == "encdec" and c.encoder_max_len == c.max_len:
+        changes["encoder_max_len"] = None
     if c.shared_layers == c.num_layers == c.decoder_layers:  # one set per layer: no sharing
         changes["shared_layers"] = 0
     # Layers compute by their kinds, however the pattern spells them; a window without
@@ -278,6 +303,9 @@ def save_hf(cfg: Config, params: dict[str, Any], path: str | os.PathLike, *,
     flat = {p: np.asarray(jax.device_get(a)) for p, a in flatten(params).items()}
     _check_params(cfg, flat)
     tensors = write_params(flat, chosen.rules, cfg)
+    if chosen.fixed:
+        tensors = itertools.chain(tensors, ((k, v.astype(flat["embed/tokens"].dtype))
+                                            for k, v in chosen.fixed(cfg).items()))
     if head is not None:  # checked before anything is written
         tensors = _heads.write(head, cfg, chosen, hf, tensors)
     directory = Path(path)

@@ -18,7 +18,9 @@ class ModelType(NamedTuple):
     rules: the key map (see zoo.hf.keymap). prefix: the base-model prefix that checkpoints of a
     bare base model lack. ignore: regexes of stored keys that carry nothing zoo needs (buffers,
     copies of tied weights). heads: its task-head classes, a `zoo.hf.heads.HeadFormat` each
-    (zoo/heads.py says how to declare them).
+    (zoo/heads.py says how to declare them). fixed(cfg) -> {key: array}: tensors the
+    checkpoint stores that zoo computes from the config instead (Whisper's sinusoidal encoder
+    positions): load_hf checks the stored values match them, save_hf writes them.
     """
 
     name: str
@@ -29,6 +31,7 @@ class ModelType(NamedTuple):
     prefix: str = ""
     ignore: tuple[str, ...] = ()
     heads: tuple = ()
+    fixed: Callable[[Config], dict] | None = None
 
 
 class Unsupported(ValueError):

@@ -57,6 +57,9 @@ TRANSFORMS: dict[str, Transform] = {
                       lambda s: (s[0], _prod(s[1:]))),
     "conv_out": Transform(lambda w, s: w.reshape(s), lambda z: z.reshape(-1, z.shape[-1]),
                           lambda s: (_prod(s[:-1]), s[-1])),
+    # torch Conv1d [out, in, width] <-> zoo [width, in, out] (Whisper's stem, zoo.nn.stem).
+    "conv1d": Transform(lambda w, s: w.transpose(2, 1, 0), lambda z: z.transpose(2, 1, 0),
+                        lambda s: tuple(s[::-1])),
     # Same layout, parts alternating on the last axis: gpt-oss's expert gate_up_proj
     # [E, D, 2F] (and its bias [E, 2F]) holds the gate in even and the up projection in odd columns.
     "interleaved": Transform(lambda w, s: w.reshape(s), lambda z: z, lambda s: tuple(s), interleave=True),

@@ -57,7 +57,8 @@ def attention_spec(cfg: Config, cross: bool = False) -> Spec:
     }
     if cfg.attn_bias:
         spec["q_bias"] = param((n, h), ("heads", "head_dim"), "zeros")
-        spec["k_bias"] = param((k, h), ("kv_heads", "head_dim"), "zeros")
+        if cfg.key_bias:  # Whisper has none (a key bias shifts every score of a query alike)
+            spec["k_bias"] = param((k, h), ("kv_heads", "head_dim"), "zeros")
         spec["v_bias"] = param((k, h), ("kv_heads", "head_dim"), "zeros")
     if cfg.out_bias:
         spec["o_bias"] = param((d,), ("embed",), "zeros")
@@ -74,8 +75,9 @@ def project_kv(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array
     dt = x.dtype
     k = matmul(x, p["k"], mode=cfg.matmul)
     v = matmul(x, p["v"], mode=cfg.matmul)
-    if cfg.attn_bias:
+    if cfg.key_bias:
         k = k + p["k_bias"].astype(dt)
+    if cfg.attn_bias:
         v = v + p["v_bias"].astype(dt)
     return k, v
 
@@ -238,7 +240,8 @@ def fuse_qkv(p: dict) -> dict:
     out["qkv"] = concatenate([p["q"].reshape(d, n * h), p["k"].reshape(d, k * h),  # or QuantizedWeights
                               p["v"].reshape(d, k * h)], axis=1)
     if "q_bias" in p:
-        out["qkv_bias"] = jnp.concatenate([p["q_bias"].reshape(-1), p["k_bias"].reshape(-1),
+        k_bias = p["k_bias"] if "k_bias" in p else jnp.zeros_like(p["v_bias"])  # attn_key_bias=False
+        out["qkv_bias"] = jnp.concatenate([p["q_bias"].reshape(-1), k_bias.reshape(-1),
                                            p["v_bias"].reshape(-1)])
     return out
 
