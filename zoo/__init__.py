@@ -1,6 +1,6 @@
 """zoo: encoder, decoder and encoder-decoder transformers as pure functions of pytrees."""
 
-from zoo import decoder, encdec, encoder, flops, heads, nn, presets, sharding, tokenizer
+from zoo import audio, decoder, encdec, encoder, flops, heads, nn, presets, sharding, tokenizer
 from zoo.config import Config, ConfigError
 from zoo.encoder import encode
 from zoo.generate import generate
@@ -11,8 +11,8 @@ from zoo.nn.output import Output
 from zoo.nn.quant import quantize
 from zoo.presets import preset
 
-__all__ = ["Cache", "Config", "ConfigError", "Inputs", "Output", "apply", "axes", "decoder", "encdec", "encode",
-           "encoder", "flops", "forward", "generate", "heads", "init", "init_cache", "load_hf", "nn",
+__all__ = ["Cache", "Config", "ConfigError", "Inputs", "Output", "apply", "audio", "axes", "decoder", "encdec",
+           "encode", "encoder", "flops", "forward", "generate", "heads", "init", "init_cache", "load_hf", "nn",
            "param_count", "preset", "presets", "quantize", "save_hf", "sharding", "spec", "tokenizer", "nnx", "linen"]
 
 
