@@ -16,5 +16,6 @@ def train_flops_per_token(cfg: zoo.Config, seq_len: int) -> float:
     return flops.train_flops(cfg, *_lengths(cfg, seq_len)) / seq_len
 
 
-def forward_flops_per_token(cfg: zoo.Config, seq_len: int) -> float:
-    return flops.forward_flops(cfg, *_lengths(cfg, seq_len)) / seq_len
+def forward_flops_per_token(cfg: zoo.Config, seq_len: int, heads: bool = True) -> float:
+    """heads=False: the hidden states only (`zoo.flops`), what `bench encode` runs."""
+    return flops.forward_flops(cfg, *_lengths(cfg, seq_len), heads=heads) / seq_len

@@ -155,9 +155,8 @@ def encode_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: in
     one, compiled, compile_s, inputs = encode_runner(cfg, batch, seq_len, padding, packed)
     seconds = timing.median_time(one, iters=iters, warmup=2)
     tokens = int(inputs["mask"].sum())
-    fwd = (flops.forward_flops_per_token(cfg, seq_len)
-           - 2.0 * cfg.vocab_size * cfg.d_model)  # hidden states only: no vocabulary projection
-    achieved = fwd * tokens / seconds
+    # hidden states only: no vocabulary projection, MLM transform or pooler
+    achieved = flops.forward_flops_per_token(cfg, seq_len, heads=False) * tokens / seconds
     return {"bench": "encode", "family": cfg.family, "dtype": cfg.dtype, "batch": batch,
             "seq_len": seq_len, "padding": padding, "layout": "packed" if packed else "padded",
             "rows": len(inputs["mask"]), "step_s": seconds, "tokens_per_s": tokens / seconds,

@@ -73,3 +73,16 @@ def test_train_and_bench_count_the_same(name):
     targets = T if cfg.family == "encdec" else 0
     assert bench_flops.train_flops_per_token(cfg, T) * T == train_flops(cfg, T, targets)
     assert bench_flops.forward_flops_per_token(cfg, T) * T * 3 == train_flops(cfg, T, targets)
+
+
+def test_hidden_states_only_leave_out_the_heads():
+    """heads=False (bench encode; fine-tuning a task head): tiny-encoder's 2 layers (q, k, v,
+    o of 32 x 32, a 32 x 64 MLP both ways) and attention, without the MLM transform, the
+    pooler and the tied vocabulary projection that the full count adds."""
+    cfg = tiny("tiny-encoder")
+    layers = 2 * (4 * 32 * 32 + 2 * 32 * 64) * T
+    attention = 2 * 2 * 4 * T * T * 8 * 2  # 2 layers x 2 FLOPs x T x T x 4 heads x (8 + 8) dims
+    assert zoo.flops.forward_flops(cfg, T, heads=False) == 2 * layers + attention
+    heads = 32 * 32 * T + 32 * 32 + 128 * 32 * T  # MLM transform, pooler (one row), tied head
+    assert zoo.flops.forward_flops(cfg, T) == 2 * (layers + heads) + attention
+    assert bench_flops.forward_flops_per_token(cfg, T, heads=False) * T == 2 * layers + attention

@@ -758,7 +758,8 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
             print(f"resumed {fc.run_dir} at step {start}", flush=True)
     best = Best(run_dir, run_files, BEST_METRIC[fc.task])
     compiled = Compiled(objective, runner, make_evaluate(s, runner, best, objective, fc.num_beams))
-    flops = train_flops(s.cfg, fc.seq_len, 1) * fc.batch_size
+    # A task head replaces the vocabulary projection (and MLM transform): not counted then.
+    flops = train_flops(s.cfg, fc.seq_len, 1, heads=s.head is None) * fc.batch_size
     peak, peak_note = peak_flops(list(s.mesh.devices.flat), fc.peak_flops)
     if primary:
         origin = fc.init_from or f"{fc.model} (from scratch)"

@@ -16,11 +16,19 @@ forward = matmuls + attention, 2 FLOPs per multiply-add:
   to (model FLOPs; zoo's sparse dispatch runs just those, `zoo.nn.moe`). Dense layers of an
   MoE model (`Config.dense_layers`) and shared experts count whole.
 - attention, per layer: 4 x queries x keys x num_heads x head_dim (scores and values over
-  the full T x T square, the masked half included, as PaLM's 12 L H Q T per token counts);
+  the full T x T square, the masked half included, as PaLM's 12 L H Q T per token counts).
+  The causal convention: a causal (decoder) layer counts the whole square too, not the half
+  it needs, so its MFU compares with PaLM's and MaxText's; a kernel that skips the masked
+  half does about half the attention FLOPs counted. Cross-attention (encoder-decoders)
+  counts target queries x source keys per decoder layer;
   multi-head latent attention: 2 x queries x keys x num_heads x (qk_nope + qk_rope + v head
   dims), its projections (latent down and up, queries, output) counted as weights above.
 
 train = 3 x forward (the backward costs two forwards), rematerialisation not counted.
+
+heads=False counts the hidden states only: no vocabulary projection (tied or not), MLM
+transform or BERT pooler, for programs that do not run them (encoding; fine-tuning a task
+head, whose own [D, labels] matmul is left out as negligible).
 """
 
 from __future__ import annotations
@@ -34,17 +42,23 @@ from zoo.nn.param import Param, size
 GATHERED = ("vocab", "types", "length", "buckets")  # first axis of a looked-up table
 
 
-def matmul_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
+HEADS = ("head", "mlm", "pooler")  # top-level entries after the hidden states (heads=False skips)
+
+
+def matmul_flops(cfg: Config, inputs_len: int, targets_len: int = 0, heads: bool = True) -> float:
     """Forward FLOPs of every weight matmul for one example (see the module docstring).
 
     inputs_len: tokens of a decoder/encoder row, or the source length of encdec;
-    targets_len: the target length of encdec (ignored for the other families)."""
+    targets_len: the target length of encdec (ignored for the other families);
+    heads: False counts the hidden states only (no vocabulary head, MLM transform, pooler)."""
     src, tgt = inputs_len, (targets_len if cfg.family == "encdec" else inputs_len)
     total = 0.0
     for path, p in jax.tree_util.tree_leaves_with_path(spec(cfg), is_leaf=lambda x: isinstance(x, Param)):
         names = tuple(k.key for k in path)
-        total += 2.0 * _weights(p, cfg) * _rows(names, src, tgt) * _runs(names, cfg)
-    if cfg.tie_embeddings:
+        # a per-head bias ([heads, head_dim]) has rank 2 but is added, not multiplied
+        if (heads or names[0] not in HEADS) and not names[-1].endswith("bias"):
+            total += 2.0 * _weights(p, cfg) * _rows(names, src, tgt) * _runs(names, cfg)
+    if cfg.tie_embeddings and heads:
         total += 2.0 * cfg.vocab_size * cfg.embed_size * tgt
     return total
 
@@ -90,11 +104,11 @@ def attention_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float
     return cfg.num_layers * square(inputs_len, inputs_len)
 
 
-def forward_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
-    """Forward FLOPs of one example: matmuls + attention."""
-    return matmul_flops(cfg, inputs_len, targets_len) + attention_flops(cfg, inputs_len, targets_len)
+def forward_flops(cfg: Config, inputs_len: int, targets_len: int = 0, heads: bool = True) -> float:
+    """Forward FLOPs of one example: matmuls + attention (heads: see `matmul_flops`)."""
+    return matmul_flops(cfg, inputs_len, targets_len, heads) + attention_flops(cfg, inputs_len, targets_len)
 
 
-def train_flops(cfg: Config, inputs_len: int, targets_len: int = 0) -> float:
+def train_flops(cfg: Config, inputs_len: int, targets_len: int = 0, heads: bool = True) -> float:
     """Training FLOPs of one example (forward and backward): 3 x forward."""
-    return 3.0 * forward_flops(cfg, inputs_len, targets_len)
+    return 3.0 * forward_flops(cfg, inputs_len, targets_len, heads)
