@@ -152,3 +152,94 @@ def test_spec_augment_bounds_and_determinism():
     widest = np.asarray(audio.spec_augment_mask(jax.random.key(3), (64, 10, 20), freq_masks=1, freq_width=50,
                                                 time_masks=0, time_width=0))
     assert widest.all(axis=2).sum(1).max() == 10 and (widest.any(axis=2) == widest.all(axis=2)).all()
+
+
+# --- train.asr: the manifest, the audio files, WER ------------------------------------------
+
+def _wav(path, wave: np.ndarray, rate: int = SR) -> str:
+    import soundfile
+
+    soundfile.write(str(path), wave, rate, subtype="PCM_16")
+    return path.name
+
+
+def test_manifest_reads_resamples_and_names_bad_lines(tmp_path):
+    """A 22,050 Hz clip is resampled to 16 kHz; each bad line is a DataError naming the
+    manifest, the line and (for audio) the file."""
+    import json
+
+    from train import asr
+    from train.tasks import DataError
+
+    tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(22050) / 22050)
+    (tmp_path / "clips").mkdir()
+    good = {"audio": "clips/" + _wav(tmp_path / "clips" / "a.wav", tone, 22050), "text": "a tone"}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(good) + "\n\n")
+    utts = asr.read_manifest(manifest)
+    assert utts.texts == ["a tone"] and utts.lines == [1] and utts.audio == [str(tmp_path / "clips" / "a.wav")]
+    assert asr.load_audio(utts.audio[0]).shape == (16000,)
+    feats = asr.features(utts, 80, 150, batch=2)
+    assert feats.shape == (1, 80, 150) and feats.dtype == np.float32
+
+    stereo = _wav(tmp_path / "stereo.wav", np.zeros((800, 2)))
+    long = _wav(tmp_path / "long.wav", np.zeros(SR * 2))
+    (tmp_path / "notaudio.wav").write_text("hello")
+    cases = [("{not json", r"m\.jsonl line 2: expected a JSON object"),
+             (json.dumps({"audio": "clips/a.wav"}), r"line 2: expected an object with 'audio'.*'text'"),
+             (json.dumps({"audio": "clips/a.wav", "text": " "}), r"line 2: expected a transcript"),
+             (json.dumps({"audio": "missing.wav", "text": "x"}), r"line 2: audio file .*missing\.wav not found")]
+    for line, match in cases:
+        manifest.write_text(json.dumps(good) + "\n" + line + "\n")
+        with pytest.raises(DataError, match=match):
+            asr.read_manifest(manifest)
+    for clip, match in ((stereo, r"line 2: .*stereo\.wav: expected mono audio, got 2 channels"),
+                        ("notaudio.wav", r"line 2: .*notaudio\.wav: not a readable audio file"),
+                        (long, r"line 2: .*long\.wav lasts 2\.00 s, longer than the model's window of 1\.50 s")):
+        manifest.write_text(json.dumps(good) + "\n" + json.dumps({"audio": clip, "text": "x"}) + "\n")
+        with pytest.raises(DataError, match=match):
+            asr.features(asr.read_manifest(manifest), 80, 150)
+
+
+def test_wer_normalises_case_and_punctuation():
+    from train.asr import normalize, wer
+
+    assert normalize("  Twenty-one, DON'T stop!  ") == "twenty one dont stop"
+    assert wer(["Hello, World!", "twenty-one"], ["hello world", "twenty one"]) == 0.0
+    # 5 reference words: one substitution, one deletion -> 2 / 5
+    assert wer(["four hundred and twelve", "nine"], ["four hundred and eleven", ""]) == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="as many hypotheses as references"):
+        wer(["a"], [])
+    with pytest.raises(ValueError, match=r"reference 0 \('\?!'\) has no words"):
+        wer(["?!"], ["a"])
+
+
+# --- bench.speech_data: espeak-ng -> manifest -> features -----------------------------------
+
+def test_speech_data_synthesises_a_manifest_log_mel_reads(tmp_path):
+    """Three utterances spoken by espeak-ng, read back through the manifest into log_mel."""
+    import shutil
+
+    from bench import speech_data
+    from train import asr
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
+    counts = speech_data.synthesise(tmp_path, 3, held_out=0.5, max_number=20, seed=1)
+    assert counts["train"] + counts["heldout"] == 3 and counts["dropped"] == 0
+    utts = [asr.read_manifest(tmp_path / f"{s}.jsonl") for s in ("train", "heldout") if counts[s]]
+    train_texts = set(utts[0].texts) if counts["train"] else set()
+    assert not train_texts & set(utts[-1].texts if counts["heldout"] else ())  # held-out texts are new
+    for u in utts:
+        assert all(t in {speech_data.number_words(n) for n in range(21)} for t in u.texts)
+        feats = asr.features(u, 80, 300)  # 3 s windows
+        assert feats.shape == (len(u), 80, 300)
+        assert (feats.std(axis=(1, 2)) > 0.1).all()  # speech, not silence
+
+
+def test_speech_data_without_espeak_says_how_to_install(monkeypatch, tmp_path):
+    from bench import speech_data
+
+    monkeypatch.setattr(speech_data.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install espeak-ng"):
+        speech_data.synthesise(tmp_path, 3)
