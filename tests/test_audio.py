@@ -4,13 +4,12 @@ espeak-ng synthesis script end to end."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import zoo
 from zoo import audio
 
 SR = audio.SAMPLE_RATE
@@ -37,10 +36,9 @@ def extractor(request):
     return WhisperFeatureExtractor(feature_size=request.param)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Cfg:  # the two fields log_mel reads from a Whisper-shaped zoo.Config
-    num_mel_bins: int
-    encoder_max_len: int
+def _Cfg(num_mel_bins: int, encoder_max_len: int) -> zoo.Config:
+    """A Whisper-shaped config: log_mel reads num_mel_bins and encoder_max_len."""
+    return zoo.preset("tiny-encdec", num_mel_bins=num_mel_bins, encoder_max_len=encoder_max_len)
 
 
 def test_log_mel_matches_whisper_feature_extractor(extractor):
@@ -89,6 +87,10 @@ def test_log_mel_sizes_from_cfg_and_keywords():
     assert jax.eval_shape(lambda w: audio.log_mel(w, _Cfg(128, 50), n_mels=80, frames=60), x).shape == (1, 80, 60)
     with pytest.raises(ValueError, match="n_mels="):
         audio.log_mel(np.zeros(1000, np.float32), frames=60)
+    assert jax.eval_shape(lambda w: audio.log_mel(w, zoo.preset("tiny-encdec", num_mel_bins=80)), x).shape == \
+        (1, 80, 2 * 128)  # no encoder_max_len: the encoder reads max_len positions
+    with pytest.raises(ValueError, match=r"num_mel_bins is None \(the model reads token ids"):
+        audio.log_mel(np.zeros(1000, np.float32), zoo.preset("tiny-encdec"))
 
 
 @pytest.mark.parametrize("case", ["rate", "stereo_channels_last", "channels_axis", "int16", "too_long"])

@@ -76,16 +76,17 @@ def _hann(n: int) -> np.ndarray:
 # --- checks --------------------------------------------------------------------------------
 
 def _sizes(cfg: Any, n_mels: int | None, frames: int | None) -> tuple[int, int]:
-    """(n_mels, frames): the keywords, else the config's num_mel_bins and 2 * encoder_max_len
-    (the encoder's stride-2 stem halves the frames into its positions)."""
+    """(n_mels, frames): the keywords, else the config's num_mel_bins and twice its encoder's
+    positions, encoder_max_len (else max_len): the stride-2 stem halves the frames into them."""
+    if cfg is None and (n_mels is None or frames is None):
+        raise ValueError("log_mel: pass cfg (a config with num_mel_bins: Whisper) or both n_mels= and frames=")
     if n_mels is None:
-        if cfg is None or getattr(cfg, "num_mel_bins", None) is None:
-            raise ValueError("log_mel: pass cfg (a Whisper-shaped config with num_mel_bins) or n_mels=")
+        if cfg.num_mel_bins is None:
+            raise ValueError("log_mel: cfg.num_mel_bins is None (the model reads token ids, not features); "
+                             "pass n_mels= to compute features anyway")
         n_mels = cfg.num_mel_bins
     if frames is None:
-        if cfg is None or getattr(cfg, "encoder_max_len", None) is None:
-            raise ValueError("log_mel: pass cfg (a Whisper-shaped config with encoder_max_len) or frames=")
-        frames = 2 * cfg.encoder_max_len
+        frames = 2 * (cfg.encoder_max_len or cfg.max_len)
     if not (isinstance(n_mels, int) and n_mels > 0 and isinstance(frames, int) and frames > 0):
         raise ValueError(f"log_mel: expected positive integers n_mels and frames, got {n_mels!r} and {frames!r}")
     return n_mels, frames
