@@ -99,13 +99,15 @@ def _select(s: Beams, logits: jax.Array, seen: jax.Array, opts: Options) -> tupl
 
 
 def beam_search(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
-                opts: Options) -> jax.Array:
-    """prompt [B, T] -> best hypothesis per prompt [B, max_new_tokens], pad after its end."""
+                opts: Options, start: jax.Array | None = None) -> jax.Array:
+    """prompt [B, T] (start: an encdec decoder prompt [B, P]) -> best hypothesis per prompt
+    [B, max_new_tokens], pad after its end."""
     batch, nb, n = prompt.shape[0], opts.num_beams, opts.max_new_tokens
-    cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts), opts)
-    logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)
+    start_len = 1 if start is None else start.shape[1]
+    cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts, start_len), opts)
+    logits, cache = prefill(params, cfg, prompt, prompt_mask, cache, start)
     cache = kv_cache.repeat_rows(cache, nb)
-    seen = jnp.repeat(history(cfg, prompt, prompt_mask), nb, axis=0)
+    seen = jnp.repeat(history(cfg, prompt, prompt_mask, start), nb, axis=0)
     state, rows = _select(_init(batch, nb, n, opts.pad_id), jnp.repeat(logits, nb, axis=0), seen, opts)
 
     def cond(carry: tuple) -> jax.Array:

@@ -39,12 +39,14 @@ def scores(probs: jax.Array, candidates: jax.Array, context: jax.Array, valid: j
 
 
 def contrastive(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
-                opts: Options) -> jax.Array:
-    """prompt [B, T] -> new tokens [B, max_new_tokens] (pad after a stop token)."""
+                opts: Options, start: jax.Array | None = None) -> jax.Array:
+    """prompt [B, T] (start: an encdec decoder prompt [B, P]) -> new tokens
+    [B, max_new_tokens] (pad after a stop token)."""
     batch, n, k = prompt.shape[0], opts.max_new_tokens, opts.contrastive_k
-    cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts), opts)
-    hidden, mask, cache = prefill_hidden(params, cfg, prompt, prompt_mask, cache)
-    seen = history(cfg, prompt, prompt_mask)
+    start_len = 1 if start is None else start.shape[1]
+    cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts, start_len), opts)
+    hidden, mask, cache = prefill_hidden(params, cfg, prompt, prompt_mask, cache, start)
+    seen = history(cfg, prompt, prompt_mask, start)
     width = hidden.shape[1]
     mask = jnp.ones(hidden.shape[:2], bool) if mask is None else mask
     context = jnp.concatenate([hidden, jnp.zeros((batch, n, hidden.shape[-1]), hidden.dtype)], axis=1)

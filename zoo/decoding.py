@@ -9,7 +9,9 @@
 
 For a decoder the prompt is the start of the sequence (left-aligned here, so every row's last
 prompt token is in the last column); for encdec the prompt is the source: the encoder runs once,
-its keys/values are cached, and decoding starts from `cfg.decoder_start_id`.
+its keys/values are cached, and decoding starts from `cfg.decoder_start_id`, or from a forced
+decoder prompt `start` [B, P] (Whisper's <|startoftranscript|><|en|><|transcribe|>...) that the
+functions below take as their last argument.
 """
 
 from __future__ import annotations
@@ -51,11 +53,11 @@ class Options(NamedTuple):
     cache_window: int | None = None  # streaming: recent tokens kept; None: a plain cache
 
 
-def reach(cfg: Config, prompt_len: int, opts: Options) -> int:
-    """Tokens the cache must hold: the prompt (decoder) or the start token (encdec), every
-    new token but the last (contrastive search feeds the last too), and the draft tokens a
-    speculative round may add."""
-    fed = (prompt_len if cfg.family == "decoder" else 1) + opts.max_new_tokens - 1
+def reach(cfg: Config, prompt_len: int, opts: Options, start_len: int = 1) -> int:
+    """Tokens the cache must hold: the prompt (decoder) or the start_len decoder-prompt
+    tokens (encdec: the start token, or `start`), every new token but the last (contrastive
+    search feeds the last too), and the draft tokens a speculative round may add."""
+    fed = (prompt_len if cfg.family == "decoder" else start_len) + opts.max_new_tokens - 1
     return fed + opts.num_speculative + (opts.contrastive_k > 0)
 
 
@@ -102,32 +104,38 @@ def left_align(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     return jnp.take_along_axis(tokens, order, axis=1), jnp.take_along_axis(mask, order, axis=1)
 
 
-def decoder_prompt(cfg: Config, prompt: jax.Array,
-                   prompt_mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-    """What the decoder is fed first: the prompt left-aligned (decoder) or the start token
-    (encdec), with its mask -> (tokens [B, T'], mask [B, T'] or None: all real)."""
+def decoder_prompt(cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
+                   start: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """What the decoder is fed first: the prompt left-aligned (decoder) or, for encdec, the
+    forced decoder prompt start [B, P] (default: the start token), with its mask ->
+    (tokens [B, T'], mask [B, T'] or None: all real)."""
     if cfg.family == "encdec":
+        if start is not None:
+            return start.astype(jnp.int32), None
         return jnp.full((prompt.shape[0], 1), cfg.decoder_start_id, jnp.int32), None
     if prompt_mask is not None:
         return left_align(prompt, prompt_mask)
     return prompt, None
 
 
-def history(cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None) -> jax.Array:
+def history(cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
+            start: jax.Array | None = None) -> jax.Array:
     """The tokens seen before the first new one, as `zoo.logits` reads them: int32 [B, T'],
     -1 on padding."""
-    tokens, mask = decoder_prompt(cfg, prompt, prompt_mask)
+    tokens, mask = decoder_prompt(cfg, prompt, prompt_mask, start)
     tokens = tokens.astype(jnp.int32)
     return tokens if mask is None else jnp.where(mask, tokens, -1)
 
 
 def prefill_hidden(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
-                   cache: kv_cache.Cache) -> tuple[jax.Array, jax.Array | None, kv_cache.Cache]:
-    """Feeds the prompt [B, T] -> (last hidden states of what the decoder was fed [B, T', D],
-    their mask [B, T'] or None (all real; see `decoder_prompt`), cache)."""
+                   cache: kv_cache.Cache, start: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array | None, kv_cache.Cache]:
+    """Feeds the prompt [B, T] (encdec: the source, tokens or features, and the decoder prompt
+    start [B, P] or None) -> (last hidden states of what the decoder was fed [B, T', D], their
+    mask [B, T'] or None (all real; see `decoder_prompt`), cache)."""
     if cfg.family == "encdec":
         cache, _ = encdec.prime_cache(params, layout(cfg), cache, prompt, prompt_mask)
-    prompt, prompt_mask = decoder_prompt(cfg, prompt, prompt_mask)
+    prompt, prompt_mask = decoder_prompt(cfg, prompt, prompt_mask, start)
     hidden, _, cache = feed(params, layout(cfg), prompt, cache, prompt_mask)
     return hidden, prompt_mask, cache
 
@@ -156,9 +164,10 @@ def feed(params: dict, cfg: Config, tokens: jax.Array, cache: kv_cache.Cache,
 
 
 def prefill(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
-            cache: kv_cache.Cache) -> tuple[jax.Array, kv_cache.Cache]:
-    """Feeds the prompt [B, T] -> (logits of the first new token [B, V] fp32, cache)."""
-    hidden, _, cache = prefill_hidden(params, cfg, prompt, prompt_mask, cache)
+            cache: kv_cache.Cache, start: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache]:
+    """Feeds the prompt [B, T] (and an encdec decoder prompt start [B, P]) -> (logits of the
+    first new token [B, V] fp32, cache)."""
+    hidden, _, cache = prefill_hidden(params, cfg, prompt, prompt_mask, cache, start)
     return logits(params, cfg, hidden[:, -1:])[:, 0], cache
 
 

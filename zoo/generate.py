@@ -14,8 +14,10 @@ Every strategy but speculative takes the penalties of `zoo.logits` (repetition_p
 no_repeat_ngram_size, min_new_tokens); sampling also takes min_p and typical_p.
 
 The prompt is int [B, T]; rows of different lengths come with prompt_mask (bool [B, T], True
-on real tokens; any padding side). For encdec the prompt is the source and decoding starts
-from cfg.decoder_start_id. The result is the new tokens only, int32 [B, max_new_tokens]; a
+on real tokens; any padding side). For encdec the prompt is the source (token ids, or float
+features [B, num_mel_bins, frames] for a feature encoder: Whisper) and decoding starts from
+cfg.decoder_start_id, or from a forced decoder_prompt [B, P] (Whisper's
+<|startoftranscript|><|en|><|transcribe|><|notimestamps|>). The result is the new tokens only, int32 [B, max_new_tokens]; a
 row that emits a stop token (default: cfg.eos_id) keeps it and is filled after it with
 cfg.pad_id, or with cfg.eos_id when pad_id is None (as transformers does), else with the first
 stop token (`filler`).
@@ -38,6 +40,7 @@ from zoo.config import Config
 from zoo.contrastive import contrastive
 from zoo.decoding import Options, history, is_stop, new_cache, prefill, reach, step, unstacked
 from zoo.nn.checks import TABLE_POSITIONS, check_mask, check_tokens
+from zoo.nn.stem import check_features
 from zoo.sampling import Sampler, choose
 from zoo.speculative import speculative
 
@@ -54,10 +57,14 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
              min_new_tokens: int | None = None, min_p: float | None = None,
              typical_p: float | None = None, penalty_alpha: float | None = None,
              sink_tokens: int | None = None, cache_window: int | None = None,
-             return_lengths: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+             return_lengths: bool = False,
+             decoder_prompt: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """New tokens after each prompt: int32 [B, max_new_tokens].
 
-    prompt: int [B, T] (encdec: the source); prompt_mask: bool [B, T], True on real tokens.
+    prompt: int [B, T] (encdec: the source; a feature encoder's float [B, num_mel_bins,
+    frames], no prompt_mask); prompt_mask: bool [B, T], True on real tokens.
+    decoder_prompt (encdec): int [B, P] or [P] (one for every row), the forced start of the
+    decoder in place of cfg.decoder_start_id; the new tokens follow it and it is not returned.
     key: sample instead of taking the argmax, with temperature (default 1), top_k, top_p,
     min_p (keep tokens at least min_p times as probable as the best) and typical_p (locally
     typical sampling), applied in that order.
@@ -91,8 +98,14 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
                         "generate(model, prompt, ...)")
     _check_model(cfg, "cfg")
     prompt = jnp.asarray(prompt) if isinstance(prompt, np.ndarray) else prompt
-    check_tokens("prompt", prompt, cfg)
+    if cfg.num_mel_bins is not None:
+        check_features("prompt", prompt, cfg)
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask: a feature encoder reads every frame; pass None")
+    else:
+        check_tokens("prompt", prompt, cfg.encoder_stack if cfg.family == "encdec" else cfg)
     check_mask("prompt_mask", prompt_mask, "prompt", prompt)
+    start = _check_decoder_prompt(cfg, decoder_prompt, prompt.shape[0])
     _check_rows(prompt_mask)
     _check_positive_int("max_new_tokens", max_new_tokens)
     contrastive_k = _check_contrastive(penalty_alpha, top_k, key, num_beams, draft_params)
@@ -120,10 +133,11 @@ def generate(params: dict, cfg: Config | None = None, prompt: jax.Array | None =
                    num_speculative=num_speculative if speculate else 0, penalties=penalties,
                    contrastive_k=contrastive_k, penalty_alpha=float(penalty_alpha or 0.0),
                    sink_tokens=sinks, cache_window=window)
-    _check_length(cfg, prompt.shape[1], opts, draft_cfg if speculate else None)
+    _check_length(cfg, prompt.shape[1], opts, draft_cfg if speculate else None,
+                  1 if start is None else start.shape[1])
     if key is None:
         key = jax.random.key(0)  # unused by greedy and beams; keeps one program signature
-    tokens = _run(params, prompt, prompt_mask, key, draft_params if speculate else None,
+    tokens = _run(params, prompt, prompt_mask, key, draft_params if speculate else None, start,
                   cfg=cfg, draft_cfg=draft_cfg if speculate else None, opts=opts)
     return (tokens, generated_lengths(tokens, stops)) if return_lengths else tokens
 
@@ -138,28 +152,30 @@ def generated_lengths(tokens: jax.Array, stop_tokens: Sequence[int]) -> jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "opts"))
 def _run(params: dict, prompt: jax.Array, prompt_mask: jax.Array | None, key: jax.Array,
-         draft_params: dict | None, *, cfg: Config, draft_cfg: Config | None,
+         draft_params: dict | None, start: jax.Array | None, *, cfg: Config, draft_cfg: Config | None,
          opts: Options) -> jax.Array:
-    prompt = prompt.astype(jnp.int32)
+    if cfg.num_mel_bins is None:  # token ids; a feature encoder's prompt stays float
+        prompt = prompt.astype(jnp.int32)
     params = unstacked(params)
     if draft_params is not None:
         draft_params = unstacked(draft_params)
     if opts.num_beams > 1:
-        return beam_search(params, cfg, prompt, prompt_mask, opts)
+        return beam_search(params, cfg, prompt, prompt_mask, opts, start)
     if draft_cfg is not None:
-        return speculative(params, cfg, draft_params, draft_cfg, prompt, prompt_mask, key, opts)
+        return speculative(params, cfg, draft_params, draft_cfg, prompt, prompt_mask, key, opts, start)
     if opts.contrastive_k:
-        return contrastive(params, cfg, prompt, prompt_mask, opts)
-    return _sample(params, cfg, prompt, prompt_mask, key, opts)
+        return contrastive(params, cfg, prompt, prompt_mask, opts, start)
+    return _sample(params, cfg, prompt, prompt_mask, key, opts, start)
 
 
 def _sample(params: dict, cfg: Config, prompt: jax.Array, prompt_mask: jax.Array | None,
-            key: jax.Array, opts: Options) -> jax.Array:
-    """Greedy or sampled decoding: one token per loop step."""
+            key: jax.Array, opts: Options, start: jax.Array | None = None) -> jax.Array:
+    """Greedy or sampled decoding: one token per loop step (start: an encdec decoder prompt)."""
     batch, n, s = prompt.shape[0], opts.max_new_tokens, opts.sampler
-    cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts), opts)
-    logits, cache = prefill(params, cfg, prompt, prompt_mask, cache)
-    seen = history(cfg, prompt, prompt_mask)
+    start_len = 1 if start is None else start.shape[1]
+    cache = new_cache(cfg, batch, opts.cache_len or reach(cfg, prompt.shape[1], opts, start_len), opts)
+    logits, cache = prefill(params, cfg, prompt, prompt_mask, cache, start)
+    seen = history(cfg, prompt, prompt_mask, start)
     out = jnp.full((batch, n), opts.pad_id, jnp.int32)
     key, first_key = jax.random.split(key)
     first = choose(processors.apply(logits, seen, out, 0, opts.penalties, opts.stop_tokens), s, first_key)
@@ -211,6 +227,23 @@ def _check_model(cfg: Config, name: str) -> None:
                          "use zoo.encode for embeddings")
     if cfg.family == "encdec" and cfg.decoder_start_id is None:
         raise ValueError(f"{name}.decoder_start_id: encdec generation needs a decoder start token")
+
+
+def _check_decoder_prompt(cfg: Config, decoder_prompt: jax.Array | None, batch: int) -> jax.Array | None:
+    """decoder_prompt int [B, P] or [P] -> int32 [B, P] (None stays None)."""
+    if decoder_prompt is None:
+        return None
+    if cfg.family != "encdec":
+        raise ValueError("decoder_prompt: only encdec models have a separate decoder; a decoder's "
+                         "forced start is the prompt itself")
+    start = jnp.asarray(decoder_prompt)
+    if start.ndim == 1:
+        start = jnp.broadcast_to(start, (batch, start.shape[0]))
+    if start.ndim != 2 or start.shape[0] != batch:
+        raise ValueError(f"decoder_prompt: expected int [batch={batch}, P] or [P], got shape "
+                         f"{tuple(np.shape(decoder_prompt))}")
+    check_tokens("decoder_prompt", start, cfg)
+    return start.astype(jnp.int32)
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -306,9 +339,11 @@ def _check_streaming(cfg: Config, sink_tokens: int | None, cache_window: int | N
     return sinks, window
 
 
-def _check_length(cfg: Config, prompt_len: int, opts: Options, draft_cfg: Config | None) -> None:
-    """The cache and the position table must reach every token the call feeds."""
-    needed = reach(cfg, prompt_len, opts)
+def _check_length(cfg: Config, prompt_len: int, opts: Options, draft_cfg: Config | None,
+                  start_len: int = 1) -> None:
+    """The cache and the position table must reach every token the call feeds (start_len:
+    an encdec decoder prompt's)."""
+    needed = reach(cfg, prompt_len, opts, start_len)
     if opts.cache_len is not None:
         _check_positive_int("cache_len", opts.cache_len)
         if opts.cache_len < needed:
@@ -318,5 +353,6 @@ def _check_length(cfg: Config, prompt_len: int, opts: Options, draft_cfg: Config
                              f"raise cache_len or lower max_new_tokens")
     for name, c in (("cfg", cfg), ("draft_cfg", draft_cfg)):
         if c is not None and c.positions in TABLE_POSITIONS and needed > c.max_len:
-            raise ValueError(f"max_new_tokens: prompt length {prompt_len} + {opts.max_new_tokens} new "
+            fed = f"prompt length {prompt_len}" if cfg.family == "decoder" else f"decoder prompt length {start_len}"
+            raise ValueError(f"max_new_tokens: {fed} + {opts.max_new_tokens} new "
                              f"tokens needs {needed} positions, beyond {name}.max_len={c.max_len}")

@@ -74,13 +74,14 @@ def _next_token(drafts: jax.Array, draft_probs: jax.Array, target_logits: jax.Ar
 
 def speculative(params: dict, cfg: Config, draft_params: dict, draft_cfg: Config,
                 prompt: jax.Array, prompt_mask: jax.Array | None, key: jax.Array,
-                opts: Options) -> jax.Array:
-    """prompt [B, T] -> new tokens [B, max_new_tokens] (pad after a stop token)."""
+                opts: Options, start: jax.Array | None = None) -> jax.Array:
+    """prompt [B, T] (start: an encdec decoder prompt [B, P]) -> new tokens
+    [B, max_new_tokens] (pad after a stop token)."""
     batch, n, k, s = prompt.shape[0], opts.max_new_tokens, opts.num_speculative, opts.sampler
-    length = opts.cache_len or reach(cfg, prompt.shape[1], opts)
-    logits, target_cache = prefill(params, cfg, prompt, prompt_mask, new_cache(cfg, batch, length, opts))
+    length = opts.cache_len or reach(cfg, prompt.shape[1], opts, 1 if start is None else start.shape[1])
+    logits, target_cache = prefill(params, cfg, prompt, prompt_mask, new_cache(cfg, batch, length, opts), start)
     _, draft_cache = prefill(draft_params, draft_cfg, prompt, prompt_mask,
-                             new_cache(draft_cfg, batch, length, opts))
+                             new_cache(draft_cfg, batch, length, opts), start)
     key, first_key = jax.random.split(key)
     first = choose(logits, s, first_key)
     # k + 1 spare columns: every round writes a whole block, of which m + 1 tokens count.

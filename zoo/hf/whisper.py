@@ -10,7 +10,6 @@ checks a checkpoint's stored table equals it (`ModelType.fixed`) and save_hf wri
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -76,6 +75,8 @@ def read_config(d: dict, weights: Any) -> Config:
     vocab, width = positive(d, NAME, "vocab_size"), positive(d, NAME, "d_model")
     require(width % 2 == 0, NAME, "d_model", f"the sinusoidal encoder positions need an even width, got {width}")
     layers, decoder_layers = positive(d, NAME, "encoder_layers"), positive(d, NAME, "decoder_layers")
+    # scale_embedding is read by WhisperConfig but never applied by transformers' Whisper (its
+    # embed_scale is unused): the embeddings enter unscaled whatever it says.
     return Config(
         family="encdec", vocab_size=vocab, d_model=width, num_layers=layers,
         num_decoder_layers=None if decoder_layers == layers else decoder_layers, num_heads=heads, d_ff=ffn,
@@ -84,7 +85,6 @@ def read_config(d: dict, weights: Any) -> Config:
         positions="learned", max_len=positive(d, NAME, "max_target_positions"),
         encoder_positions="sinusoidal", encoder_max_len=positive(d, NAME, "max_source_positions"),
         num_mel_bins=positive(d, NAME, "num_mel_bins"),
-        embed_scale=math.sqrt(width) if d.get("scale_embedding") else 1.0,
         tie_embeddings=head_is_tied(d, weights, NAME, "proj_out.weight", "model.decoder.embed_tokens.weight", True),
         dropout=dropout_of(d, "dropout"), decoder_start_id=token_id(d.get("decoder_start_token_id"), vocab),
         **special_ids(d, vocab))
@@ -99,7 +99,7 @@ def write_config(cfg: Config) -> dict:
         "decoder_layers": cfg.decoder_layers, "encoder_attention_heads": cfg.num_heads,
         "decoder_attention_heads": cfg.num_heads, "encoder_ffn_dim": cfg.d_ff, "decoder_ffn_dim": cfg.d_ff,
         "activation_function": hf_activation(cfg), "max_source_positions": cfg.encoder_stack.max_len,
-        "max_target_positions": cfg.max_len, "scale_embedding": cfg.embed_scale != 1.0,
+        "max_target_positions": cfg.max_len, "scale_embedding": False,
         "tie_word_embeddings": cfg.tie_embeddings, "dropout": cfg.dropout, "attention_dropout": 0.0,
         "activation_dropout": 0.0, "is_encoder_decoder": True, "decoder_start_token_id": cfg.decoder_start_id,
         # Generation-time token lists (timestamps, blanks) are not part of the model zoo holds.
