@@ -197,3 +197,15 @@ def test_value_and_grad_on_an_8_device_mesh(whisper):
             sharded, put(feats, ("batch", None, None)), put(tgt, ("batch", "length")))
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grad, want_grad)
+
+
+def test_flops_count_the_stem_and_cross_attention():
+    """whisper-tiny over 30 s (1500 positions, 3000 frames) and 448 target tokens, by hand:
+    conv1 at every frame, conv2 at every position, cross-attention keys/values over the source."""
+    cfg = zoo.preset("whisper-tiny")
+    d, f, v, m, s, t = 384, 1536, 51865, 80, 1500, 448
+    stem = 2 * 3 * m * d * 2 * s + 2 * 3 * d * d * s
+    encoder = 4 * (2 * 4 * d * d * s + 2 * 2 * d * f * s)
+    decoder = 4 * (2 * 4 * d * d * t + 2 * 2 * d * d * t + 2 * 2 * d * d * s + 2 * 2 * d * f * t)
+    assert zoo.flops.matmul_flops(cfg, s, t) == stem + encoder + decoder + 2 * v * d * t
+    assert zoo.flops.attention_flops(cfg, s, t) == 4 * 4 * s * s * d + 4 * (4 * t * t * d + 4 * t * s * d)

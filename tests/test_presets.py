@@ -8,7 +8,8 @@ AlbertForMaskedLM leaves the pooler out), DistilBertForMaskedLM (DistilBertModel
 LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, T5ForConditionalGeneration,
 BartForConditionalGeneration (+ its final_logits_bias, which transformers keeps as a buffer),
 Gemma2ForCausalLM and Gemma3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and
-Phi3ForCausalLM (tied heads counted once).
+Phi3ForCausalLM (tied heads counted once), WhisperForConditionalGeneration less its encoder's
+frozen sinusoidal position table [1500, d_model], which zoo computes instead of storing.
 """
 
 import jax
@@ -35,6 +36,9 @@ PUBLISHED = {
     "t5-base": 222_903_552,
     "flan-t5-base": 247_577_856,
     "bart-base": 139_420_416 + 50_265,
+    "whisper-tiny": 37_760_640 - 1500 * 384,
+    "whisper-base": 72_593_920 - 1500 * 512,
+    "whisper-large-v3": 1_543_490_560 - 1500 * 1280,
     "qwen2.5-7b": 7_615_616_512,
     "qwen3-0.6b": 596_049_920,
     "qwen3-8b": 8_190_735_360,

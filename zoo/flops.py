@@ -7,6 +7,9 @@ forward = matmuls + attention, 2 FLOPs per multiply-add:
   stack, the MLM transform and the decoder's cross-attention keys/values (they project the
   encoder's output); the target tokens for the rest of an encdec decoder and its vocabulary
   head; the tokens for a decoder or an encoder; one row per example for the BERT pooler.
+  A feature encoder's convolutional stem (Whisper, `zoo.nn.stem`): each kernel [3, in, D]
+  per output position, conv1 over every frame (2 x the source positions), conv2 (stride 2)
+  over the source positions; inputs_len is then the encoder's positions (frames / 2).
   Tables that are gathered, not multiplied (axes starting with `vocab`, `types`, `length`,
   `buckets`: token, type and position embeddings, T5's relative bias), cost nothing, except
   a tied token table, which is also the vocabulary head. Biases and norms (rank 1) are left
@@ -38,6 +41,7 @@ import jax
 from zoo.config import Config
 from zoo.model import spec
 from zoo.nn.param import Param, size
+from zoo.nn.stem import STRIDE
 
 GATHERED = ("vocab", "types", "length", "buckets")  # first axis of a looked-up table
 
@@ -84,6 +88,8 @@ def _rows(names: tuple[str, ...], src: int, tgt: int) -> int:
     """Rows one example applies the tensor at `names` to."""
     if names[0] == "pooler":
         return 1
+    if names[:2] == ("encoder", "stem"):  # conv1 runs over all frames, conv2 (stride 2) over src
+        return src * (STRIDE if names[2] == "conv1" else 1)
     if names[0] in ("encoder", "mlm"):
         return src
     if names[0] == "decoder" and "cross" in names and names[-1] in ("k", "v"):

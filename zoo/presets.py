@@ -32,6 +32,12 @@ _BART = dict(family="encdec", vocab_size=50265, activation="gelu", norm="layerno
              norm_position="post", embed_norm=True, final_norm=False, positions="learned",
              max_len=1024, position_offset=2, tie_embeddings=True, logits_bias=True,
              pad_id=1, bos_id=0, eos_id=2, decoder_start_id=2)
+# Whisper: log-mel features through a conv stem into a pre-norm encoder with sinusoidal
+# positions over 1500 positions (3000 frames, 30 s); learned decoder positions over 448.
+_WHISPER = dict(family="encdec", vocab_size=51865, activation="gelu", norm="layernorm",
+                attn_key_bias=False, positions="learned", max_len=448, encoder_positions="sinusoidal",
+                encoder_max_len=1500, num_mel_bins=80, tie_embeddings=True,
+                pad_id=50257, bos_id=50257, eos_id=50257, decoder_start_id=50258)
 
 # Gemma 2/3: (1 + w) RMSNorms on both sides of each sub-layer, embeddings scaled by sqrt(d_model)
 # (set again when a shrunk preset changes d_model), local/global layer patterns.
@@ -97,6 +103,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "flan-t5-base": dict(_T5, d_model=768, num_layers=12, num_heads=12, head_dim=64, d_ff=2048,
                          activation="geglu_tanh", tie_embeddings=False),
     "bart-base": dict(_BART, d_model=768, num_layers=6, num_heads=12, d_ff=3072),
+    "whisper-tiny": dict(_WHISPER, d_model=384, num_layers=4, num_heads=6, d_ff=1536),
+    "whisper-base": dict(_WHISPER, d_model=512, num_layers=6, num_heads=8, d_ff=2048),
+    "whisper-large-v3": dict(_WHISPER, vocab_size=51866, num_mel_bins=128, d_model=1280, num_layers=32,
+                             num_heads=20, d_ff=5120, pad_id=50256),
     "qwen2.5-7b": dict(_QWEN, vocab_size=152064, attn_bias=True, attn_out_bias=False, d_model=3584,
                        num_layers=28, num_heads=28, num_kv_heads=4, d_ff=18944, max_len=131072,
                        tie_embeddings=False, eos_id=151643),
