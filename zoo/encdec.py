@@ -86,8 +86,8 @@ def cross_cache(params: dict, cfg: Config, memory: jax.Array) -> LayerKV | tuple
 
 def prime_cache(params: dict, cfg: Config, cache: Cache, src: jax.Array,
                 src_mask: jax.Array | None = None) -> tuple[Cache, jax.Array]:
-    """Runs the encoder once over src [B, S] and stores the cross-attention keys/values in
-    the cache. Returns (cache, memory [B, S, D])."""
+    """Runs the encoder once over src [B, S] (or features, as `encode` reads them) and stores
+    the cross-attention keys/values in the cache. Returns (cache, memory [B, S, D])."""
     cfg = resolve(cfg)
     memory, _ = encode(params, cfg, src, src_mask)
     return with_cross(cache, cross_cache(params, cfg, memory), src_mask), memory

@@ -64,7 +64,8 @@ class Inputs(NamedTuple):
     (default: 0.. over real tokens, or after the cache). segment_ids: int, packed rows
     attend within their segment (encoder, decoder). prefix_mask: bool, a bidirectional
     prefix (decoder). token_types: int BERT segments (encoder). source, source_mask: the
-    encoder's tokens and mask (encdec).
+    encoder's tokens and mask (encdec; a feature encoder's source is float
+    [B, num_mel_bins, frames], without mask: `zoo.encdec.encode`).
     """
 
     tokens: jax.Array
