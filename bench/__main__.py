@@ -1,9 +1,12 @@
 """`python -m bench train|decode|encode [--family F] [--vs hf|hf-flax] [--json out.json]`
 (`python -m bench moe ...`: bench/moe.py; `python -m bench long ...`: bench/long_context.py)
 
-Prints a table and writes JSON rows: bench, family, tokens_per_s, mfu (and with --vs: peer,
-peer_tokens_per_s, ratio = zoo / peer; decode rows: bound_tokens_per_s). Ceilings (matmul
-peak, streaming bandwidth) are measured in the same run on the same device and dtype.
+Prints a table and writes JSON rows: bench, family, tokens_per_s, mfu (against the matmul
+peak measured in the same run) and, on accelerators, mfu_spec and spec_tflops (against the
+published dense peak); decode rows: bound_tokens_per_s. With --vs, a row per peer variant:
+peer, peer_variant, peer_tokens_per_s, ratio = zoo / peer, and peer_detail (compiled,
+params, architecture, how and in which order its processes ran: bench/peers.py). `--vs hf`
+writes two: PyTorch compiled (the main row) and eager.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
                    help="encode: the share of each row that is padding on average; rows for the "
                         "padded batch and for its documents packed into fewer rows")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--peer-repeats", type=int, default=1,
+                   help="run each peer variant this many times, each in a fresh process, the order "
+                        "rotated every repeat; the row gives the median and the spread")
     p.add_argument("--quant", type=int, choices=(4, 8), action="append", default=[],
                    help="decode: also rows for bf16 and these quantized weights (bench/quant.py)")
     p.add_argument("--json", default=None, help="write the rows here")
@@ -90,9 +96,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.family is None:
         args.family = "encoder" if args.bench == "encode" else "decoder"
     cfg = model_config(args)
-    # Peers first: on a GPU, JAX keeps the memory pool it grows, and PyTorch's would be left
-    # with the rest; PyTorch hands its cache back when done (`peer_torch.release`).
-    got = {peer: peers.run(peer, args, cfg) for peer in args.vs}
+    # Peers first, each in its own process (bench/peers.py), before this process starts JAX's
+    # backend: on a GPU, JAX takes its memory pool then, and a peer would be left the rest.
+    got = peers.run(args, cfg) if args.vs else []
     peak = hardware.matmul_peak(cfg.dtype)
     bandwidth = hardware.stream_bandwidth()
     common = {**environment(cfg, peak), "bandwidth_gbs": bandwidth / 1e9}
@@ -103,9 +109,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         row = model_bench.decode_row(cfg, args.prompt_len, args.new_tokens, bandwidth, args.iters)
         if cfg.param_dtype == "float32":
             half = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
-            row["bf16_bound_tokens_per_s"] = bandwidth / (row["param_bytes"] / 2)
             bf16 = model_bench.decode_row(half, args.prompt_len, args.new_tokens, bandwidth, args.iters)
             row["bf16_tokens_per_s"] = bf16["tokens_per_s"]
+            row["bf16_bound_tokens_per_s"] = bf16["bound_tokens_per_s"]
     else:
         row = model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters, args.padding)
     rows = [{**common, **row}]
@@ -120,11 +126,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.bench == "encode" and args.padding:
         rows.append({**common, **model_bench.encode_row(cfg, args.batch_size, args.seq_len, peak, args.iters,
                                                         args.padding, packed=True)})
-    for peer, detail in got.items():
+    for r in rows:  # MFU against the datasheet too (null on a CPU, with the reason)
+        r.update(hardware.spec_fields(r.get("mfu"), peak, r["dtype"]))
+    row = rows[0]
+    for detail in got:
         theirs = detail["tokens_per_s"]
-        rows.append({**common, **row, "peer": peer, "peer_tokens_per_s": theirs,
+        if theirs and detail.get("device") not in SAME_DEVICE[jax.default_backend()]:
+            detail["error"] = f"the peer ran on {detail['device']}, zoo on {jax.default_backend()}: no ratio"
+            theirs = None
+        rows.append({**common, **row, "peer": detail["peer"], "peer_tokens_per_s": theirs,
+                     "peer_variant": "compiled" if detail["compiled"] else "eager",
                      "ratio": row["tokens_per_s"] / theirs if theirs else None, "peer_detail": detail})
     return rows
+
+
+# Where a peer must have run for its rate to compare with zoo's (torch's and JAX's names).
+SAME_DEVICE = {"cpu": ("cpu",), "gpu": ("cuda", "gpu"), "tpu": ("tpu",)}
 
 
 def environment(cfg: zoo.Config, peak: float) -> dict[str, Any]:
@@ -136,7 +153,7 @@ def environment(cfg: zoo.Config, peak: float) -> dict[str, Any]:
 
 COLUMNS = ("bench", "family", "dtype", "layout", "rows", "batch", "tokens_per_s", "row_tokens_per_s",
            "mfu", "bound_tokens_per_s",
-           "vs_fp32", "compile_s", "peak_bytes", "peer", "peer_tokens_per_s", "ratio")
+           "mfu_spec", "vs_fp32", "compile_s", "peak_bytes", "peer", "peer_variant", "peer_tokens_per_s", "ratio")
 
 
 def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:

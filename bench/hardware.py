@@ -1,14 +1,20 @@
 """Ceilings measured in the same run as the benchmark: matmul FLOP/s and streaming
 bandwidth on the device the benchmark uses, so MFU and decode bounds are against this
-machine, not a datasheet."""
+machine; and, on accelerators, the datasheet's dense bf16 peak as well (`spec_fields`, the
+figure MaxText and most papers report MFU against)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from bench.timing import median_time
+from train.report import spec_peak  # the table of published dense bf16 peaks (train.report.PEAK_FLOPS)
 from zoo.nn.linear import matmul
+
+SPEC_DTYPES = ("bfloat16", "float16")  # the table's peaks are for 16-bit matmuls
 
 
 def device_description() -> str:
@@ -49,3 +55,21 @@ def stream_bandwidth(megabytes: int | None = None) -> float:
     seconds = min(median_time(lambda: reduce(w), iters=7, warmup=2),
                   median_time(lambda: matvec(v, w), iters=7, warmup=2))
     return w.nbytes / seconds
+
+
+def spec_fields(mfu: float | None, measured_peak: float, dtype: str, device: Any = None) -> dict[str, Any]:
+    """`mfu_spec` (the row's model FLOP/s over the published dense peak of `device`, default
+    the first), `spec_tflops` and, where there is no figure, `spec_note` saying why. mfu is
+    against `measured_peak` (FLOP/s, the same run's matmul)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    peak, note = None, None
+    if device.platform not in ("gpu", "tpu"):
+        note = f"{device.platform}: no published dense peak; mfu is against the matmul peak measured in this run"
+    elif dtype not in SPEC_DTYPES:
+        note = f"the published peaks are for bf16 matmuls; this row computes in {dtype}"
+    elif (peak := spec_peak(kind)) is None:
+        note = f"{kind!r} is not in train.report.PEAK_FLOPS"
+    return {"spec_tflops": peak / 1e12 if peak else None,
+            "mfu_spec": mfu * measured_peak / peak if peak and mfu is not None else None,
+            **({"spec_note": note} if note else {})}

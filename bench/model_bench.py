@@ -12,6 +12,7 @@ import numpy as np
 import zoo
 from bench import flops, timing
 from zoo.decoding import unstacked
+from zoo.nn.param import Param
 from train.optim import Hparams
 from train.step import batch_shardings, create_state, jit_step
 
@@ -71,8 +72,9 @@ def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: flo
                iters: int = 5, batch: int = 1,
                transform: Callable[[dict], dict] | None = None) -> dict[str, Any]:
     """Greedy decoding of `batch` prompts through `zoo.generate`; tokens_per_s counts every
-    row's tokens, row_tokens_per_s one row's. Bound: each step reads the weights once for the
-    whole batch, so batch * bandwidth / parameter bytes (the KV cache's reads left out).
+    row's tokens, row_tokens_per_s one row's. Bound: each step reads the weights it uses once
+    for the whole batch and each row's KV cache (`step_read_bytes`), so batch * bandwidth /
+    those bytes; param_bytes is the whole tree.
     The parameters are unstacked once, as a server would (`zoo.decoding.unstacked`); the
     batch-1 row also reports the rate when each call unstacks a stacked tree itself. No stop
     tokens: every call makes all new_tokens (the peers set min_new_tokens), whatever the weights."""
@@ -91,14 +93,53 @@ def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: flo
         run_stacked = lambda: zoo.generate(stacked, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=())
         stacked_rate = new_tokens / timing.median_time(run_stacked, iters=iters, warmup=1)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    bound = batch * bandwidth / param_bytes
+    weight_bytes, kv_bytes = step_read_bytes(cfg, stacked, prompt_len, new_tokens)
+    bound = batch * bandwidth / (weight_bytes + batch * kv_bytes)
     total = batch * new_tokens / seconds
     return {"bench": "decode", "family": cfg.family, "dtype": cfg.param_dtype, "batch": batch,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "step_s": seconds / new_tokens,
             "tokens_per_s": total, "row_tokens_per_s": new_tokens / seconds, "bound_tokens_per_s": bound,
             "of_bound": total / bound, "mfu": None, "compile_s": compile_s,
             "stacked_tokens_per_s": stacked_rate,
-            "param_bytes": param_bytes}
+            "param_bytes": param_bytes, "weight_read_bytes": weight_bytes, "kv_read_bytes": kv_bytes}
+
+
+ONE_ROW = ("vocab", "types", "length")  # tables a token gathers one row of (a tied token table excepted)
+
+
+def step_read_bytes(cfg: zoo.Config, params: dict, prompt_len: int, new_tokens: int) -> tuple[int, int]:
+    """(weight bytes one decoding step reads for the whole batch, KV-cache bytes it reads per
+    row). params: the tree `zoo.init` gives (zoo.quantize's too). Weights: every tensor the
+    step multiplies by, the norms and biases, one row of each gathered table (an untied token
+    embedding, learned positions, token types; a tied token table is the head, read whole);
+    not an encoder-decoder's encoder or cross-attention key/value projections, which run once
+    on the prompt. KV: the self-attention cache at the mean context, prompt_len + new_tokens
+    / 2 (`zoo.nn.cache.nbytes`; local layers capped at their window), plus for encdec the
+    cross-attention keys and values of the prompt."""
+    tables = {tuple(k.key for k in path): p for path, p in
+              jax.tree_util.tree_leaves_with_path(zoo.model.spec(cfg), is_leaf=lambda x: isinstance(x, Param))}
+    weights = 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        if names[0] in ("mlm", "pooler") or (cfg.family == "encdec" and (
+                names[0] == "encoder" or ("cross" in names and names[-1] in ("k", "v")))):
+            continue
+        weights += leaf.nbytes * _share_read(tables.get(names), names, cfg)
+    cache = lambda n: zoo.nn.cache.nbytes(jax.eval_shape(lambda: zoo.init_cache(cfg, 1, n)))
+    kv = cache(prompt_len + new_tokens // 2)
+    if cfg.family == "encdec":  # cross keys/values: a cache of the prompt's length, every decoder layer
+        kv += cache(prompt_len)
+    return int(weights), kv
+
+
+def _share_read(p: Param | None, names: tuple[str, ...], cfg: zoo.Config) -> float:
+    """The share of the tensor at `names` (its spec `p`) one step reads: 1 / rows of a
+    gathered table, else 1."""
+    axes = [a for a in (p.axes if p else ()) if a != "layers"]
+    tied_head = names == ("embed", "tokens") and cfg.tie_embeddings
+    if len(axes) < 2 or axes[0] not in ONE_ROW or tied_head:
+        return 1.0
+    return 1.0 / p.shape[p.axes.index(axes[0])]
 
 
 def encode_inputs(cfg: zoo.Config, batch: int, seq_len: int, padding: float = 0.0, packed: bool = False,

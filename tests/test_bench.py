@@ -8,6 +8,7 @@ import pytest
 
 from bench import __main__ as bench_cli
 from bench import profile, sweep
+from conftest import tiny
 
 TINY = ["--preset", "tiny-decoder", "--iters", "1"]
 
@@ -18,32 +19,168 @@ def _rows(tmp_path, *argv):
     return json.loads(out.read_text())
 
 
-def test_train_rows_name_the_peer_and_the_ratio(tmp_path):
+@pytest.fixture
+def eager_peers(monkeypatch):
+    """The PyTorch peer's worker run in this process and eager for both variants (a compiled
+    one takes minutes here: tests/test_bench.py::test_vs_hf_runs_compiled_and_eager_peers),
+    keeping the job's `compiled` flag; the jobs it got, in order."""
+    from bench import peer_torch, peers
+    ran = []
+
+    def eager(job):
+        ran.append(job)
+        return {**peer_torch.run({**job, "compiled": False}), "compiled": job["compiled"]}
+
+    monkeypatch.setattr(peers, "run_job", eager)
+    return ran
+
+
+PEER_FIELDS = ("compiled", "params", "architecture", "process", "order", "runs", "run_sequence")
+
+
+def test_train_rows_name_the_peer_and_the_ratio(tmp_path, eager_peers):
+    """Zoo's row, then PyTorch compiled (the main row) and eager, each with the fields the
+    issue names; the peer is the transformers class of zoo's config with zoo's count."""
+    import zoo
     rows = _rows(tmp_path, "train", "--batch-size", "2", "--seq-len", "16", "--vs", "hf",
                  "--no-scan-layers", "--loss-chunk", "8")
-    zoo_row, peer_row = rows
+    zoo_row, compiled, eager = rows
     for row in rows:
         assert row["bench"] == "train" and row["family"] == "decoder"
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["peak_tflops"] > 0
         assert row["scan_layers"] is False and row["loss_chunk"] == 8
+        # a CPU: no published peak, said why
+        assert row["mfu_spec"] is None and row["spec_tflops"] is None and "cpu" in row["spec_note"]
     assert "peer" not in zoo_row
-    assert peer_row["peer"] == "hf" and peer_row["peer_tokens_per_s"] > 0
-    assert peer_row["ratio"] == pytest.approx(peer_row["tokens_per_s"] / peer_row["peer_tokens_per_s"])
-    assert peer_row["peer_detail"]["library"].endswith("cpu")
+    assert [(r["peer"], r["peer_variant"], r["peer_detail"]["compiled"]) for r in (compiled, eager)] == [
+        ("hf", "compiled", True), ("hf", "eager", False)]
+    for peer_row in (compiled, eager):
+        detail = peer_row["peer_detail"]
+        assert all(k in detail for k in PEER_FIELDS)
+        assert detail["architecture"] == "LlamaForCausalLM" and detail["library"].endswith("cpu")
+        assert detail["params"] == zoo.param_count(zoo.preset("tiny-decoder"))
+        assert detail["run_sequence"] == ["hf:compiled", "hf:eager", "zoo"]
+        assert peer_row["peer_tokens_per_s"] > 0
+        assert peer_row["ratio"] == pytest.approx(peer_row["tokens_per_s"] / peer_row["peer_tokens_per_s"])
 
 
-def test_decode_rows_report_the_bandwidth_bound(tmp_path):
-    """Batch 1 and the --batches sweep (a row of 2: per-row and total rates, a bound twice
-    batch 1's), then the peer."""
+def test_decode_rows_report_the_bandwidth_bound(tmp_path, eager_peers):
+    """Batch 1 and the --batches sweep (a row of 2: per-row and total rates; the weights
+    read once per step, each row's KV cache), then the peers, which made every token."""
     rows = _rows(tmp_path, "decode", "--new-tokens", "4", "--prompt-len", "4", "--vs", "hf", "--batches", "2")
     for row in rows:
         assert row["bench"] == "decode" and row["bound_tokens_per_s"] > 0
-        assert row["tokens_per_s"] > 0 and row["mfu"] is None
-    one, two, peer = rows
+        assert row["tokens_per_s"] > 0 and row["mfu"] is None and row["mfu_spec"] is None
+    one, two, compiled, eager = rows
     assert (one["batch"], two["batch"]) == (1, 2) and "peer" not in two
     assert two["tokens_per_s"] == pytest.approx(2 * two["row_tokens_per_s"])
-    assert two["bound_tokens_per_s"] == pytest.approx(2 * one["bound_tokens_per_s"])
-    assert peer["peer"] == "hf" and peer["ratio"] > 0
+    for row in (one, two):
+        read = row["weight_read_bytes"] + row["batch"] * row["kv_read_bytes"]
+        assert row["bound_tokens_per_s"] == pytest.approx(row["batch"] * row["bandwidth_gbs"] * 1e9 / read)
+    for peer in (compiled, eager):
+        assert peer["peer"] == "hf" and peer["ratio"] > 0 and peer["peer_detail"]["generated_tokens"] == 4
+
+
+def test_decode_step_reads_the_weights_it_uses_and_the_cache():
+    """Hand counts (fp32): tiny-decoder reads every weight but one row of its untied token
+    table, and 2 layers x (K, V) x 2 kv heads x 8 dims at the mean context 4 + 8 / 2; GPT-2
+    reads one row of its 1024 learned positions (its tied token table is the head, read
+    whole); tiny-encdec reads neither its encoder nor its cross K/V projections, but the
+    cross keys and values of the 4 prompt tokens."""
+    import jax
+
+    import zoo
+    from bench.model_bench import step_read_bytes
+
+    def read(cfg):
+        return step_read_bytes(cfg, zoo.init(cfg, jax.random.key(0)), 4, 8)
+
+    kv = lambda layers, heads, positions: layers * 2 * heads * 8 * positions * 4
+    assert read(tiny("tiny-decoder")) == ((26784 - 128 * 32 + 32) * 4, kv(2, 2, 8))
+    gpt2 = zoo.preset("gpt2", d_model=32, num_heads=4, num_layers=2, d_ff=64, vocab_size=128,
+                      pad_id=0, eos_id=1, bos_id=None)
+    assert read(gpt2)[0] == (zoo.param_count(gpt2) - 1023 * 32) * 4
+    encdec = tiny("tiny-encdec")
+    encoder = zoo.model.P.count(zoo.model.spec(encdec)["encoder"], None)
+    cross_kv = 2 * 2 * 32 * 32  # 2 layers x (k, v) x [32, 4 x 8]
+    assert read(encdec) == ((zoo.param_count(encdec) - encoder - cross_kv - 127 * 32) * 4,
+                            kv(2, 4, 8) + kv(2, 4, 4))
+
+
+def test_mfu_against_the_published_peak():
+    """bf16 rows on a listed accelerator get the datasheet's figure; fp32, an unlisted chip
+    and a CPU get null and the reason."""
+    from types import SimpleNamespace as Device
+
+    from bench.hardware import spec_fields
+    h200, v5e = Device(platform="gpu", device_kind="NVIDIA H200"), Device(platform="tpu", device_kind="TPU v5 lite")
+    assert spec_fields(0.5, 600e12, "bfloat16", h200) == {"spec_tflops": 989.0,
+                                                          "mfu_spec": pytest.approx(300 / 989)}
+    assert spec_fields(0.5, 100e12, "bfloat16", v5e)["spec_tflops"] == 197.0
+    for dtype, device, why in (("float32", h200, "float32"), ("bfloat16", Device(platform="gpu", device_kind="X1"),
+                                                                "'X1' is not in"),
+                               ("bfloat16", Device(platform="cpu", device_kind="cpu"), "cpu: no published")):
+        got = spec_fields(0.5, 1e12, dtype, device)
+        assert got["mfu_spec"] is None and got["spec_tflops"] is None and why in got["spec_note"]
+
+
+def test_peers_refuse_another_model_and_rotate_their_order(monkeypatch):
+    """A peer whose parameter count is not zoo's stops the bench, naming both counts; one
+    that made fewer tokens too; repeats run each variant in a rotated order."""
+    import argparse
+
+    from bench import peers
+    args = argparse.Namespace(bench="train", vs=["hf", "hf-flax"], batch_size=2, seq_len=8, prompt_len=4,
+                              new_tokens=4, iters=1, peer_repeats=3)
+    cfg = tiny("tiny-decoder")
+    want = peers.expected_params(cfg, "train")
+    seen = []
+
+    def fake(job):
+        seen.append(peers.label(job))
+        return {"tokens_per_s": 10.0 + len(seen), "params": want, "architecture": "LlamaForCausalLM"}
+
+    monkeypatch.setattr(peers, "run_job", fake)
+    details = peers.run(args, cfg)
+    assert peers.rotation(3, 1) == [1, 2, 0]
+    assert seen == ["hf:compiled", "hf:eager", "hf-flax:compiled", "hf:eager", "hf-flax:compiled",
+                    "hf:compiled", "hf-flax:compiled", "hf:compiled", "hf:eager"]
+    first = details[0]
+    assert first["order"] == [1, 3, 2] and first["runs"] == [11.0, 16.0, 18.0] and first["tokens_per_s"] == 16.0
+    assert first["spread"] == pytest.approx(7 / 16) and first["run_sequence"] == seen + ["zoo"]
+    monkeypatch.setattr(peers, "run_job", lambda job: {"params": want + 1, "architecture": "GPT2LMHeadModel"})
+    with pytest.raises(ValueError, match=f"GPT2LMHeadModel has {want + 1:,} parameters, zoo's train model {want:,}"):
+        peers.run(args, cfg)
+    monkeypatch.setattr(peers, "run_job", lambda job: {"params": want, "generated_tokens": 3, "tokens_per_s": 1.0})
+    with pytest.raises(ValueError, match="generated 3 tokens, not --new-tokens 4"):
+        peers.run(args, cfg)
+
+
+@pytest.mark.parametrize("name,bench,architecture", [
+    ("tiny-encoder", "encode", "BertModel"), ("tiny-encoder", "train", "BertForMaskedLM"),
+    ("tiny-encdec", "train", "T5ForConditionalGeneration")])
+def test_torch_peer_builds_zoos_model(name, bench, architecture):
+    """The PyTorch peer's model has zoo's parameter count: no pooler when encoding, no MLM
+    head either; T5 v1.1's head untied as zoo's config has it (transformers 5 ties it)."""
+    import torch
+
+    from bench import peer_torch, peers
+    cfg = tiny(name)
+    model = peer_torch.build({"bench": bench, "family": cfg.family, "hf_config": peers.hf_config(cfg),
+                              "param_dtype": "float32"}, torch.device("cpu"))
+    assert type(model).__name__ == architecture
+    assert peer_torch.param_count(model) == peers.expected_params(cfg, bench)
+
+
+@pytest.mark.slow
+def test_vs_hf_runs_compiled_and_eager_peers(tmp_path):
+    """`--vs hf` end to end: each variant in its own process, torch.compile included (minutes
+    on two busy cores, hence slow)."""
+    rows = _rows(tmp_path, "train", "--batch-size", "2", "--seq-len", "16", "--vs", "hf")
+    details = [r["peer_detail"] for r in rows[1:]]
+    assert [d["compiled"] for d in details] == [True, False]
+    assert all(d["process"] == "fresh subprocess per run" and d["tokens_per_s"] > 0 for d in details)
+    assert details[0]["first_call_s"] > details[0]["step_s"]  # the compile, in the warm-up
 
 
 def test_profile_lists_the_ops_of_a_step(capsys):

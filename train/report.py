@@ -34,11 +34,18 @@ def peak_flops(devices: list[jax.Device], override: float | None = None) -> tupl
         cores = os.cpu_count() or 1
         note = f"rough CPU peak {CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s x {cores} cores"
         return CPU_FLOPS_PER_CORE * cores, note
-    for key, flops in PEAK_FLOPS.items():
-        if key.lower() in d.device_kind.lower():
-            note = f"{d.device_kind} bf16 peak {flops / 1e12:.0f} TFLOP/s x {len(devices)}"
-            return flops * len(devices), note
+    flops = spec_peak(d.device_kind)
+    if flops is not None:
+        return flops * len(devices), f"{d.device_kind} bf16 peak {flops / 1e12:.0f} TFLOP/s x {len(devices)}"
     return None, f"unknown peak for {d.device_kind}; pass --peak-flops"
+
+
+def spec_peak(device_kind: str) -> float | None:
+    """The published dense bf16 FLOP/s of one device of this `device_kind` (PEAK_FLOPS), or None."""
+    for key, flops in PEAK_FLOPS.items():
+        if key.lower() in device_kind.lower():
+            return flops
+    return None
 
 
 def _duration(seconds: float) -> str:
