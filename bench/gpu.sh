@@ -32,13 +32,14 @@ step 30 versions $py -c "import jax, flax, optax, torch, transformers as tf; d =
 print(jax.__version__, flax.__version__, optax.__version__, torch.__version__, tf.__version__, d.device_kind, \
 d.client.platform_version)"
 step 90 attention-check $py -m bench.attention_check
-step 120 train-unrolled $py -m bench train "${llama[@]}" --seq-len "$seq" --batch-size 8 --no-scan-layers \
+# --vs hf runs PyTorch twice, torch.compile (compiled in its warm-up) and eager: longer limits.
+step 240 train-unrolled $py -m bench train "${llama[@]}" --seq-len "$seq" --batch-size 8 --no-scan-layers \
     --vs hf --json "$out/h100_train_unrolled_b8.json"
 step 80 train-unrolled-chunk $py -m bench train "${llama[@]}" --seq-len "$seq" --batch-size 8 --no-scan-layers \
     --loss-chunk "$chunk" --json "$out/h100_train_unrolled_b8_chunk.json"
 step 80 train-scan $py -m bench train "${llama[@]}" --seq-len "$seq" --batch-size 8 \
     --json "$out/h100_train_scan_b8.json"
-step 100 decode $py -m bench decode "${llama[@]}" --vs hf --json "$out/h100_decode_bf16.json"
+step 200 decode $py -m bench decode "${llama[@]}" --vs hf --json "$out/h100_decode_bf16.json"
 step 60 profile-decode $py -m bench.profile decode "${llama[@]}" --calls 2 --top 12
 step 90 profile-train $py -m bench.profile train "${llama[@]}" --seq-len "$seq" --batch-size 8 \
     --no-scan-layers --calls 2 --top 16
