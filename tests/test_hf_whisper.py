@@ -168,6 +168,10 @@ def test_bad_inputs_are_named(whisper, tmp_path):
         zoo.generate(zoo.init(tiny, jax.random.key(0)), tiny, jnp.ones((1, 3), jnp.int32), 2, decoder_prompt=PREFIX)
     with pytest.raises(zoo.ConfigError, match=r"Config.num_mel_bins: only the encdec family"):
         zoo.preset("tiny-decoder", num_mel_bins=80)
+    with pytest.raises(zoo.ConfigError, match=r"Config.encoder_positions: expected None or one of"):
+        cfg.replace(encoder_positions="conv")
+    with pytest.raises(zoo.ConfigError, match=r"Config.attn_key_bias: True needs attn_bias=True"):
+        cfg.replace(attn_bias=False, attn_key_bias=True)
     # A checkpoint whose encoder position table is not Whisper's sinusoids.
     model = transformers.WhisperForConditionalGeneration.from_pretrained(path)
     with torch.no_grad():
