@@ -19,13 +19,15 @@ import dataclasses
 import re
 import unicodedata
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from train.tasks import DataError, data_file, json_line
+from train.seq2seq import encode_texts
+from train.tasks import DataError, TextEncoder, data_file, json_line
 from zoo import audio
+from zoo.nn.stem import frames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,52 @@ def features(utts: Utterances, n_mels: int, frames: int, batch: int = 32) -> np.
         padded[:len(waves)] = waves
         out[start:start + len(waves)] = np.asarray(fn(padded))[:len(waves)]
     return out
+
+
+# --- transcripts ---------------------------------------------------------------------------
+
+def forced_prefix(enc: TextEncoder) -> list[int]:
+    """The ids the tokenizer's template puts before every text (Whisper's
+    <|startoftranscript|><|en|><|transcribe|><|notimestamps|>; none for most tokenizers)."""
+    plain = enc.encode_text("a", special_tokens=False)[0]
+    full = enc.encode_text("a", special_tokens=True)[0]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[:k]
+    raise ValueError(f"{enc.source}: the tokenizer's special-token template changes the text's own ids "
+                     f"({plain} -> {full}); cannot tell its forced prefix")
+
+
+def encode_transcripts(enc: TextEncoder, texts: Sequence[str], seq_len: int,
+                       start_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({"target", "target_mask"} int32 / bool [N, seq_len], decoder prompt int32 [P]).
+
+    The targets are the texts with the tokenizer's special tokens, a leading start_id
+    dropped (the decoder reads start_id first: transformers' Whisper recipe), cut at seq_len
+    keeping the closing token. The prompt is start_id and the rest of the forced prefix:
+    what generation starts from, so the new tokens are the transcript."""
+    prefix = forced_prefix(enc)
+    if prefix[:1] == [start_id]:
+        prefix = prefix[1:]
+    if len(prefix) + 2 > seq_len:
+        raise ValueError(f"--seq-len {seq_len}: the tokenizer's forced prefix {prefix} leaves no room for a "
+                         f"transcript; use at least {len(prefix) + 2}")
+    ids, mask = encode_texts(enc, texts, seq_len, drop_first=start_id)
+    return {"target": ids, "target_mask": mask}, np.asarray([start_id, *prefix], np.int32)
+
+
+def encode_utterances(enc: TextEncoder, utts: Utterances, cfg: Any, seq_len: int) -> tuple[dict[str, np.ndarray],
+                                                                                        np.ndarray]:
+    """The rows of `--task asr`: {"features" float32 [N, num_mel_bins, frames], "target",
+    "target_mask" [N, seq_len]} for a feature encoder-decoder `cfg` (frames: what its
+    encoder reads), and the decoder prompt int32 [P] (`encode_transcripts`)."""
+    if cfg.num_mel_bins is None:
+        raise ValueError("--task asr trains a feature encoder-decoder (Config.num_mel_bins set: Whisper); this "
+                         "model reads token ids")
+    if cfg.decoder_start_id is None:
+        raise ValueError("--task asr: the model config names no decoder_start_id (the decoder's first token)")
+    rows, prompt = encode_transcripts(enc, utts.texts, seq_len, cfg.decoder_start_id)
+    return {"features": features(utts, cfg.num_mel_bins, frames(cfg)), **rows}, prompt
 
 
 # --- word error rate -----------------------------------------------------------------------

@@ -25,7 +25,12 @@ metric is `eval_loss` (lowest kept) over those tokens. `qa` reads SQuAD v1.1/v2.
 overlapping windows (train/qa.py) and reports `eval_exact_match` and `eval_f1` as the SQuAD
 script scores the answers read back. `seq2seq` trains an encoder-decoder on source -> target
 pairs (train/seq2seq.py); each evaluation generates the eval targets with `zoo.generate` and
-adds sacreBLEU's `eval_bleu` and `eval_chrf` (best/ keeps the best BLEU).
+adds sacreBLEU's `eval_bleu` and `eval_chrf` (best/ keeps the best BLEU). `asr` trains a
+feature encoder-decoder (Whisper: Config.num_mel_bins) on a JSONL manifest of audio files and
+transcripts (train/asr.py), the encoder reading log-mel features (`zoo.audio.log_mel`,
+optionally masked by SpecAugment, --spec-augment); each evaluation transcribes the eval audio
+with `zoo.generate` from the tokenizer's forced prefix (`decoder_prompt`) and adds the word
+error rate `eval_wer` (jiwer; best/ keeps the lowest).
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ from train.cli import _HelpFormatter, parse_value
 from train.export import head_config, restore_run
 from train.loop import Compiled, RunError, evaluate as evaluate_loss, in_run_dir, train_loop
 from train.chat import Dialogues, chat_format, encode_dialogues, read_dialogues
-from train.objectives import classify, seq2seq, sft
+from train.asr import Utterances, encode_utterances, read_manifest, wer
+from train.objectives import asr as asr_batch, classify, seq2seq, sft
 from train.qa import Questions, Windows, answers, read_squad, squad_metrics, windows
 from train.seq2seq import Pairs, bleu_chrf, encode_pairs, read_pairs
 from train.optim import TASK_HEAD, Hparams, lora_targets
@@ -60,18 +66,22 @@ from train.parallel import build_mesh, check_fit, make_runner, process_rows, rul
 from train.parallel import PARALLEL
 from train.report import MetricsLog, Progress, Reporter, peak_flops, plot_losses, read_metrics, summary, train_flops
 from train.rundir import EXIT_DONE, EXIT_USAGE, RunStop, read_json, write_atomic
-from train.settings import (MAPPING, POSITIVE, POSITIVE_INT, add_flags, check_fields, declared, keys, one_of,
-                            setting)
+from train.settings import (MAPPING, POSITIVE, POSITIVE_INT, Check, add_flags, check_fields, declared, keys,
+                            one_of, setting)
 from train.step import abstract_state, batch_shardings, static_task, task_logits
 from train.tasks import (DataError, Examples, Tagged, TextEncoder, label_ids, label_names, load_encoder,
                          read_examples, read_tagged, tag_ids)
 
-TASKS = ("classify", "tag", "qa", "seq2seq", "sft")
+TASKS = ("classify", "tag", "qa", "seq2seq", "sft", "asr")
 HEAD_KIND = {"classify": "sequence", "tag": "token", "qa": "qa"}  # seq2seq and sft train the body's own LM head
 BEST_METRIC = {"classify": "eval_accuracy", "tag": "eval_f1", "qa": "eval_f1", "seq2seq": "eval_bleu",
-               "sft": "eval_loss"}  # what best/ keeps
-FAMILIES = {"seq2seq": ("encdec",), "sft": ("decoder",)}  # the others: encoders and decoders (a head)
-LOWER_IS_BETTER = {"eval_loss"}
+               "sft": "eval_loss", "asr": "eval_wer"}  # what best/ keeps
+# the families a task trains; the others: encoders and decoders (a head)
+FAMILIES = {"seq2seq": ("encdec",), "sft": ("decoder",), "asr": ("encdec",)}
+LOWER_IS_BETTER = {"eval_loss", "eval_wer"}
+SPEC_AUGMENT = Check(lambda v: isinstance(v, list) and len(v) in (0, 4)
+                     and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v),
+                     "four non-negative integers FREQ_MASKS FREQ_WIDTH TIME_MASKS TIME_WIDTH (or none)")
 # Fine-tuning defaults over Hparams': BERT's recipe (a small peak rate, AdamW b2 0.999, decay 0.01).
 FINETUNE_HPARAMS = {"learning_rate": 5e-5, "total_steps": 300, "weight_decay": 0.01, "b2": 0.999}
 
@@ -85,7 +95,8 @@ class FinetuneConfig:
     model: str | None = setting(None, "zoo preset to train from scratch instead of --from (with --tokenizer)")
     task: str = setting("classify", f"the task: {', '.join(TASKS)}", one_of(TASKS))
     data: list = setting(factory=list, help="the training file (classify: TSV, CSV or JSONL; tag: CoNLL; "
-                                           "qa: SQuAD JSON; sft: JSONL; seq2seq: TSV/JSONL or two parallel files)")
+                                           "qa: SQuAD JSON; sft: JSONL; seq2seq: TSV/JSONL or two parallel files; "
+                                           "asr: a JSONL manifest of audio and text)")
     eval_data: list = setting(factory=list, help="the evaluation file(s), as --data (default: every 50th "
                                                  "training example)")
     tokenizer: str | None = setting(None, "a tokenizer directory or SentencePiece .model (default: the "
@@ -97,7 +108,10 @@ class FinetuneConfig:
     seq_len: int = setting(128, "tokens per example (longer ones are cut; qa: per window)", POSITIVE_INT)
     doc_stride: int | None = setting(None, "qa: tokens shared by consecutive windows of a long context "
                                      "(default: seq_len // 3)", POSITIVE_INT)
-    num_beams: int = setting(1, "seq2seq: beams of the evaluation's generation (1: greedy)", POSITIVE_INT)
+    num_beams: int = setting(1, "seq2seq, asr: beams of the evaluation's generation (1: greedy)", POSITIVE_INT)
+    spec_augment: list = setting(factory=list, check=SPEC_AUGMENT, flag={"type": int},
+                                 help="asr: SpecAugment on the training features, FREQ_MASKS FREQ_WIDTH TIME_MASKS "
+                                      "TIME_WIDTH (e.g. 2 27 2 100, LibriSpeech's LD policy; default: off)")
     teacher: str | None = setting(None, "classify: distil from this fine-tuned model (a run dir or a Hugging "
                                   "Face directory with a sequence head, same labels and tokenizer); see "
                                   "--distill-alpha, --distill-temperature")
@@ -126,6 +140,8 @@ class FinetuneConfig:
                 raise ValueError(f"--model: expected one of {zoo.presets.names()}, got {self.model!r}")
             if self.tokenizer is None:
                 raise ValueError(f"--model {self.model}: a model from scratch needs --tokenizer")
+        if self.spec_augment and self.task != "asr":
+            raise ValueError(f"--spec-augment: masks audio features, for --task asr (got --task {self.task})")
         if isinstance(self.eval_data, str):  # run.json of a run before eval_data took two files
             self.eval_data = [self.eval_data]
         files = (1, 2) if self.task == "seq2seq" else (1,)
@@ -320,7 +336,8 @@ class ClassifyData:
     (next_batch, position, set_position, eval_batches, train_rows, epoch_steps). Each epoch
     visits the examples in a permutation seeded by (seed, epoch); the remainder is dropped."""
 
-    train: dict[str, np.ndarray]  # tokens/mask [N, T], and labels [N] / [N, T] or loss_mask [N, T]
+    train: dict[str, np.ndarray]  # tokens/mask [N, T] (asr: features [N, M, F]), and labels [N] / [N, T],
+    # loss_mask [N, T] or target/target_mask [N, T]
     eval: dict[str, np.ndarray]
     batch_size: int
     seed: int = 0
@@ -330,7 +347,7 @@ class ClassifyData:
     index: int = 0
 
     def __post_init__(self) -> None:
-        n = len(self.train["tokens"])
+        n = len(next(iter(self.train.values())))
         if n < self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size}: the train set has only {n} examples")
         self.train_rows = np.arange(n)
@@ -356,7 +373,7 @@ class ClassifyData:
 
     def eval_batches(self, count: int = 0) -> list[dict[str, np.ndarray]]:
         """Every eval example once, in order; the last batch is padded with weight-0 rows."""
-        n, b = len(self.eval["tokens"]), self.batch_size
+        n, b = len(next(iter(self.eval.values()))), self.batch_size
         out = []
         for start in range(0, n, b):
             ids = np.arange(start, start + b)
@@ -365,19 +382,21 @@ class ClassifyData:
         return out
 
 
-Data = Examples | Tagged | Dialogues | Questions | Pairs
+Data = Examples | Tagged | Dialogues | Questions | Pairs | Utterances
 
 
 def read_data(task: str, paths: Sequence[str]) -> Data:
     """The examples of the --data / --eval-data file(s) for `task`."""
     if task == "seq2seq":
         return read_pairs(paths)
+    if task == "asr":
+        return read_manifest(paths[0])
     return {"tag": read_tagged, "sft": read_dialogues, "qa": read_squad}.get(task, read_examples)(paths[0])
 
 
 def found_labels(data: Data) -> tuple[str, ...]:
     """The label names of a train set, in id order (tags sorted; none for sft)."""
-    if isinstance(data, (Dialogues, Questions, Pairs)):
+    if isinstance(data, (Dialogues, Questions, Pairs, Utterances)):
         return ()
     if isinstance(data, Tagged):
         return tuple(sorted({t for tags in data.tags for t in tags}))
@@ -530,15 +549,20 @@ def qa_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, w: W
 def translation_metrics(s: Setup, params: Any, eval_rows: list[dict], objective: Any,
                         num_beams: int) -> dict[str, float]:
     """eval_bleu and eval_chrf of the eval sources' translations by `zoo.generate` (greedy, or
-    num_beams), up to the target length, against the eval targets."""
+    num_beams), up to the target length, against the eval targets; for asr, eval_wer of the
+    eval audio's transcripts, generated after the decoder prompt."""
     texts = []
+    features = s.cfg.num_mel_bins is not None  # a feature encoder reads every frame: no prompt mask
     for rows in eval_rows:
         batch = objective(None, rows)
         with zoo.sharding.use(s.mesh, s.rules):
             out = zoo.generate(params, s.cfg, batch["inputs"], batch["targets"].shape[1],
-                               prompt_mask=batch["inputs"] != s.cfg.pad_id, num_beams=num_beams)
+                               prompt_mask=None if features else batch["inputs"] != s.cfg.pad_id,
+                               num_beams=num_beams, decoder_prompt=s.decoder_prompt)
         keep = _gather(rows["weights"]) > 0
         texts += [s.source.encoder.decode(_until_stop(row, s.cfg.eos_id)) for row in _gather(out)[keep]]
+    if isinstance(s.references, Utterances):
+        return {"eval_wer": wer(s.references.texts, texts)}
     return bleu_chrf(texts, s.references.targets)
 
 
@@ -584,7 +608,9 @@ class Setup:
     record: dict[str, Any]
     eval_count: int
     qa: tuple[Windows, Questions] | None = None  # the eval windows and questions, to read answers back
-    references: Pairs | None = None  # seq2seq: the eval pairs, whose targets generation is scored against
+    references: Pairs | Utterances | None = None  # seq2seq / asr: the eval pairs / utterances, whose targets
+    # (transcripts) generation is scored against
+    decoder_prompt: np.ndarray | None = None  # asr: int32 [P], what generation starts from
 
 
 def setup(fc: FinetuneConfig) -> Setup:
@@ -605,8 +631,12 @@ def setup(fc: FinetuneConfig) -> Setup:
     if src.encoder.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {src.encoder.vocab_size} ids, the model {cfg.vocab_size}")
     if fc.task in FAMILIES and cfg.family not in FAMILIES[fc.task]:
-        what = {"sft": "decoders (next-token prediction)", "seq2seq": "encoder-decoders (source -> target)"}
+        what = {"sft": "decoders (next-token prediction)", "seq2seq": "encoder-decoders (source -> target)",
+                "asr": "feature encoder-decoders (speech -> transcript: Whisper)"}
         raise ValueError(f"--task {fc.task} trains {what[fc.task]}; this is an {cfg.family} model")
+    if fc.task == "seq2seq" and cfg.num_mel_bins is not None:
+        raise ValueError("--task seq2seq reads source tokens; this model's encoder reads audio features "
+                         "(num_mel_bins): use --task asr")
     head = None if fc.task in FAMILIES else task_head(fc, src, found_labels(train), train.path)
     if fc.hparams.lora_rank:
         lora.check_targets(zoo.axes(cfg), lora_targets(fc.hparams))
@@ -623,8 +653,11 @@ def setup(fc: FinetuneConfig) -> Setup:
     if isinstance(train, Examples) and (evaluation.pairs is None) != (train.pairs is None):
         raise DataError(f"{evaluation.path}: expected {'text pairs' if train.pairs else 'single texts'} as in "
                         f"{train.path}")
-    qa = None
-    if isinstance(train, Questions):
+    qa, prompt = None, None
+    if isinstance(train, Utterances):
+        train_rows, prompt = encode_utterances(src.encoder, train, cfg, fc.seq_len)
+        eval_rows, _ = encode_utterances(src.encoder, evaluation, cfg, fc.seq_len)
+    elif isinstance(train, Questions):
         stride = fc.doc_stride or fc.seq_len // 3
         train_rows = windows(src.encoder, train, fc.seq_len, stride).rows
         qa = (windows(src.encoder, evaluation, fc.seq_len, stride), evaluation)
@@ -635,7 +668,8 @@ def setup(fc: FinetuneConfig) -> Setup:
     rows_like = {k: jax.ShapeDtypeStruct((fc.batch_size, *v.shape[1:]), v.dtype) for k, v in train_rows.items()}
     rows_like["weights"] = jax.ShapeDtypeStruct((fc.batch_size,), np.float32)
     rows_sharding = batch_shardings(rows_like, mesh, rules)
-    part, parts = process_rows(rows_sharding["tokens"], rows_like["tokens"].shape)
+    first = next(iter(train_rows))  # tokens, or an asr run's features
+    part, parts = process_rows(rows_sharding[first], rows_like[first].shape)
     pipeline = ClassifyData(train_rows, eval_rows, fc.batch_size, fc.seed, part, parts)
     if teacher is not None:
         pipeline = Distilled(pipeline, teacher)
@@ -648,7 +682,7 @@ def setup(fc: FinetuneConfig) -> Setup:
         record["teacher"] = fc.teacher
     task = None if head is None else static_task(head)
     return Setup(cfg, fc.hparams, task, src, head, pipeline, mesh, rules, rows_sharding, rows_like, record,
-                 len(evaluation), qa, evaluation if isinstance(evaluation, Pairs) else None)
+                 len(evaluation), qa, evaluation if isinstance(evaluation, (Pairs, Utterances)) else None, prompt)
 
 
 class Best:
@@ -731,8 +765,12 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
         s.pipeline.set_position(record["data"])
     token_types = s.cfg.family == "encoder" and s.cfg.type_vocab_size > 0
     spans = s.task is not None and s.task.kind == "qa"
+    eval_batch = None  # the objective of evaluations, when it differs from training's
     if fc.task == "seq2seq":
         make_batch = functools.partial(seq2seq, start_id=s.cfg.decoder_start_id)
+    elif fc.task == "asr":  # SpecAugment while training only
+        eval_batch = functools.partial(asr_batch, start_id=s.cfg.decoder_start_id)
+        make_batch = functools.partial(eval_batch, spec_augment=tuple(fc.spec_augment))
     elif fc.task == "sft":
         make_batch = sft
     else:
@@ -740,6 +778,7 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
     batch_like = jax.eval_shape(make_batch, None, s.rows_like)
     runner = make_runner(s.cfg, s.hp, s.mesh, batch_like, fc.parallel, s.rules, s.task)
     objective = jax.jit(make_batch, out_shardings=runner.batch_sh)
+    eval_objective = objective if eval_batch is None else jax.jit(eval_batch, out_shardings=runner.batch_sh)
     if state is None:
         params = s.source.params
         if params is not None and s.head is not None:
@@ -757,7 +796,7 @@ def _run_locked(fc: FinetuneConfig, run_dir: Path) -> dict[str, Any]:
         if start:
             print(f"resumed {fc.run_dir} at step {start}", flush=True)
     best = Best(run_dir, run_files, BEST_METRIC[fc.task])
-    compiled = Compiled(objective, runner, make_evaluate(s, runner, best, objective, fc.num_beams))
+    compiled = Compiled(objective, runner, make_evaluate(s, runner, best, eval_objective, fc.num_beams))
     # A task head replaces the vocabulary projection (and MLM transform): not counted then.
     flops = train_flops(s.cfg, fc.seq_len, 1, heads=s.head is None) * fc.batch_size
     peak, peak_note = peak_flops(list(s.mesh.devices.flat), fc.peak_flops)

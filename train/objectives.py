@@ -18,7 +18,7 @@ in the training loop):
 Fine-tuning tasks (`python -m train finetune`, train/finetune.py) are objectives too:
 `classify` makes one target per row (or per token), which the step scores with the state's
 task head; `sft` is next-token prediction weighted by the rows' loss mask, `seq2seq` teacher-forced
-source -> target for encoder-decoders.
+source -> target for encoder-decoders, `asr` the same from log-mel features (Whisper).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ FAMILY_OF = {"clm": "decoder", "prefix_lm": "decoder", "mlm": "encoder",
              "span_corruption": "encdec", "denoise": "encdec"}
 DEFAULT_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encdec": "span_corruption"}
 
-__all__ = ["FAMILY_OF", "Objective", "check_objective", "classify", "clm", "denoise", "make_objective", "mlm",
+__all__ = ["FAMILY_OF", "Objective", "asr", "check_objective", "classify", "clm", "denoise", "make_objective", "mlm",
            "prefix_lm", "segment_positions", "seq2seq", "sft", "span_corruption", "t5_lengths", "t5_raw_length"]
 
 
@@ -98,10 +98,29 @@ def seq2seq(key: jax.Array | None, rows: dict[str, jax.Array], *, start_id: int)
     inputs, decoder_inputs (the target shifted right after start_id), targets [B, T] and
     weights [B, T] (the real target tokens of real rows). No RNG."""
     del key
+    return {"inputs": rows["tokens"].astype(jnp.int32), **_teacher_forced(rows, start_id)}
+
+
+def asr(key: jax.Array | None, rows: dict[str, jax.Array], *, start_id: int,
+        spec_augment: tuple[int, ...] = ()) -> Batch:
+    """Speech -> transcript for a feature encoder-decoder (Whisper): `seq2seq` with rows
+    features float [B, M, F] (`zoo.audio.log_mel`) as the inputs in place of source tokens.
+    spec_augment (freq_masks, freq_width, time_masks, time_width) masks the features with
+    `zoo.audio.spec_augment` when a key is given (training); key None: unmasked."""
+    feats = rows["features"].astype(jnp.float32)
+    if key is not None and spec_augment:
+        fm, fw, tm, tw = spec_augment
+        feats = zoo.audio.spec_augment(key, feats, freq_masks=fm, freq_width=fw, time_masks=tm, time_width=tw)
+    return {"inputs": feats, **_teacher_forced(rows, start_id)}
+
+
+def _teacher_forced(rows: dict[str, jax.Array], start_id: int) -> Batch:
+    """decoder_inputs (target [B, T] shifted right after start_id), targets, and weights
+    [B, T]: the real target tokens (target_mask) of real rows (weights [B])."""
     target = rows["target"].astype(jnp.int32)
     start = jnp.full_like(target[:, :1], start_id)
-    return {"inputs": rows["tokens"].astype(jnp.int32), "decoder_inputs": jnp.concatenate([start, target[:, :-1]], 1),
-            "targets": target, "weights": rows["target_mask"].astype(jnp.float32) * rows["weights"][:, None]}
+    return {"decoder_inputs": jnp.concatenate([start, target[:, :-1]], 1), "targets": target,
+            "weights": rows["target_mask"].astype(jnp.float32) * rows["weights"][:, None]}
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -83,15 +83,25 @@ def encode_pairs(enc: TextEncoder, data: Pairs, seq_len: int) -> dict[str, np.nd
     bool [N, seq_len], cut at seq_len (keeping the closing special token) and padded right."""
     out = {}
     for name, mask_name, texts in (("tokens", "mask", data.sources), ("target", "target_mask", data.targets)):
-        ids = np.full((len(data), seq_len), enc.pad_id, np.int32)
-        mask = np.zeros((len(data), seq_len), bool)
-        for i, text in enumerate(texts):
-            row = enc.encode_text(text, special_tokens=True)[0]
-            if len(row) > seq_len:
-                row = row[:seq_len - 1] + row[-1:]
-            ids[i, :len(row)], mask[i, :len(row)] = row, True
-        out[name], out[mask_name] = ids, mask
+        out[name], out[mask_name] = encode_texts(enc, texts, seq_len)
     return out
+
+
+def encode_texts(enc: TextEncoder, texts: Sequence[str], seq_len: int,
+                 drop_first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ids int32 and mask bool [N, seq_len]: each text with the tokenizer's special tokens,
+    without a leading `drop_first` id, cut at seq_len (keeping the closing special token)
+    and padded right."""
+    ids = np.full((len(texts), seq_len), enc.pad_id, np.int32)
+    mask = np.zeros((len(texts), seq_len), bool)
+    for i, text in enumerate(texts):
+        row = enc.encode_text(text, special_tokens=True)[0]
+        if drop_first is not None and row[:1] == [drop_first]:
+            row = row[1:]
+        if len(row) > seq_len:
+            row = row[:seq_len - 1] + row[-1:]
+        ids[i, :len(row)], mask[i, :len(row)] = row, True
+    return ids, mask
 
 
 def bleu_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -120,6 +120,8 @@ def check_batch(cfg: zoo.Config, batch: Batch) -> None:
         raise ValueError(f"batch['weights']: expected shape {tgt.shape} (as targets), "
                          f"got {batch['weights'].shape}")
     for name in ("inputs", "targets", "decoder_inputs"):
+        if name == "inputs" and cfg.num_mel_bins is not None:  # float features (Whisper), checked by the model
+            continue
         if name in batch and not jnp.issubdtype(batch[name].dtype, jnp.integer):
             raise ValueError(f"batch[{name!r}]: expected integer token ids, got {batch[name].dtype}")
 
@@ -134,8 +136,9 @@ def model_inputs(cfg: zoo.Config, batch: Batch) -> zoo.Inputs:
     """A batch dict as `zoo.Inputs`. Seq2seq batches hold the source in `inputs` and the
     shifted target in `decoder_inputs`; packed rows carry segment_ids (0: padding)."""
     inputs = batch["inputs"]
-    if "decoder_inputs" in batch:
-        return zoo.Inputs(batch["decoder_inputs"], source=inputs, source_mask=inputs != cfg.pad_id)
+    if "decoder_inputs" in batch:  # a feature encoder reads every frame: no source mask
+        mask = None if cfg.num_mel_bins is not None else inputs != cfg.pad_id
+        return zoo.Inputs(batch["decoder_inputs"], source=inputs, source_mask=mask)
     seg = batch.get("segment_ids")
     return zoo.Inputs(inputs, mask=seg > 0 if seg is not None else inputs != cfg.pad_id,
                       positions=batch.get("positions"), segment_ids=seg,
@@ -210,6 +213,8 @@ def _input_tokens(cfg: zoo.Config, batch: Batch) -> jax.Array:
     """Real (non-padding) tokens the model reads: encoder + decoder sides."""
     if "segment_ids" in batch:
         n = jnp.sum(batch["segment_ids"] > 0)
+    elif cfg.num_mel_bins is not None:  # features [B, M, F]: the encoder's F / 2 positions per row
+        n = jnp.asarray(batch["inputs"].shape[0] * (batch["inputs"].shape[2] // 2))
     else:
         n = jnp.sum(batch["inputs"] != cfg.pad_id)
     if "decoder_inputs" in batch:
