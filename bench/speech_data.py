@@ -12,8 +12,11 @@ speed (--speeds, words per minute), so one text is heard in several voices. The 
 set is a fraction of the distinct texts (--held-out), none of which occurs in the train set:
 its word error rate measures recognition of new word sequences, not recall. espeak-ng writes
 22,050 Hz WAVs; they are resampled to 16 kHz (zoo.audio.resample) and written as 16-bit PCM
-under OUT/clips/, with OUT/train.jsonl and OUT/heldout.jsonl beside them. Nothing is
-downloaded; espeak-ng comes from Debian (`apt-get install espeak-ng`).
+under OUT/clips/, with OUT/train.jsonl and OUT/heldout.jsonl beside them, and
+OUT/tokenizer.model: a SentencePiece unigram model of --vocab-size pieces (fewer when the
+texts allow fewer) trained on the train texts, for `python -m train finetune --task asr
+--tokenizer OUT/tokenizer.model`. Nothing is downloaded; espeak-ng comes from Debian
+(`apt-get install espeak-ng`).
 """
 
 from __future__ import annotations
@@ -109,10 +112,11 @@ def speak(exe: str, text: str, voice: str, speed: int, out: Path) -> float:
 
 def synthesise(out: str | Path, count: int, *, texts: str = "numbers", voices: Sequence[str] = VOICES,
                speeds: Sequence[int] = SPEEDS, held_out: float = 0.1, max_number: int = 999, max_words: int = 8,
-               max_seconds: float = 30.0, seed: int = 0, workers: int = 2) -> dict[str, int]:
-    """Writes OUT/clips/*.wav, OUT/train.jsonl and OUT/heldout.jsonl (module docstring);
-    returns the number of utterances in each split. Clips longer than max_seconds (the
-    model's window) are left out of the manifests and counted as `dropped`."""
+               max_seconds: float = 30.0, seed: int = 0, workers: int = 2, vocab_size: int = 0) -> dict[str, int]:
+    """Writes OUT/clips/*.wav, OUT/train.jsonl and OUT/heldout.jsonl, and with vocab_size > 0
+    OUT/tokenizer.model (module docstring); returns the number of utterances in each split.
+    Clips longer than max_seconds (the model's window) are left out of the manifests and
+    counted as `dropped`."""
     exe = espeak()
     if not 0 < held_out < 1:
         raise ValueError(f"--held-out: expected a fraction between 0 and 1, got {held_out}")
@@ -130,6 +134,7 @@ def synthesise(out: str | Path, count: int, *, texts: str = "numbers", voices: S
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as ex:  # espeak-ng runs as a subprocess
         seconds = list(ex.map(lambda job: speak(exe, *job), jobs))
     counts = {"train": 0, "heldout": 0, "dropped": 0}
+    train_texts = []
     with open(out / "train.jsonl", "w") as train, open(out / "heldout.jsonl", "w") as heldout:
         for pick, (text, voice, speed, path), dur in zip(picks, jobs, seconds):
             if dur > max_seconds:
@@ -140,7 +145,19 @@ def synthesise(out: str | Path, count: int, *, texts: str = "numbers", voices: S
                    "seconds": round(dur, 3)}
             (heldout if split == "heldout" else train).write(json.dumps(row) + "\n")
             counts[split] += 1
+            if split == "train":
+                train_texts.append(text)
+    if vocab_size and train_texts:
+        tokenizer(train_texts, vocab_size).save(out / "tokenizer.model")
     return counts
+
+
+def tokenizer(texts: Sequence[str], vocab_size: int):
+    """A SentencePiece unigram model of the texts, at most vocab_size pieces (T5's ids: pad 0,
+    eos 1, unk 2, no bos), as zoo.tokenizer trains it."""
+    import zoo.tokenizer
+
+    return zoo.tokenizer.train(sorted(set(texts)), vocab_size, hard_vocab_limit=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,12 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=30.0, help="leave out clips longer than this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="espeak-ng processes at once")
+    p.add_argument("--vocab-size", type=int, default=256,
+                   help="pieces of OUT/tokenizer.model, trained on the train texts (0: no tokenizer)")
     a = p.parse_args(argv)
     try:
         counts = synthesise(a.out, a.count, texts=a.texts, voices=a.voices.split(","),
                             speeds=[int(s) for s in a.speeds.split(",")], held_out=a.held_out,
                             max_number=a.max_number, max_words=a.max_words, max_seconds=a.max_seconds,
-                            seed=a.seed, workers=a.workers)
+                            seed=a.seed, workers=a.workers, vocab_size=a.vocab_size)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

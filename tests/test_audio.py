@@ -227,7 +227,7 @@ def test_speech_data_synthesises_a_manifest_log_mel_reads(tmp_path):
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
-    counts = speech_data.synthesise(tmp_path, 3, held_out=0.5, max_number=20, seed=1)
+    counts = speech_data.synthesise(tmp_path, 3, held_out=0.5, max_number=20, seed=1, vocab_size=24)
     assert counts["train"] + counts["heldout"] == 3 and counts["dropped"] == 0
     utts = [asr.read_manifest(tmp_path / f"{s}.jsonl") for s in ("train", "heldout") if counts[s]]
     train_texts = set(utts[0].texts) if counts["train"] else set()
@@ -237,6 +237,8 @@ def test_speech_data_synthesises_a_manifest_log_mel_reads(tmp_path):
         feats = asr.features(u, 80, 300)  # 3 s windows
         assert feats.shape == (len(u), 80, 300)
         assert (feats.std(axis=(1, 2)) > 0.1).all()  # speech, not silence
+    tok = zoo.tokenizer.load(tmp_path / "tokenizer.model")  # trained on the train texts
+    assert tok.pad_id == 0 and tok.eos_id == 1 and tok.vocab_size <= 24
 
 
 def test_speech_data_without_espeak_says_how_to_install(monkeypatch, tmp_path):
