@@ -86,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-repeats", type=int, default=1,
                    help="run each peer variant this many times, each in a fresh process, the order "
                         "rotated every repeat; the row gives the median and the spread")
+    p.add_argument("--peer-process", choices=("fresh", "shared"), default="fresh",
+                   help="fresh: each peer run in its own process (default); shared: the PyTorch peer in "
+                        "this process after JAX has started, to measure what sharing costs")
     p.add_argument("--quant", type=int, choices=(4, 8), action="append", default=[],
                    help="decode: also rows for bf16 and these quantized weights (bench/quant.py)")
     p.add_argument("--json", default=None, help="write the rows here")

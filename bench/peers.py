@@ -8,6 +8,8 @@ With `--peer-repeats N` every variant runs N times, the order rotated by one eac
 (A B C, B C A, ...), so a load that drifts over the run falls on each in turn; a row reports
 the median, every run's rate, its spread and the positions it ran in. zoo runs after the
 peers, in the bench's own process (on a GPU, JAX then takes the memory the peers gave back).
+`--peer-process shared` runs the PyTorch peer in the bench's process after JAX's backend has
+started and run a program, as the bench did before: the A/B that measures what sharing costs.
 
 The architecture is the transformers class `zoo.save_hf` would write for the config (its
 exact config: `zoo.hf`), so a Llama-layout preset runs LlamaForCausalLM, BART runs
@@ -57,7 +59,8 @@ def job(peer: str, compiled: bool, args: argparse.Namespace, cfg: zoo.Config) ->
             "hf_config": hf_config(cfg), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "iters": args.iters,
-            "expect_params": expected_params(cfg, args.bench)}
+            "expect_params": expected_params(cfg, args.bench),
+            "process": "shared" if peer == "hf" and getattr(args, "peer_process", "fresh") == "shared" else "fresh"}
 
 
 def label(j: dict[str, Any]) -> str:
@@ -69,11 +72,23 @@ def run_job(j: dict[str, Any]) -> dict[str, Any]:
     if j["peer"] == "hf-flax":
         from bench import peer_flax
         return peer_flax.run(j)
+    if j["process"] == "shared":
+        return _in_this_process(j)
     done = subprocess.run([sys.executable, "-m", "bench.peer_torch", json.dumps(j)], cwd=ROOT,
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"--vs hf: the PyTorch peer ({label(j)}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _in_this_process(j: dict[str, Any]) -> dict[str, Any]:
+    """The PyTorch peer in the bench's process, JAX's backend started and a program run first."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench import peer_torch
+    jax.block_until_ready(jax.jit(lambda x: x @ x)(jnp.ones((256, 256))))
+    return peer_torch.run(j)
 
 
 def check(j: dict[str, Any], got: dict[str, Any]) -> None:
@@ -109,12 +124,16 @@ def run(args: argparse.Namespace, cfg: zoo.Config) -> list[dict[str, Any]]:
 
 
 def summary(j: dict[str, Any], rs: list[dict[str, Any]], sequence: list[str]) -> dict[str, Any]:
-    """The first run's fields with tokens_per_s the median over runs, and how they ran."""
+    """The first run's fields with tokens_per_s and step_s the medians over runs, and how
+    they ran: every run's rate, its position in each repeat, the whole run sequence."""
     rates = [r.get("tokens_per_s") for r in rs]
     ok = [x for x in rates if x]
     median = statistics.median(ok) if len(ok) == len(rates) else None
     detail = {k: v for k, v in rs[0].items() if k != "position"}
-    detail.update(peer=j["peer"], tokens_per_s=median, compiled=j["compiled"], process="fresh subprocess per run",
+    if median and "step_s" in detail:  # the run-median step too, as tokens_per_s
+        detail["step_s"] = statistics.median(r["step_s"] for r in rs)
+    process = "fresh subprocess per run" if j["process"] == "fresh" else "the bench's process, after JAX"
+    detail.update(peer=j["peer"], tokens_per_s=median, compiled=j["compiled"], process=process,
                   runs=rates, order=[r["position"] for r in rs], run_sequence=sequence + ["zoo"],
                   spread=(max(ok) - min(ok)) / median if median and len(ok) > 1 else None)
     return detail

@@ -156,6 +156,23 @@ def test_peers_refuse_another_model_and_rotate_their_order(monkeypatch):
         peers.run(args, cfg)
 
 
+def test_peer_process_shared_runs_pytorch_after_jax(monkeypatch):
+    """--peer-process shared (the A/B for what sharing a process with JAX costs): the PyTorch
+    peer runs in this process, the Flax one still in its own; the rows say which."""
+    import argparse
+    import os
+
+    from bench import peer_torch, peers
+    args = argparse.Namespace(bench="encode", vs=["hf"], batch_size=2, seq_len=8, prompt_len=4, new_tokens=4,
+                              iters=1, peer_process="shared")
+    cfg = tiny("tiny-encoder")
+    monkeypatch.setattr(peer_torch, "run", lambda job: {"pid": os.getpid(), "tokens_per_s": 1.0,
+                                                        "params": job["expect_params"]})
+    details = peers.run(args, cfg)
+    assert [(d["pid"], d["process"]) for d in details] == [(os.getpid(), "the bench's process, after JAX")] * 2
+    assert peers.job("hf-flax", True, args, cfg)["process"] == "fresh"
+
+
 @pytest.mark.parametrize("name,bench,architecture", [
     ("tiny-encoder", "encode", "BertModel"), ("tiny-encoder", "train", "BertForMaskedLM"),
     ("tiny-encdec", "train", "T5ForConditionalGeneration")])
