@@ -135,6 +135,7 @@ def test_resample_keeps_pitch_and_duration():
     assert np.argmax(np.abs(np.fft.rfft(y))) == 1000  # 1 Hz bins over one second
     with pytest.raises(ValueError, match="int16"):
         audio.resample(np.zeros(10, np.int16), 8000)
+    assert audio.resample(x.astype(jnp.bfloat16), 22050).dtype == np.float32  # bfloat16 is a float too
 
 
 def test_spec_augment_bounds_and_determinism():

@@ -99,7 +99,7 @@ def _checked(waveform: Any, sample_rate: int) -> jax.Array:
         raise ValueError(f"log_mel: expected audio at {SAMPLE_RATE} Hz, got sample_rate={sample_rate}; "
                          f"resample it first: zoo.audio.resample(waveform, {sample_rate}, {SAMPLE_RATE})")
     dtype = np.dtype(waveform.dtype if hasattr(waveform, "dtype") else np.asarray(waveform).dtype)
-    if not np.issubdtype(dtype, np.floating):
+    if not jnp.issubdtype(dtype, jnp.floating):  # jnp's: bfloat16 counts as a float
         raise ValueError(f"log_mel: expected float samples in [-1, 1], got dtype {dtype}; convert integer PCM "
                          f"first (int16: waveform / 32768.0, or soundfile.read(path, dtype='float32'))")
     shape = tuple(np.shape(waveform))
@@ -179,11 +179,12 @@ def resample(waveform: Any, from_rate: int, to_rate: int = SAMPLE_RATE) -> np.nd
     if not (isinstance(from_rate, int) and isinstance(to_rate, int) and from_rate > 0 and to_rate > 0):
         raise ValueError(f"resample: expected positive integer rates in Hz, got {from_rate!r} and {to_rate!r}")
     x = np.asarray(waveform)
-    if not np.issubdtype(x.dtype, np.floating):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"resample: expected float samples in [-1, 1], got dtype {x.dtype}; convert integer "
                          f"PCM first (int16: waveform / 32768.0)")
+    x = x.astype(np.float32)  # also what scipy needs of a bfloat16 input
     if from_rate == to_rate:
-        return x.astype(np.float32)
+        return x
     g = math.gcd(from_rate, to_rate)
     return resample_poly(x, to_rate // g, from_rate // g, axis=-1).astype(np.float32)
 
