@@ -68,7 +68,8 @@ def label(j: dict[str, Any]) -> str:
 
 
 def run_job(j: dict[str, Any]) -> dict[str, Any]:
-    """One fresh process for one variant; its row (bench.peer_torch / bench.peer_flax)."""
+    """One run of one variant, in a fresh process (`--peer-process shared`: PyTorch in this
+    one); its row (bench.peer_torch / bench.peer_flax)."""
     if j["peer"] == "hf-flax":
         from bench import peer_flax
         return peer_flax.run(j)
