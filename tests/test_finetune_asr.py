@@ -130,7 +130,8 @@ def test_asr_trains_and_scores_what_it_generates(speech_dir, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--task", "seq2seq", "--spec-augment", "1", "2", "3", "4"], "--spec-augment: masks audio features, for --task asr"),
+    (["--task", "seq2seq", "--spec-augment", "1", "2", "3", "4"],
+     "--spec-augment: masks audio features, for --task asr"),
     (["--task", "asr", "--spec-augment", "1", "2"], "spec_augment .*: expected four non-negative integers"),
 ])
 def test_asr_flags_refused(argv, match, tmp_path):
