@@ -9,7 +9,7 @@ from typing import Any
 
 from zoo.config import Config
 from zoo.hf.common import (ModelType, Unsupported, activation, dropout_of, expect, head_is_tied,
-                           hf_activation, positive, require, special_ids, token_id,
+                           hf_activation, positive, require, shared_stack_widths, special_ids, token_id,
                            write_special_ids)
 from zoo.hf.keymap import Rule, rule
 
@@ -58,11 +58,7 @@ def read_config(d: dict, weights: Any) -> Config:
     expect(d, name, "static_position_embeddings", (False,), False)
     expect(d, name, "add_bias_logits", (False,), False)
     expect(d, name, "extra_pos_embeddings", (_OFFSET,), _OFFSET)
-    heads, ffn = positive(d, name, "encoder_attention_heads"), positive(d, name, "encoder_ffn_dim")
-    require(d.get("decoder_attention_heads", heads) == heads, name, "decoder_attention_heads",
-            f"zoo uses one head count for both stacks; encoder_attention_heads={heads}")
-    require(d.get("decoder_ffn_dim", ffn) == ffn, name, "decoder_ffn_dim",
-            f"zoo uses one MLP width for both stacks; encoder_ffn_dim={ffn}")
+    heads, ffn = shared_stack_widths(d, name)
     vocab, width = positive(d, name, "vocab_size"), positive(d, name, "d_model")
     layers, decoder_layers = positive(d, name, "encoder_layers"), positive(d, name, "decoder_layers")
     ids = special_ids(d, vocab)

@@ -116,6 +116,17 @@ def positive(d: dict, model_type: str, field: str) -> int:
     return value
 
 
+def shared_stack_widths(d: dict, model_type: str) -> tuple[int, int]:
+    """(heads, MLP width) of a BART-style config with encoder_/decoder_ fields; zoo has one
+    of each for both stacks, so differing decoder values are refused."""
+    heads, ffn = positive(d, model_type, "encoder_attention_heads"), positive(d, model_type, "encoder_ffn_dim")
+    require(d.get("decoder_attention_heads", heads) == heads, model_type, "decoder_attention_heads",
+            f"zoo uses one head count for both stacks; encoder_attention_heads={heads}")
+    require(d.get("decoder_ffn_dim", ffn) == ffn, model_type, "decoder_ffn_dim",
+            f"zoo uses one MLP width for both stacks; encoder_ffn_dim={ffn}")
+    return heads, ffn
+
+
 def dropout_of(d: dict, *names: str) -> float:
     """The residual dropout rate (zoo has one rate for the whole model)."""
     for name in names:

@@ -16,7 +16,7 @@ import numpy as np
 
 from zoo.config import Config
 from zoo.hf.common import (ModelType, Unsupported, activation, dropout_of, expect, head_is_tied,
-                           hf_activation, positive, require, special_ids, token_id,
+                           hf_activation, positive, require, shared_stack_widths, special_ids, token_id,
                            write_special_ids)
 from zoo.hf.keymap import Rule, rule
 from zoo.nn.positions import sinusoidal_table
@@ -67,11 +67,7 @@ def fixed(cfg: Config) -> dict[str, np.ndarray]:
 
 def read_config(d: dict, weights: Any) -> Config:
     expect(d, NAME, "use_weighted_layer_sum", (False,), False)  # the audio classifier's pooling
-    heads, ffn = positive(d, NAME, "encoder_attention_heads"), positive(d, NAME, "encoder_ffn_dim")
-    require(d.get("decoder_attention_heads", heads) == heads, NAME, "decoder_attention_heads",
-            f"zoo uses one head count for both stacks; encoder_attention_heads={heads}")
-    require(d.get("decoder_ffn_dim", ffn) == ffn, NAME, "decoder_ffn_dim",
-            f"zoo uses one MLP width for both stacks; encoder_ffn_dim={ffn}")
+    heads, ffn = shared_stack_widths(d, NAME)
     vocab, width = positive(d, NAME, "vocab_size"), positive(d, NAME, "d_model")
     require(width % 2 == 0, NAME, "d_model", f"the sinusoidal encoder positions need an even width, got {width}")
     layers, decoder_layers = positive(d, NAME, "encoder_layers"), positive(d, NAME, "decoder_layers")
