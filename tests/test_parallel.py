@@ -2,6 +2,7 @@
 under pmap; FSDP splits parameter and optimizer bytes; mismatches are errors before compiling."""
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -12,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 import train
 import zoo
 from conftest import tiny
+from train import objectives
 from train.loop import main
 from train.parallel import build_mesh, check_fit, make_runner, parse_mesh, rules_from
 from train_util import ordinary, vocab
@@ -105,6 +107,29 @@ def test_a_chunked_loss_on_a_sharded_mesh_gives_the_one_device_losses():
     for shape, parallel in [({"data": 2, "fsdp": 2, "tensor": 2}, "jit"), ({"data": 8}, "pmap")]:
         got, _ = _losses(cfg, chunked, host.replace(hp=chunked), batches, shape, parallel)
         np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=f"{shape} {parallel}")
+
+
+def test_a_feature_encoder_trains_to_the_one_device_losses_on_a_mesh_and_under_pmap():
+    """Whisper's shape (log-mel features through the conv stem, sinusoidal encoder positions,
+    no key bias) under the asr objective: the same losses on a sharded mesh and under pmap."""
+    cfg = tiny("tiny-encdec", num_heads=8, num_mel_bins=16, encoder_max_len=16, encoder_positions="sinusoidal",
+               attn_key_bias=False)
+    rng = np.random.default_rng(0)
+    make = jax.jit(functools.partial(objectives.asr, start_id=0, spec_augment=(1, 3, 1, 4)))
+    target = ordinary(rng, (BATCH, 12), V)
+    batches = [jax.device_get(make(jax.random.key(i), {
+        "features": rng.normal(size=(BATCH, 16, 32)).astype(np.float32), "target": target,
+        "target_mask": np.arange(12)[None] < rng.integers(4, 13, (BATCH, 1)),
+        "weights": np.ones(BATCH, np.float32)})) for i in range(3)]
+    host = jax.device_get(train.init_state(cfg, HP, jax.random.key(0)))
+    want, _ = _losses(cfg, HP, host, batches, {"data": 1})
+    assert want[-1] < want[0]
+    specs = {}
+    for shape, parallel in [({"data": 2, "fsdp": 2, "tensor": 2}, "jit"), ({"data": 8}, "pmap")]:
+        got, shardings = _losses(cfg, HP, host, batches, shape, parallel)
+        np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=f"{shape} {parallel}")
+        specs[parallel] = shardings.params["encoder"]["stem"]["conv1"]["kernel"].spec
+    assert specs["jit"] == P(None, None, "fsdp"), specs  # the stem's output channels: embed -> fsdp
 
 
 def _bytes_per_device(tree):
