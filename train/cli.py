@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import zoo
 from train.objectives import DEFAULT_OBJECTIVE, FAMILY_OF, check_objective
 from train.optim import Hparams
-from train.parallel import PARALLEL
+from train.parallel import PARALLEL, parse_mesh
 from train.rundir import read_json
 from train.settings import MAPPING, POSITIVE, POSITIVE_INT, add_flags, check_fields, declared, keys, one_of, setting
 
@@ -74,8 +74,9 @@ class RunConfig:
     run_dir: str = setting("runs/main", "where the run's files go")
     resume: bool = setting(False, "continue the latest checkpoint in --run-dir, with its saved "
                            "settings under the ones given")
-    mesh: str = setting("data=-1", "device mesh, AXIS=SIZE,... over axes data, fsdp, tensor, expert; "
-                        "-1 takes the rest (default: every device on data)")
+    mesh: str = setting("data=-1", "device mesh, AXIS=SIZE,... over axes data, fsdp, tensor, expert, "
+                        "context (splits each row's sequence); -1 takes the rest (default: every "
+                        "device on data)")
     parallel: str = setting("jit", "jit (the mesh-sharded step) or pmap (data parallel jax.pmap)",
                             one_of(PARALLEL))
     rules: dict = setting(factory=dict, check=MAPPING,
@@ -92,6 +93,10 @@ class RunConfig:
         if base.positions in ("learned", "sinusoidal") and self.seq_len > base.max_len:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the model's max_len {base.max_len} "
                              f"(raise it with max_len=...)")
+        context = parse_mesh(self.mesh).get("context", 1)  # -1: checked on the mesh (make_runner)
+        if context > 1 and self.seq_len % context:
+            raise ValueError(f"--mesh context={context} does not divide --seq-len {self.seq_len}: "
+                             f"each row's sequence splits evenly over it; choose a multiple of {context}")
 
     def base_config(self) -> zoo.Config:
         """The preset with the overrides (before the tokenizer sets vocab_size and ids)."""

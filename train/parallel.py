@@ -1,6 +1,7 @@
 """Where the step runs: the pjit path (`jax.jit` with shardings on a Mesh) or the pmap path.
 
     mesh = build_mesh("data=2,fsdp=2,tensor=2")            # --mesh; -1 takes the rest
+                                                            # (context=N: sequence parallelism)
     runner = make_runner(cfg, hp, mesh, batch_like, "jit")  # or "pmap"
     state = runner.init(seed)                               # created in its shardings
     state, metrics = runner.step(state, batch)              # batch: global, in runner.batch_sh
@@ -201,6 +202,21 @@ def check_fit(batch_size: int, mesh: Mesh, rules: Rules, parallel: str, accum_st
     check_split(batch_size, accum_steps, dp, f" of mesh {shape or '{}'} (batch -> {batch_axes(mesh, rules)})")
 
 
+def check_context(cfg: zoo.Config, mesh: Mesh, batch_like: dict[str, Any]) -> None:
+    """With a `context` mesh axis (sequence parallelism) every batch leaf's length (dim 1
+    of [B, T]) must split evenly over it, and the attention must be one that runs split
+    (`zoo.nn.attention.check_context`)."""
+    c = zoo.sharding.context_size(mesh)
+    if c == 1:
+        return
+    zoo.nn.attention.check_context(cfg.attention, c)
+    for name, x in sorted(batch_like.items()):
+        if len(x.shape) >= 2 and x.shape[1] % c:
+            raise ValueError(f"--mesh context={c} does not divide the sequence length: batch "
+                             f"{name!r} has {x.shape[1]} tokens per row; choose --seq-len (and "
+                             f"the objective's lengths) a multiple of {c}, or another context size")
+
+
 def make_runner(cfg: zoo.Config, hp: Hparams, mesh: Mesh, batch_like: dict[str, Any],
                 parallel: str = "jit", rules: Rules = zoo.sharding.DEFAULT_RULES,
                 task: Any = None) -> Runner:
@@ -209,6 +225,7 @@ def make_runner(cfg: zoo.Config, hp: Hparams, mesh: Mesh, batch_like: dict[str, 
     (train/step.py). Raises ValueError on any mismatch."""
     b = next(iter(batch_like.values())).shape[0]
     check_fit(b, mesh, rules, parallel, hp.accum_steps)
+    check_context(cfg, mesh, batch_like)
     state_sh = state_shardings(abstract_state(cfg, hp, task), mesh, rules)
     batch_sh = batch_shardings(dict(batch_like), mesh, rules)
     shapes = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in batch_like.items()}

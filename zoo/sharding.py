@@ -2,8 +2,12 @@
 
 Every parameter and activation carries logical axis names (`zoo.axes(cfg)` for params,
 `constrain(x, names)` inside the models). One rule table maps them to the mesh axes
-`data`, `fsdp`, `tensor` and `expert`. Meshes use Auto axis types, so constraints are hints
-to XLA's partitioner and the models need no explicit resharding code.
+`data`, `fsdp`, `tensor`, `expert` and `context`. Meshes use Auto axis types, so constraints
+are hints to XLA's partitioner and the models need no explicit resharding code.
+
+`context` (sequence parallelism) splits the activations' `length` axis; a mesh has it only
+when it is asked for (`make_mesh({"data": 2, "context": 4})`), so other meshes are as before.
+Attention keeps its queries split and gathers keys and values whole (`zoo.nn.attention`).
 
     mesh = zoo.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with zoo.sharding.use(mesh):
@@ -25,7 +29,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from zoo.nn.quant import QuantizedWeight
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
+_ALWAYS = MESH_AXES[:4]  # every mesh has these (size 1 when not asked for); context only when asked
 Rules = tuple[tuple[str, Any], ...]
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated).
@@ -38,7 +43,7 @@ DEFAULT_RULES: Rules = (
     ("vocab", "tensor"),
     ("experts", "expert"),
     ("layers", None),
-    ("length", None),
+    ("length", "context"),  # activations' sequence axis (and the learned position table's rows)
     ("head_dim", None),
     ("norm", None),
     ("types", None),
@@ -50,7 +55,8 @@ _CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Contex
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A Mesh over `devices` (default: all) with axes data, fsdp, tensor, expert.
+    """A Mesh over `devices` (default: all) with axes data, fsdp, tensor, expert (and
+    context, only when `shape` names it).
 
     `shape` gives sizes by name; one size may be -1 (the rest); missing axes get 1.
     Default: every device on `data`."""
@@ -59,7 +65,8 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"mesh: unknown axis {unknown}; expected names from {MESH_AXES}")
-    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    names = MESH_AXES if "context" in shape else _ALWAYS
+    sizes = {a: int(shape.get(a, 1)) for a in names}
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise ValueError(f"mesh: only one axis may be -1, got {free}")
@@ -71,8 +78,8 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device]
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
                          f"but there are {len(devices)} devices")
-    grid = np.asarray(devices, dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    grid = np.asarray(devices, dtype=object).reshape(tuple(sizes[a] for a in names))
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 @contextlib.contextmanager
@@ -132,6 +139,15 @@ def active_devices() -> int:
     """Devices of the mesh set by `use` (1 outside it)."""
     context = _CONTEXT.get()
     return 1 if context is None else context[0].size
+
+
+def context_size(mesh: Mesh | None = None) -> int:
+    """How many ways the sequence is split: the `context` axis of `mesh` (default: the mesh
+    set by `use`), 1 without one."""
+    if mesh is None:
+        context = _CONTEXT.get()
+        mesh = None if context is None else context[0]
+    return 1 if mesh is None else int(mesh.shape.get("context", 1))
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

@@ -8,6 +8,7 @@ values are never repeated. Scores and softmax run in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ from zoo.nn.param import Spec, init_std, param
 from zoo.nn.splash import splash_attend, splash_unfit
 from zoo.nn.positions import RopeTables, apply_rope, apply_rope_cached
 from zoo.nn.quant import concatenate
-from zoo.sharding import constrain
+from zoo.sharding import constrain, context_size
 
 _MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 
@@ -102,13 +103,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | MaskParts
     the bias as a PositionBias), and other paths given those build the dense arrays (a
     cache's queries, cache_layout, take the xla path). "splash" (TPUs, `zoo.nn.splash`) the
     Pallas splash kernel where the call fits it (`splash_unfit`), else blockwise. "auto" here
-    is xla: the math never looks at the device it runs on."""
+    is xla: the math never looks at the device it runs on.
+
+    On a mesh with a `context` axis (`zoo.sharding`) the queries stay split over it and the
+    keys and values come whole (`_attend_out` gathers them): xla and rows by the partitioner,
+    blockwise by `_blockwise_over_context`; cudnn and splash are refused (`check_context`)."""
+    check_context(implementation, context_size())
     if isinstance(mask, MaskParts):
         if implementation == "splash" and not cache_layout:
             if splash_unfit(mask, bias, q.shape, k.shape) is None:
                 return splash_attend(q, k, v, mask, scale, softcap=softcap, sinks=sinks)
             implementation = "blockwise"
         if implementation == "blockwise" and not cache_layout:
+            if context_size() > 1:
+                return _blockwise_over_context(q, k, v, mask, bias, scale, block, softcap, sinks)
             return blockwise_attend(q, k, v, mask, bias, scale, block=block, softcap=softcap,
                                     sinks=sinks)
         mask, bias = mask.dense(), None if bias is None else bias(mask.q_pos, mask.k_pos)
@@ -146,6 +154,54 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | MaskParts
     else:
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+# Attention implementations that run with the sequence split over a `context` mesh axis
+# ("auto" resolves to one of them there, `zoo.nn.backend.resolve`). cuDNN's and the splash
+# kernel are custom calls the partitioner cannot split along the queries.
+CONTEXT_PARALLEL = ("auto", "xla", "rows", "blockwise")
+
+
+def check_context(implementation: str, context: int) -> None:
+    """Raise ValueError when attention `implementation` cannot run with the sequence split
+    `context` ways (before anything compiles)."""
+    if context > 1 and implementation not in CONTEXT_PARALLEL:
+        raise ValueError(f"attention={implementation!r} cannot run with the sequence split over "
+                         f"a context mesh axis (context={context}); use one of {CONTEXT_PARALLEL}")
+
+
+def _blockwise_over_context(q: jax.Array, k: jax.Array, v: jax.Array, parts: MaskParts,
+                            bias: PositionBias | None, scale: float, block: int,
+                            softcap: float | None, sinks: jax.Array | None) -> jax.Array:
+    """Blockwise attention with the queries [B, T, N, H] split C ways over the `context`
+    mesh axis and the keys/values [B, S, K, H] whole: each row's T queries fold into C rows
+    of T/C ([B*C, T/C, ...], C on `context`), each over a copy of its row's keys (on each
+    device: the all-gathered keys, once). The mask keeps the global positions, so causality,
+    padding and segments hold as on one device -> [B, T, N, H]."""
+    b, t = q.shape[:2]
+    c = context_size()
+
+    def fold(x: jax.Array | None, names: tuple) -> jax.Array | None:  # [B, T, ...] -> [B*C, T/C, ...]
+        if x is None:
+            return None
+        x = constrain(x.reshape(b, c, t // c, *x.shape[2:]), ("batch", "length", None, *names))
+        return x.reshape(b * c, t // c, *x.shape[3:])
+
+    def spread(x: jax.Array | None, names: tuple) -> jax.Array | None:  # [B, S, ...] -> [B*C, S, ...]
+        if x is None:
+            return None
+        x = constrain(jnp.broadcast_to(x[:, None], (b, c, *x.shape[1:])), ("batch", "length", None, *names))
+        return x.reshape(b * c, *x.shape[2:])
+
+    folded = dataclasses.replace(
+        parts, q_pos=fold(parts.q_pos, ()), q_segments=fold(parts.q_segments, ()),
+        q_prefix=fold(parts.q_prefix, ()), k_pos=spread(parts.k_pos, ()),
+        k_valid=spread(parts.k_valid, ()), k_segments=spread(parts.k_segments, ()),
+        k_prefix=spread(parts.k_prefix, ()), same_tokens=False)
+    kv_names = ("kv_heads", "head_dim")
+    out = blockwise_attend(fold(q, ("heads", "head_dim")), spread(k, kv_names), spread(v, kv_names),
+                           folded, bias, scale, block=block, softcap=softcap, sinks=sinks)
+    return out.reshape(b, t, *out.shape[2:])
 
 
 def _cap(scores: jax.Array, softcap: float | None) -> jax.Array:
@@ -283,7 +339,10 @@ def _attend_out(p: dict, q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context,
     """Attention of q over k, v under ctx, projected back to [B, T, D]."""
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if not cache_layout:
-        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        # Keys and values whole along the sequence: on a `context` mesh axis this is the
+        # all-gather of context parallelism (queries stay split, `attend`).
+        k = constrain(k, ("batch", None, "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", None, "kv_heads", "head_dim"))
     scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_size ** -0.5
     out = attend(q, k, v, ctx.mask, ctx.bias, scale, cfg.attention, ctx.causal, cache_layout,
                  cfg.attn_softcap, p.get("sinks"), cfg.attention_block)

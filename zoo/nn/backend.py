@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.config import Config
-from zoo.sharding import active_devices
+from zoo.sharding import active_devices, context_size
 
 
 def platform() -> str:
@@ -81,6 +81,8 @@ def resolve(cfg: Config, *inputs: jax.Array | None) -> Config:
         shapes = [np.shape(x) for x in inputs if x is not None and np.ndim(x) >= 2]
         shape = (shapes[0][0], max(s[1] for s in shapes)) if shapes else None
         changes["attention"] = choose_attention(cfg, where, active_devices(), shape)
+        if context_size() > 1 and changes["attention"] in ("cudnn", "splash"):
+            changes["attention"] = "blockwise"  # the kernels cannot split the queries (zoo.nn.attention)
     if cfg.matmul == "auto":
         changes["matmul"] = choose_matmul(where)
     if cfg.grouped_matmul == "auto":
