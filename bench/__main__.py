@@ -1,5 +1,6 @@
 """`python -m bench train|decode|encode [--family F] [--vs hf|hf-flax] [--json out.json]`
-(`python -m bench moe ...`: bench/moe.py; `python -m bench long ...`: bench/long_context.py)
+(`python -m bench moe ...`: bench/moe.py; `python -m bench long ...`: bench/long_context.py;
+`python -m bench context ...`: bench/context.py)
 
 Prints a table and writes JSON rows: bench, family, tokens_per_s, mfu (against the matmul
 peak measured in the same run) and, on accelerators, mfu_spec and spec_tflops (against the
@@ -189,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import long_context
 
         return long_context.main(argv[1:])
+    if argv[:1] == ["context"]:  # context parallelism's per-device bytes (bench/context.py)
+        from bench import context
+
+        return context.main(argv[1:])
     if argv[:1] == ["quant"]:  # quantized-inference quality (bench/quant.py)
         from bench import quant
 
