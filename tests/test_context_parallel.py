@@ -15,9 +15,10 @@ from train.parallel import build_mesh, check_context, make_runner
 from train.step import abstract_state
 
 # (preset, objective, attention): the decoder's clm rows are packed (two segments, causal);
-# blockwise runs several blocks per context shard (32 tokens / 4 shards / block 4).
+# blockwise runs several blocks per context shard (32 tokens / 4 shards / block 4), under
+# shard_map with the zig-zag order; xla is split by the partitioner alone.
 CASES = [("tiny-decoder", "clm", "xla"), ("tiny-decoder", "clm", "blockwise"),
-         ("tiny-encoder", "mlm", "xla")]
+         ("tiny-encoder", "mlm", "blockwise")]
 
 
 @pytest.mark.parametrize("name,objective,attention", CASES, ids=["-".join(c) for c in CASES])
@@ -29,6 +30,24 @@ def test_a_context_axis_gives_the_one_device_losses(name, objective, attention):
     assert want[-1] < want[0]  # it trains
     got, _ = _losses(cfg, HP, host, batches, {"data": 2, "context": 4})
     np.testing.assert_allclose(got, want, rtol=RTOL)
+
+
+def test_the_zigzag_order_gives_every_device_as_many_causal_pairs():
+    """Blockwise attention skips the blocks a device's causal mask hides, so a device's work
+    follows its visible (query, key) pairs: equal on every device in the zig-zag order, and
+    in the plain order the last device has 2C-1 times the first's."""
+    from zoo.nn.attention import _reorder, zigzag
+
+    t, c = 64, 4
+    order, back = zigzag(c)
+    assert sorted(order) == list(range(2 * c)) and [order[i] for i in back] == list(range(2 * c))
+    pos = np.arange(t)[None]
+    for reorder, spread in [(lambda x: _reorder(x, order), 1.0), (lambda x: x, 2 * c - 1)]:
+        shards = np.asarray(reorder(pos)).reshape(c, t // c)
+        visible = (shards + 1).sum(axis=1)  # query at position p sees p + 1 keys
+        assert visible.max() / visible.min() == pytest.approx(spread, rel=0.1), visible
+    x = np.random.default_rng(0).normal(size=(2, t, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_reorder(_reorder(x, order), back), x)
 
 
 def _step_temp_bytes(cfg, batch, context):

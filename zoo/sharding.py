@@ -141,6 +141,12 @@ def active_devices() -> int:
     return 1 if context is None else context[0].size
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh set by `use` (None outside it)."""
+    context = _CONTEXT.get()
+    return None if context is None else context[0]
+
+
 def context_size(mesh: Mesh | None = None) -> int:
     """How many ways the sequence is split: the `context` axis of `mesh` (default: the mesh
     set by `use`), 1 without one."""

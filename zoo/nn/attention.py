@@ -25,7 +25,9 @@ from zoo.nn.param import Spec, init_std, param
 from zoo.nn.splash import splash_attend, splash_unfit
 from zoo.nn.positions import RopeTables, apply_rope, apply_rope_cached
 from zoo.nn.quant import concatenate
-from zoo.sharding import constrain, context_size
+from jax.sharding import PartitionSpec as P
+
+from zoo.sharding import active_mesh, constrain, context_size
 
 _MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 
@@ -174,34 +176,50 @@ def _blockwise_over_context(q: jax.Array, k: jax.Array, v: jax.Array, parts: Mas
                             bias: PositionBias | None, scale: float, block: int,
                             softcap: float | None, sinks: jax.Array | None) -> jax.Array:
     """Blockwise attention with the queries [B, T, N, H] split C ways over the `context`
-    mesh axis and the keys/values [B, S, K, H] whole: each row's T queries fold into C rows
-    of T/C ([B*C, T/C, ...], C on `context`), each over a copy of its row's keys (on each
-    device: the all-gathered keys, once). The mask keeps the global positions, so causality,
-    padding and segments hold as on one device -> [B, T, N, H]."""
-    b, t = q.shape[:2]
-    c = context_size()
+    mesh axis and the keys/values [B, S, K, H] whole (gathered where they enter the
+    `shard_map`; their gradients summed where they leave it). Each device runs blockwise
+    attention on its queries, so it skips the blocks its own causal/segment/window mask
+    leaves empty; under a causal mask the queries are first put in zig-zag order (`zigzag`:
+    device i holds chunks i and 2C-1-i of 2C, when 2C divides T), so every device has
+    about as many visible keys. The mask keeps the global positions -> [B, T, N, H]."""
+    mesh = active_mesh()
+    c = mesh.shape["context"]
+    # Reordering pays only where a causal mask makes the work uneven; it needs 2C chunks.
+    order, back = zigzag(c) if parts.causal and q.shape[1] % (2 * c) == 0 else ((), ())
+    split, whole = P(None, "context"), P()
+    q_side = tuple(None if x is None else _reorder(x, order)
+                   for x in (parts.q_pos, parts.q_segments, parts.q_prefix))
+    k_side = (parts.k_pos, parts.k_valid, parts.k_segments, parts.k_prefix)
 
-    def fold(x: jax.Array | None, names: tuple) -> jax.Array | None:  # [B, T, ...] -> [B*C, T/C, ...]
-        if x is None:
-            return None
-        x = constrain(x.reshape(b, c, t // c, *x.shape[2:]), ("batch", "length", None, *names))
-        return x.reshape(b * c, t // c, *x.shape[3:])
+    def local(q, k, v, q_side, k_side, bias, sinks):
+        mine = dataclasses.replace(parts, q_pos=q_side[0], q_segments=q_side[1], q_prefix=q_side[2],
+                                   k_pos=k_side[0], k_valid=k_side[1], k_segments=k_side[2],
+                                   k_prefix=k_side[3], same_tokens=False)
+        return blockwise_attend(q, k, v, mine, bias, scale, block=block, softcap=softcap, sinks=sinks)
 
-    def spread(x: jax.Array | None, names: tuple) -> jax.Array | None:  # [B, S, ...] -> [B*C, S, ...]
-        if x is None:
-            return None
-        x = constrain(jnp.broadcast_to(x[:, None], (b, c, *x.shape[1:])), ("batch", "length", None, *names))
-        return x.reshape(b * c, *x.shape[2:])
+    # check_vma=False: the backward's lax.cond branches differ in which axes they vary over;
+    # the cotangents of the whole (P()) inputs are still summed over `context` on the way out.
+    run = jax.shard_map(local, mesh=mesh, in_specs=(split, whole, whole, split, whole, whole, whole),
+                        out_specs=split, axis_names=frozenset({"context"}), check_vma=False)
+    out = run(_reorder(q, order), k, v, q_side, k_side, bias, sinks)
+    return _reorder(out, back)
 
-    folded = dataclasses.replace(
-        parts, q_pos=fold(parts.q_pos, ()), q_segments=fold(parts.q_segments, ()),
-        q_prefix=fold(parts.q_prefix, ()), k_pos=spread(parts.k_pos, ()),
-        k_valid=spread(parts.k_valid, ()), k_segments=spread(parts.k_segments, ()),
-        k_prefix=spread(parts.k_prefix, ()), same_tokens=False)
-    kv_names = ("kv_heads", "head_dim")
-    out = blockwise_attend(fold(q, ("heads", "head_dim")), spread(k, kv_names), spread(v, kv_names),
-                           folded, bias, scale, block=block, softcap=softcap, sinks=sinks)
-    return out.reshape(b, t, *out.shape[2:])
+
+def zigzag(c: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(order, inverse) of a row's 2C chunks for causal load balance over C devices: device
+    i gets chunks i and 2C-1-i, one early and one late."""
+    order = tuple(x for i in range(c) for x in (i, 2 * c - 1 - i))
+    return order, tuple(order.index(j) for j in range(2 * c))
+
+
+def _reorder(x: jax.Array, order: tuple[int, ...]) -> jax.Array:
+    """x [B, T, ...] with its T cut into len(order) chunks, put in `order` (() : as is)."""
+    if not order:
+        return x
+    b, t = x.shape[:2]
+    n = len(order)
+    chunks = x.reshape(b, n, t // n, *x.shape[2:])
+    return jnp.take(chunks, jnp.asarray(order), axis=1).reshape(x.shape)
 
 
 def _cap(scores: jax.Array, softcap: float | None) -> jax.Array:
