@@ -2,6 +2,9 @@
 its queries split and gathers keys and values. The same losses as one device, activation
 bytes per device that fall with the axis, and clear errors before compiling."""
 
+import functools
+from unittest import mock
+
 import jax
 import numpy as np
 import pytest
@@ -21,14 +24,23 @@ CASES = [("tiny-decoder", "clm", "xla"), ("tiny-decoder", "clm", "blockwise"),
          ("tiny-encoder", "mlm", "blockwise")]
 
 
-@pytest.mark.parametrize("name,objective,attention", CASES, ids=["-".join(c) for c in CASES])
-def test_a_context_axis_gives_the_one_device_losses(name, objective, attention):
-    cfg = tiny(name, attention=attention, attention_block=4)
+@functools.cache
+def _one_device(name, objective):
+    """(batches, initial host state, losses on one device with XLA attention): the reference
+    of every attention implementation (blockwise equals it to ~1e-7, tests/test_blockwise.py)."""
+    cfg = tiny(name, attention="xla")
     batches = _batches(cfg, objective)
     host = jax.device_get(train.init_state(cfg, HP, jax.random.key(0)))
-    want, _ = _losses(cfg, HP, host, batches, {"data": 1})
+    losses, _ = _losses(cfg, HP, host, batches, {"data": 1})
+    return batches, host, losses
+
+
+@pytest.mark.parametrize("name,objective,attention", CASES, ids=["-".join(c) for c in CASES])
+def test_a_context_axis_gives_the_one_device_losses(name, objective, attention):
+    batches, host, want = _one_device(name, objective)
     assert want[-1] < want[0]  # it trains
-    got, _ = _losses(cfg, HP, host, batches, {"data": 2, "context": 4})
+    cfg = tiny(name, attention=attention, attention_block=4)
+    got, _ = _losses(cfg, HP, host.replace(cfg=cfg), batches, {"data": 2, "context": 4})
     np.testing.assert_allclose(got, want, rtol=RTOL)
 
 
@@ -85,6 +97,9 @@ def test_context_mistakes_are_clear_errors_before_compiling(tmp_path, capsys):
             cfg = tiny("tiny-decoder", attention="cudnn", dtype="bfloat16")
             jax.eval_shape(lambda p, t: zoo.decoder.forward(p, cfg, t), zoo.init(cfg, jax.random.key(0)),
                            even["inputs"])
+    with zoo.sharding.use(mesh):  # "auto" avoids the kernels that cannot split the queries
+        with mock.patch.object(zoo.nn.backend, "platform", lambda: "tpu"):
+            assert zoo.nn.backend.resolve(tiny("tiny-decoder")).attention == "blockwise"
     jax.devices()
     assert main(["--mesh", "data=2,context=4", "--seq-len", "30", "--run-dir", str(tmp_path / "r")]) == 2
     assert "--mesh context=4 does not divide --seq-len 30" in capsys.readouterr().err
