@@ -97,6 +97,11 @@ def test_context_mistakes_are_clear_errors_before_compiling(tmp_path, capsys):
             cfg = tiny("tiny-decoder", attention="cudnn", dtype="bfloat16")
             jax.eval_shape(lambda p, t: zoo.decoder.forward(p, cfg, t), zoo.init(cfg, jax.random.key(0)),
                            even["inputs"])
+    with pytest.raises(ValueError, match=r"30 queries per row do not split .* \(context=4\)"):
+        with zoo.sharding.use(mesh):  # a forward called directly, outside make_runner's check
+            cfg = tiny("tiny-decoder", attention="blockwise")
+            jax.eval_shape(lambda p, t: zoo.decoder.forward(p, cfg, t), zoo.init(cfg, jax.random.key(0)),
+                           rows["inputs"])
     with zoo.sharding.use(mesh):  # "auto" avoids the kernels that cannot split the queries
         with mock.patch.object(zoo.nn.backend, "platform", lambda: "tpu"):
             assert zoo.nn.backend.resolve(tiny("tiny-decoder")).attention == "blockwise"

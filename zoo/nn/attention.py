@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from zoo.config import Config
 from zoo.nn.blockwise import blockwise_attend
@@ -25,8 +26,6 @@ from zoo.nn.param import Spec, init_std, param
 from zoo.nn.splash import splash_attend, splash_unfit
 from zoo.nn.positions import RopeTables, apply_rope, apply_rope_cached
 from zoo.nn.quant import concatenate
-from jax.sharding import PartitionSpec as P
-
 from zoo.sharding import active_mesh, constrain, context_size
 
 _MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
@@ -184,6 +183,9 @@ def _blockwise_over_context(q: jax.Array, k: jax.Array, v: jax.Array, parts: Mas
     about as many visible keys. The mask keeps the global positions -> [B, T, N, H]."""
     mesh = active_mesh()
     c = mesh.shape["context"]
+    if q.shape[1] % c:
+        raise ValueError(f"attention: {q.shape[1]} queries per row do not split over the context "
+                         f"mesh axis (context={c}); use a sequence length that is a multiple of {c}")
     # Reordering pays only where a causal mask makes the work uneven; it needs 2C chunks.
     order, back = zigzag(c) if parts.causal and q.shape[1] % (2 * c) == 0 else ((), ())
     split, whole = P(None, "context"), P()
