@@ -181,6 +181,7 @@ def test_bad_inputs_are_named(whisper, tmp_path):
         zoo.load_hf(tmp_path)
 
 
+@pytest.mark.slow  # the train step on a mesh and under pmap: tests/test_parallel.py (feature encoder)
 def test_value_and_grad_on_an_8_device_mesh(whisper):
     """A jitted value_and_grad of the loss, params and batch sharded over data x fsdp x tensor,
     equals one device's."""
