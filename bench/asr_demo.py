@@ -40,7 +40,8 @@ def window_of(out: Path) -> int:
     (100 frames a second; the stem's stride 2 halves them), rounded up to a multiple of 10."""
     seconds = [json.loads(line)["seconds"] for name in ("train.jsonl", "heldout.jsonl")
                for line in (out / name).read_text().splitlines() if line.strip()]
-    return 10 * math.ceil(max(seconds) * 100 / 2 / 10 + 1e-9)
+    frames = math.ceil((max(seconds) + 0.001) * 100)  # the manifests round durations to 1 ms
+    return 10 * math.ceil(frames / 20)
 
 
 def finetune_argv(out: Path, run_dir: Path, a: argparse.Namespace, encoder_max_len: int) -> list[str]:

@@ -248,3 +248,20 @@ def test_speech_data_without_espeak_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(speech_data.shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="apt-get install espeak-ng"):
         speech_data.synthesise(tmp_path, 3)
+
+
+def test_asr_demo_window_covers_the_longest_clip_and_evaluations_are_timed(tmp_path):
+    """bench.asr_demo: encoder_max_len from the manifests' longest clip (a clip of exactly
+    3.000 s may last up to 3.0005 s: the window must be longer); an evaluation's time is its
+    row's interval less its steps at the others' pace."""
+    import json
+
+    from bench import asr_demo
+
+    for name, secs in (("train.jsonl", [1.2, 3.0]), ("heldout.jsonl", [2.5])):
+        (tmp_path / name).write_text("".join(json.dumps({"seconds": s}) + "\n" for s in secs))
+    assert asr_demo.window_of(tmp_path) == 160  # 2 x 160 frames = 3.2 s > 3.0005 s
+    rows = [{"step": 10, "time_s": 20.0}, {"step": 20, "time_s": 30.0},
+            {"step": 30, "time_s": 45.0, "loss": 1.0, "eval_loss": 2.0, "eval_wer": 0.5}]
+    [row] = asr_demo.table(rows)
+    assert row["eval_s"] == 5.0 and row["wall_s"] == 45.0 and row["eval_wer"] == 0.5
