@@ -227,7 +227,7 @@ def test_speech_data_synthesises_a_manifest_log_mel_reads(tmp_path):
     from train import asr
 
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
+        pytest.fail("espeak-ng is not installed: apt-get install espeak-ng (.ci/run installs it)")
     counts = speech_data.synthesise(tmp_path, 3, held_out=0.5, max_number=20, seed=1, vocab_size=24)
     assert counts["train"] + counts["heldout"] == 3 and counts["dropped"] == 0
     utts = [asr.read_manifest(tmp_path / f"{s}.jsonl") for s in ("train", "heldout") if counts[s]]
