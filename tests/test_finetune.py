@@ -504,3 +504,18 @@ def test_a_one_layer_student_learns_from_the_fine_tuned_teacher(finetuned, bert_
     _, student = finetune.first_layers(cfg.replace(num_layers=1), original, cfg)
     assert jax.tree.leaves(student["encoder"]["layers"])[0].shape[0] == 1
     np.testing.assert_array_equal(student["encoder"]["layers"]["attn"]["q"][0], original["encoder"]["layers"]["attn"]["q"][0])
+
+
+def test_from_a_fine_tuned_run_num_layers_takes_its_first_layers(finetuned, bert_dir):
+    """--from RUN_DIR num_layers=1 (a student from the fine-tuned teacher itself): the run's
+    config overrides apply as they do to a Hugging Face directory (they were dropped)."""
+    import jax
+
+    src = finetune.load_source(finetune.resolve(["--from", str(finetuned), "--data", str(bert_dir / "train.tsv"),
+                                                 "num_layers=1", "dropout=0.0"]))
+    teacher = export.restore_run(finetuned)
+    assert (src.cfg.num_layers, src.cfg.dropout) == (1, 0.0)
+    assert {x.shape[0] for x in jax.tree.leaves(src.params["encoder"]["layers"])} == {1}
+    np.testing.assert_array_equal(src.params["encoder"]["layers"]["attn"]["q"][0],
+                                  teacher.params["encoder"]["layers"]["attn"]["q"][0])
+    assert src.head is not None and src.head.labels == teacher.head.labels

@@ -142,6 +142,9 @@ class FinetuneConfig:
                 raise ValueError(f"--model {self.model}: a model from scratch needs --tokenizer")
         if self.spec_augment and self.task != "asr":
             raise ValueError(f"--spec-augment: masks audio features, for --task asr (got --task {self.task})")
+        if self.hparams.label_smoothing and self.task in HEAD_KIND:
+            raise ValueError(f"--label-smoothing: smooths the vocabulary cross entropy (seq2seq, sft, asr); "
+                             f"--task {self.task} trains a head, which is not smoothed")
         if isinstance(self.eval_data, str):  # run.json of a run before eval_data took two files
             self.eval_data = [self.eval_data]
         files = (1, 2) if self.task == "seq2seq" else (1,)
@@ -248,8 +251,10 @@ def load_source(fc: FinetuneConfig) -> Source:
         cfg = zoo.preset(fc.model, **{**fc.overrides, **ids})
         return Source(cfg, None, None, enc)
     path = Path(fc.init_from)
-    if (path / "run.json").is_file():
-        return _from_run(path, fc)
+    if (path / "run.json").is_file():  # Config overrides as for a Hugging Face directory (num_layers: a student)
+        src = _from_run(path, fc)
+        cfg, params = first_layers(src.cfg.replace(**fc.overrides), src.params, src.cfg)
+        return dataclasses.replace(src, cfg=cfg, params=params)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--from {path}: expected a Hugging Face directory (config.json) or a zoo "
                                 f"run dir (run.json)")
