@@ -122,3 +122,14 @@ def _fresh_jax_caches():
     map limit (vm.max_map_count, 65530) and crashed the compiler."""
     yield
     jax.clear_caches()
+
+
+# The suite runs on two xdist workers (`pytest -n 2`), which take tests in collection order.
+# Started last, a one-minute notebook or multi-process test leaves the other worker idle at
+# the end; started first, the short tests fill in around it. (Same tests, same outcomes.)
+LONG_FIRST = ("test_notebooks.py::test_notebook_runs", "test_multihost.py", "test_train_cli.py::test_killed",
+              "test_parallel.py::test_every_mesh")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONG_FIRST))
