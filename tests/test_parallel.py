@@ -23,9 +23,10 @@ HP = train.Hparams(learning_rate=1e-2, warmup_steps=0, total_steps=5)
 STEPS, BATCH, LENGTH = 5, 8, 32
 RTOL = 1e-5  # fp32; the observed differences are ~1e-7
 
-# (mesh, parallel): the issue's list. One device is the reference.
-PLACES = [({"data": 8}, "jit"), ({"data": 2, "fsdp": 2, "tensor": 2}, "jit"),
-          ({"tensor": 8}, "jit"), ({"data": 8}, "pmap")]
+# (mesh, parallel); one device is the reference. Plain data=8 under jit is left out here (CI
+# time): it is data=2,fsdp=2,tensor=2's batch split alone, and the CLI, step and notebook tests
+# run it.
+PLACES = [({"data": 2, "fsdp": 2, "tensor": 2}, "jit"), ({"tensor": 8}, "jit"), ({"data": 8}, "pmap")]
 # 8 heads so tensor=8 splits them; the decoder keeps 2 KV heads (GQA), which tensor=8 cannot
 # split: they fall back to replication with a warning.
 FAMILIES = [("tiny-decoder", "clm", {"num_heads": 8}), ("tiny-encoder", "mlm", {"num_heads": 8}),
