@@ -1,7 +1,8 @@
 """`python -m train`: flags, config files and key=value overrides -> a `RunConfig`.
 
-Precedence, lowest first: the main job's defaults, the run dir's saved run config (with
---resume), a --config file (JSON or YAML), flags, key=value overrides. A key names a
+Precedence, lowest first: the main job's defaults, the model, model fields and tokenizer of
+the run --init-from names, the run dir's saved run config (with --resume), a --config file
+(JSON or YAML), flags, key=value overrides. A key names a
 RunConfig field (`batch_size=8`), an `Hparams` field (`warmup_steps=50`, `b2=0.99`, or a
 short name: `lr`, `warmup`, `steps`) or a model Config field (`d_model=256`, or
 `model.d_model=256`). Each setting is declared once, with its help and check, as a field of
@@ -74,6 +75,11 @@ class RunConfig:
     run_dir: str = setting("runs/main", "where the run's files go")
     resume: bool = setting(False, "continue the latest checkpoint in --run-dir, with its saved "
                            "settings under the ones given")
+    init_from: str | None = setting(None, "start a new run from the params of a `python -m train` run "
+                                    "dir's latest checkpoint, with its model and tokenizer under the "
+                                    "settings given (model fields that keep the params' shapes, such as "
+                                    "max_len=4096 rope_scaling=yarn) and a fresh optimizer at step 0",
+                                    aliases=("from",))
     mesh: str = setting("data=-1", "device mesh, AXIS=SIZE,... over axes data, fsdp, tensor, expert, "
                         "context (splits each row's sequence); -1 takes the rest (default: every "
                         "device on data)")
@@ -235,11 +241,33 @@ def _build(layers: list[tuple[dict[str, Any], str]]) -> RunConfig:
     `hparams` stays a mapping of the fields given until the end, so a warmup that defaults
     from the steps follows the steps finally chosen."""
     settings = {**declared(RunConfig), "hparams": dict(MAIN_HPARAMS)}
-    for layer, source in layers:
+    for layer, source in _source_layer(layers) + layers:
         _merge(settings, layer, source)
     if isinstance(settings["data"], str):
         settings["data"] = [settings["data"]]
     return RunConfig(**{**settings, "hparams": Hparams(**settings["hparams"])})
+
+
+def _source_layer(layers: list[tuple[dict[str, Any], str]]) -> list[tuple[dict[str, Any], str]]:
+    """With --init-from DIR (in any layer, the last one given wins): DIR's model, model fields
+    and tokenizer as the lowest layer, so the new run builds the model DIR trained unless a
+    setting changes it. Without it: no layer."""
+    init = None
+    for layer, _ in layers:
+        init = next((v for k, v in layer.items() if RUN_KEYS.get(k) == "init_from"), init)
+    if init is None:
+        return []
+    run_json = Path(init) / "run.json"
+    if not run_json.is_file():
+        raise FileNotFoundError(f"--init-from {init}: no run.json there; expected the run dir of a "
+                                f"`python -m train` run")
+    saved = read_json(run_json)
+    if "task" in saved or "model" not in saved:
+        raise ValueError(f"--init-from {init}: a fine-tuning run dir; pretraining starts from a "
+                         f"`python -m train` run dir (`python -m train finetune --from` takes this one)")
+    layer = {"model": saved["model"], "overrides": saved.get("overrides", {}),
+             "tokenizer": str(Path(init) / "tokenizer.model")}
+    return [(layer, str(run_json))]
 
 
 def run_config(**settings: Any) -> RunConfig:

@@ -38,7 +38,7 @@ from train.parallel import Runner, build_mesh, check_fit, make_runner, process_r
 from train.report import (MetricsLog, Progress, Reporter, peak_flops, plot_losses, read_metrics, summary,
                           train_flops)
 from train.rundir import (EXIT_DONE, EXIT_USAGE, Locked, NotFinite, RunLock, RunStop, WriteFailed,
-                          is_disk_full, write_atomic)
+                          is_disk_full, read_json, write_atomic)
 from train.step import abstract_state, batch_shardings
 from train.tokens import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -194,6 +194,50 @@ def initial_state(rc: RunConfig, s: Setup,
     state, start, record, damaged = ckpt.restore_intact(abstract_state(s.cfg, s.hp), s.mesh, s.rules, vet)
     s.pipeline.set_position(record["data"])
     return state, start, damaged
+
+
+def source_params(rc: RunConfig, cfg: zoo.Config) -> dict[str, Any] | None:
+    """--init-from DIR: the params of DIR's latest checkpoint in `cfg`'s param dtype, or None
+    without it. They must fit `cfg` (DIR's Config with this run's model fields over it): the
+    same tree and shapes, so only fields that leave the params alone may change (max_len and
+    the rope_* fields of a RoPE model, dropout, attention ...); a ValueError names the first
+    tensor that differs."""
+    if rc.init_from is None:
+        return None
+    src = Path(rc.init_from)
+    if not (src / "config.json").is_file() or not (src / "checkpoints").is_dir():
+        raise FileNotFoundError(f"--init-from {src}: no config.json and checkpoints/ there; expected "
+                                f"the run dir of a `python -m train` run that saved a checkpoint")
+    from train.sample import restore_params
+
+    src_cfg = zoo.Config.from_json((src / "config.json").read_text())
+    params, step = restore_params(src / "checkpoints", src_cfg)
+    want = jax.eval_shape(lambda key: zoo.init(cfg, key), jax.random.key(0))
+    got_leaves, want_leaves = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (params, want))
+    for path in sorted(got_leaves.keys() | want_leaves.keys(), key=jax.tree_util.keystr):
+        got, new = got_leaves.get(path), want_leaves.get(path)
+        if got is None or new is None or got.shape != new.shape:
+            there = "absent" if got is None else f"shape {got.shape}"
+            here = "absent" if new is None else f"shape {new.shape}"
+            raise ValueError(f"--init-from {src}: params{jax.tree_util.keystr(path)} is {there} there and "
+                             f"{here} in this run's model; change only model fields that keep the params' "
+                             f"shapes (for a RoPE model: max_len, rope_scaling and the rope_* fields)")
+    if hosts.is_primary():
+        print(f"initialised from {src} (checkpoint {step}); the optimizer starts afresh", flush=True)
+        _check_original_length(src, src_cfg, cfg)
+    return jax.tree.map(lambda x, like: x.astype(like.dtype), params, want)
+
+
+def _check_original_length(src: Path, src_cfg: zoo.Config, cfg: zoo.Config) -> None:
+    """Warns when a RoPE scaling that reads the pre-scaling context (yarn, llama3, longrope)
+    is added with a rope_original_max_len other than the length `src` was trained at (its
+    default, 8192, is rarely that)."""
+    trained = read_json(src / "run.json").get("seq_len")
+    if (cfg.rope_scaling in ("yarn", "llama3", "longrope") and src_cfg.rope_scaling is None
+            and trained and cfg.rope_original_max_len != trained):
+        print(f"warning: rope_scaling={cfg.rope_scaling} stretches the frequencies from "
+              f"rope_original_max_len={cfg.rope_original_max_len}, but {src} was trained on rows of "
+              f"{trained} tokens: set rope_original_max_len={trained}", file=sys.stderr, flush=True)
 
 
 def evaluate(c: Compiled, state: Any, batches: list[dict], key: jax.Array) -> dict[str, float]:
@@ -352,8 +396,9 @@ def _run_locked(rc: RunConfig, run_dir: Path) -> dict[str, Any]:
         # the run without changing them.
         s = setup(rc, run_dir)
         state, start, damaged = initial_state(rc, s, ckpt)
+        params = source_params(rc, s.cfg) if state is None else None  # --init-from: a new run only
         compiled = compile_run(rc, s)
-        state = compiled.runner.init(rc.seed) if state is None else state
+        state = compiled.runner.init(rc.seed, params) if state is None else state
         _start_writing(rc, s, run_dir, ckpt, start, damaged)
         flops = train_flops(s.cfg, rc.seq_len, s.objective.target_len) * rc.batch_size
         peak, peak_note = peak_flops(list(s.mesh.devices.flat), rc.peak_flops)
