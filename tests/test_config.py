@@ -44,6 +44,7 @@ def test_replace_validates():
     (dict(num_experts=2, experts_per_token=3), "experts_per_token"),
     (dict(num_experts=4, router="topk"), "router"),
     (dict(num_experts=4, moe_dispatch="capacity"), "moe_dispatch"),
+    (dict(num_experts=4, expert_parallel="ring"), "expert_parallel"),
     (dict(num_experts=4, router_groups=3), "router_groups"),
     (dict(num_experts=8, router_groups=4, router_topk_groups=5), "router_topk_groups"),
     (dict(num_experts=8, experts_per_token=4, router_groups=4), "router_topk_groups"),

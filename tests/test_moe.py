@@ -99,14 +99,15 @@ def test_sparse_dispatch_equals_dense_in_value_and_gradient(name, kernel):
 
 def test_tiles_cover_uneven_groups_and_empty_ones():
     """grouped_matmul's tile scan against a per-group matmul: a group far over one tile, empty
-    groups, and a group of one row."""
+    groups, a group of one row, and 6 padding rows after the groups (zeros out: the rows an
+    expert-parallel receiver was not sent), with the tile height from the rows in use."""
     sizes = jnp.array([0, 70, 1, 0, 9], jnp.int32)
-    x = jax.random.normal(jax.random.key(0), (80, 6))
+    x = jax.random.normal(jax.random.key(0), (86, 6))
     w = jax.random.normal(jax.random.key(1), (5, 6, 3))
     want = np.concatenate([np.asarray(x[a:b] @ w[g]) for g, (a, b) in
-                           enumerate(zip(np.cumsum(sizes) - sizes, np.cumsum(sizes)))])
-    for kernel in ("tiles", "ragged"):
-        np.testing.assert_allclose(moe.grouped_matmul(x, w, sizes, kernel), want, atol=1e-5)
+                           enumerate(zip(np.cumsum(sizes) - sizes, np.cumsum(sizes)))] + [np.zeros((6, 3))])
+    for kernel, rows in (("tiles", None), ("tiles", 40), ("ragged", None)):
+        np.testing.assert_allclose(moe.grouped_matmul(x, w, sizes, kernel, expected_rows=rows), want, atol=1e-5)
     assert moe.tile_rows(80, 5) == 16 and moe.tile_rows(8192, 4) == 256 and moe.tile_rows(4096, 32) == 128
 
 

@@ -12,10 +12,12 @@ from jax.sharding import PartitionSpec as P
 
 import train
 import zoo
+from bench.moe import collective_shapes
 from conftest import tiny
 from train import objectives
 from train.loop import main
 from train.parallel import build_mesh, check_fit, make_runner, parse_mesh, rules_from
+from train.step import abstract_state
 from train_util import ordinary, vocab
 
 V = vocab(128, sentinels=20)
@@ -86,15 +88,53 @@ def test_every_mesh_and_pmap_give_the_one_device_losses(name, objective, overrid
             assert not fallback, fallback
 
 
-def test_moe_on_an_expert_axis_gives_the_one_device_losses():
-    """Experts split over the `expert` mesh axis (the batch too: batch -> data, fsdp, expert)."""
-    cfg = tiny("tiny-moe")
+# (config overrides, Hparams overrides, meshes): Mixtral-style softmax top-2 of 4 experts, and
+# DeepSeek-V3-style sigmoid scores with a selection bias moved by the global load, a shared
+# expert and 8 experts (one per device on expert=8). Without group-limited routing (tested in
+# test_moe): on these random weights one token's group choice is a near-tie that the ~1e-7
+# rounding of a mesh flips by step 4, on the partitioner's path as on all_to_all.
+MOE = {"mixtral": ({}, {}, [{"expert": 4, "data": 2}]),
+       "deepseek": (dict(num_experts=8, router="sigmoid", router_score_bias=True, routed_scaling=2.5,
+                         shared_experts=1, moe_d_ff=16),
+                    dict(score_bias_rate=0.01), [{"expert": 4, "data": 2}, {"expert": 8}])}
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_on_an_expert_axis_gives_the_one_device_losses(name):
+    """Experts split over the `expert` mesh axis (the batch too: batch -> data, fsdp, expert),
+    each device running its own experts on the assignments all_to_all brings it; the balance
+    loss and the score bias's load are over the global batch."""
+    overrides, hp_overrides, meshes = MOE[name]
+    cfg, hp = tiny("tiny-moe", **overrides), dataclasses.replace(HP, **hp_overrides)
     batches = _batches(cfg, "clm")
-    host = jax.device_get(train.init_state(cfg, HP, jax.random.key(0)))
-    want, _ = _losses(cfg, HP, host, batches, {"data": 1})
-    got, shardings = _losses(cfg, HP, host, batches, {"expert": 4, "data": 2})
-    np.testing.assert_allclose(got, want, rtol=RTOL)
+    host = jax.device_get(train.init_state(cfg, hp, jax.random.key(0)))
+    want, _ = _losses(cfg, hp, host, batches, {"data": 1})
+    for shape in meshes:
+        got, shardings = _losses(cfg, hp, host, batches, shape)
+        np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=str(shape))
     assert shardings.params["decoder"]["layers"]["moe"]["wi"].spec == P(None, "expert", None, None)
+
+
+def _expert_gathers(cfg, shape):
+    """The all-gathers in the compiled training step on `shape` whose result holds a whole
+    layer's experts: shapes [..., E, D, F] or [..., E, F, D]."""
+    batch = _batches(cfg, "clm")[0]
+    runner = make_runner(cfg, HP, _mesh(shape), batch)
+    abstract = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+    state = jax.tree.map(abstract, abstract_state(cfg, HP), runner.state_sh)
+    with zoo.sharding.use(runner.mesh, runner.rules):
+        text = runner._step.lower(state, jax.tree.map(abstract, batch, runner.batch_sh)).compile().as_text()
+    e, d, f = cfg.num_experts, cfg.d_model, cfg.moe_d_ff or cfg.d_ff
+    return [s for _, s in collective_shapes(text, "all-gather") if s[-3:] in ((e, d, f), (e, f, d))]
+
+
+def test_expert_parallel_compute_does_not_gather_the_experts():
+    """On expert=4,data=2 each device keeps its own experts' weights and computes with them
+    (all_to_all moves the tokens); the partitioner's path (`expert_parallel="gather"`)
+    gathers every expert's weights to every device, which the check sees."""
+    cfg = tiny("tiny-moe")
+    assert _expert_gathers(cfg, {"expert": 4, "data": 2}) == []
+    assert _expert_gathers(cfg.replace(expert_parallel="gather"), {"expert": 4, "data": 2})
 
 
 def test_a_chunked_loss_on_a_sharded_mesh_gives_the_one_device_losses():

@@ -42,6 +42,7 @@ LAYOUTS = ("stacked", "decoding")
 ROUTERS = ("softmax", "sigmoid")  # zoo.nn.moe.route
 MOE_DISPATCHES = ("sparse", "dense")  # zoo.nn.moe.apply_moe
 GROUPED_MATMULS = ("auto", "ragged", "tiles")  # zoo.nn.moe.grouped_matmul
+EXPERT_PARALLELS = ("all_to_all", "gather")  # zoo.nn.moe.apply_moe on an `expert` mesh axis
 
 
 _TUPLE_FIELDS = ("layer_pattern", "rope_short_factor", "rope_long_factor", "dense_layers")
@@ -189,6 +190,9 @@ class Config:
     # The sparse dispatch's grouped matmul (zoo.nn.moe.grouped_matmul): ragged (jax.lax.ragged_dot,
     # GPU/TPU) | tiles (a scan over one-expert row tiles: a CPU's form) | auto: zoo.nn.backend picks.
     grouped_matmul: str = "auto"
+    # On a mesh whose `expert` axis splits the experts (zoo.nn.moe): all_to_all (each device routes its
+    # tokens and sends every assignment to its expert's device) | gather (XLA gathers the weights).
+    expert_parallel: str = "all_to_all"
     # Regularisation and numerics.
     dropout: float = 0.0
     # How `zoo.init` draws the weights: the published scheme of a family (init_std).
@@ -430,6 +434,8 @@ def _validate_moe(c: Config) -> None:
              f"expected one of {MOE_DISPATCHES}, got {c.moe_dispatch!r}")
     _require(c.grouped_matmul in GROUPED_MATMULS, "grouped_matmul",
              f"expected one of {GROUPED_MATMULS}, got {c.grouped_matmul!r}")
+    _require(c.expert_parallel in EXPERT_PARALLELS, "expert_parallel",
+             f"expected one of {EXPERT_PARALLELS}, got {c.expert_parallel!r}")
     _require(not c.dense_layers or c.family == "decoder", "dense_layers",
              f"only decoder stacks mix dense and MoE layers (family={c.family!r})")
     _require(c.router_groups >= 1 and c.num_experts % c.router_groups == 0, "router_groups",

@@ -147,6 +147,12 @@ def active_mesh() -> Mesh | None:
     return None if context is None else context[0]
 
 
+def active_rules() -> Rules:
+    """The rules set by `use` (DEFAULT_RULES outside it)."""
+    context = _CONTEXT.get()
+    return DEFAULT_RULES if context is None else context[1]
+
+
 def context_size(mesh: Mesh | None = None) -> int:
     """How many ways the sequence is split: the `context` axis of `mesh` (default: the mesh
     set by `use`), 1 without one."""

@@ -156,7 +156,7 @@ def _canonical(c: Config) -> Config:
     # Numerics and kernels: how a model is computed, not which model it is.
     keep_defaults = [name for name in ("dtype", "param_dtype", "attention", "matmul", "layout",
                                        "initializer", "scan_layers", "moe_dispatch",
-                                       "grouped_matmul")
+                                       "grouped_matmul", "expert_parallel")
                      if name in _DEFAULTS]
     keep_defaults += _unused_rope_fields(c)
     if c.positions != "relative":

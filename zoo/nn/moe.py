@@ -17,12 +17,23 @@ Dispatch (`Config.moe_dispatch`):
   one expert each ("tiles").
 - "dense": every expert runs on every token and the gates zero the unselected ones: E/k
   times the FLOPs, kept as the reference the sparse path is tested against.
+
+Expert parallelism (`Config.expert_parallel`): on a mesh (`zoo.sharding.use`) whose `expert`
+axis splits the experts, "all_to_all" (the default) runs the sparse dispatch under
+`jax.shard_map` (`_over_experts`): each device sorts its own tokens' assignments by the device
+that holds their expert, sends them there in one `jax.lax.all_to_all`, runs only its local
+experts' grouped matmul, and sends the results back to be combined with the gates. The send
+buffers hold every assignment a device could send to one other (tokens x min(k, local
+experts)), so nothing is dropped whatever the router does. The routing, the balance loss and
+the expert load stay outside, over the global batch. "gather" leaves the sparse dispatch to
+XLA's partitioner, which gathers the expert weights to the tokens.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -31,7 +42,7 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.nn.mlp import activation, apply_mlp, mlp_spec
 from zoo.nn.param import Spec, init_std, param
-from zoo.sharding import constrain
+from zoo.sharding import active_mesh, active_rules, constrain, spec_for
 
 SWIGLU_ALPHA = 1.702  # gpt-oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
 
@@ -161,8 +172,11 @@ def apply_moe(p: dict, x: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]
     if "router_bias" in p:
         logits = logits + p["router_bias"].astype(jnp.float32)
     r = route(logits, cfg, p.get("score_bias"))
-    dispatch = _dense if cfg.moe_dispatch == "dense" else _sparse
-    y = dispatch(p, x, r, cfg)
+    if cfg.moe_dispatch == "dense":
+        y = _dense(p, x, r, cfg)
+    else:
+        split = _expert_split(p, x, cfg)
+        y = _sparse(p, x, r, cfg) if split is None else _over_experts(p, x, r, cfg, split)
     if "shared" in p:
         y = y + apply_mlp(p["shared"], x, cfg)
     aux = balance_loss(r.scores, r.chosen, cfg.num_experts)
@@ -194,35 +208,143 @@ def _bias(p: dict, name: str, dt) -> jax.Array | float:
 def _sparse(p: dict, x: jax.Array, r: Routing, cfg: Config) -> jax.Array:
     """The N*k assignments sorted by expert, each expert's rows through its weights only."""
     b, t, d = x.shape
-    k, dt = cfg.experts_per_token, x.dtype
-    tokens = x.reshape(b * t, d)
+    k = cfg.experts_per_token
     expert = r.chosen.reshape(-1)  # [N*k], assignment j belongs to token j // k
     order = jnp.argsort(expert, stable=True)
-    sorted_expert = expert[order]
     sizes = jnp.zeros((cfg.num_experts,), jnp.int32).at[expert].add(1)
-    rows = tokens[order // k]  # [N*k, D]
+    out = _experts(p, x.reshape(b * t, d)[order // k], sizes, expert[order], cfg)
+    out = out * r.weights.reshape(-1)[order][:, None].astype(x.dtype)
+    y = jnp.zeros((b * t, d), x.dtype).at[order // k].add(out)
+    return y.reshape(b, t, d)
 
-    def project(h: jax.Array, w: str, bias: str) -> jax.Array:
-        y = grouped_matmul(h, p[w].astype(dt), sizes, cfg.grouped_matmul, cfg.matmul)
-        return y + p[bias].astype(dt)[sorted_expert] if bias in p else y
+
+def _experts(p: dict, rows: jax.Array, sizes: jax.Array, expert: jax.Array, cfg: Config,
+             expected_rows: int | None = None, reduce: tuple[str, ...] = ()) -> jax.Array:
+    """rows [M, D] sorted by expert (sizes [G] int32; rows past their sum are padding),
+    expert [M] each row's expert in [0, G) -> each row through its expert's MLP [M, D].
+    expected_rows: the rows in use for the tile kernel's height (default M); reduce: mesh
+    axes the experts' width is split over inside a shard_map (summed before the output bias)."""
+    dt = rows.dtype
+
+    def project(h: jax.Array, w: str, bias: str | None) -> jax.Array:
+        y = grouped_matmul(h, p[w].astype(dt), sizes, cfg.grouped_matmul, cfg.matmul, expected_rows)
+        return y + p[bias].astype(dt)[expert] if bias in p else y
 
     h = project(rows, "wi", "bi")
     h = _gate(project(rows, "wg", "bg"), h, cfg) if cfg.gated else activation(cfg.activation)(h)
-    out = project(h, "wo", "bo") * r.weights.reshape(-1)[order][:, None].astype(dt)
-    y = jnp.zeros((b * t, d), dt).at[order // k].add(out)
+    y = project(h, "wo", None)
+    if reduce:
+        y = jax.lax.psum(y, reduce)
+    return y + p["bo"].astype(dt)[expert] if "bo" in p else y
+
+
+# --- expert parallelism -------------------------------------------------------------------
+ROUTED = ("wi", "wg", "wo", "bi", "bg", "bo")  # the experts' own tensors, split on `expert`
+
+
+class _Split(NamedTuple):
+    """How `_over_experts` maps onto the active mesh: the shard_map's mesh, the specs of the
+    tokens [B, T, ...] and of each routed tensor, the expert axis's size, and the mesh axes
+    the experts' width (`mlp`) is split over."""
+
+    mesh: jax.sharding.Mesh
+    tokens: jax.sharding.PartitionSpec
+    weights: dict
+    devices: int
+    width_axes: tuple[str, ...]
+
+
+def _expert_split(p: dict, x: jax.Array, cfg: Config) -> _Split | None:
+    """The split of `_over_experts` when cfg.expert_parallel is "all_to_all" and the active
+    mesh puts the experts' axis on an `expert` mesh axis of size > 1 alone (None: run the
+    sparse dispatch as one program and let XLA's partitioner place it). The weights keep
+    their expert and width splits; `embed` (fsdp) is gathered, as FSDP does before a matmul."""
+    mesh = active_mesh()
+    if cfg.expert_parallel != "all_to_all" or mesh is None or mesh.shape.get("expert", 1) == 1:
+        return None
+    rules, spec = active_rules(), moe_spec(cfg)
+    with warnings.catch_warnings():  # a dim the mesh cannot split stays whole, as in `constrain`
+        warnings.simplefilter("ignore")
+        weights = {name: spec_for(tuple(None if a == "embed" else a for a in spec[name].axes),
+                                  p[name].shape, mesh, rules) for name in ROUTED if name in p}
+        tokens = spec_for(("batch", "length"), x.shape[:2], mesh, rules)
+    if weights["wi"][0] != "expert":
+        return None
+    width = weights["wi"][2]
+    width_axes = () if width is None else (width,) if isinstance(width, str) else tuple(width)
+    return _Split(mesh, tokens, weights, mesh.shape["expert"], width_axes)
+
+
+def _over_experts(p: dict, x: jax.Array, r: Routing, cfg: Config, split: _Split) -> jax.Array:
+    """The sparse dispatch with tokens x [B, T, D] and the routed experts split over the
+    `expert` mesh axis: `_exchange` on every device, under shard_map -> y [B, T, D].
+
+    check_vma=False: the tile kernel's lax.cond branches differ in the axes they vary over;
+    the cotangents of inputs a device shares (the weights over `data`, the tokens over
+    `tensor`) are still summed over the axes their specs leave out."""
+    routed = {name: p[name] for name in split.weights}
+    token_spec = jax.sharding.PartitionSpec(*split.tokens, None)
+    run = jax.shard_map(functools.partial(_exchange, cfg=cfg, devices=split.devices, reduce=split.width_axes),
+                        mesh=split.mesh, in_specs=(split.weights, token_spec, token_spec, token_spec),
+                        out_specs=token_spec, check_vma=False)
+    return run(routed, x, r.weights, r.chosen)
+
+
+def _exchange(p: dict, x: jax.Array, weights: jax.Array, chosen: jax.Array, *, cfg: Config,
+              devices: int, reduce: tuple[str, ...]) -> jax.Array:
+    """One device's part: its tokens x [b, t, D] with their gates and experts [b, t, k], its
+    experts' tensors ([E / devices, ...]) -> y [b, t, D].
+
+    Assignments go out in a buffer [devices, C, D], block j for the device holding experts
+    [j * E/devices, (j+1) * E/devices), each block the assignments to that device in expert
+    order and zeros after them; C = tokens * min(k, E/devices), what one device can be sent
+    by one other when each token picks k distinct experts. A second buffer carries each
+    row's local expert (E/devices on padding). The same slots bring the results back."""
+    b, t, d = x.shape
+    k, n = cfg.experts_per_token, b * t
+    local = cfg.num_experts // devices
+    cap = n * min(k, local)
+    expert = chosen.reshape(-1)  # [n*k], assignment j belongs to token j // k
+    order = jnp.argsort(expert, stable=True)
+    sent = jnp.zeros((devices,), jnp.int32).at[expert // local].add(1)  # per receiving device
+    slot = (jnp.cumsum(sent) - sent)[:, None] + jnp.arange(cap)  # [devices, C]: sorted index
+    valid = jnp.arange(cap) < sent[:, None]
+    pick = order[jnp.where(valid, slot, 0)]  # the assignment in each slot
+    token = pick // k
+    rows = jnp.where(valid[..., None], x.reshape(n, d)[token], 0)
+    ids = jnp.where(valid, expert[pick] % local, local)
+    swap = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0)
+    out = _local_experts(p, swap(rows).reshape(devices * cap, d), swap(ids).reshape(-1), cfg, local,
+                         n * k, reduce)
+    out = swap(out.reshape(devices, cap, d))
+    gate = jnp.where(valid, weights.reshape(-1)[pick], 0).astype(x.dtype)
+    y = jnp.zeros((n, d), x.dtype).at[token].add(out * gate[..., None])
     return y.reshape(b, t, d)
+
+
+def _local_experts(p: dict, rows: jax.Array, ids: jax.Array, cfg: Config, local: int,
+                   expected_rows: int, reduce: tuple[str, ...]) -> jax.Array:
+    """Received rows [M, D] with their local expert ids [M] (`local`: padding) through
+    those experts, in the order received -> [M, D] (padding rows: not meaningful)."""
+    order = jnp.argsort(ids, stable=True)  # padding last
+    sizes = jnp.zeros((local,), jnp.int32).at[ids].add(1, mode="drop")
+    expert = jnp.minimum(ids[order], local - 1)  # a bias row for the padding too (its gate is 0)
+    out = _experts(p, rows[order], sizes, expert, cfg, expected_rows, reduce)
+    return out[jnp.argsort(order)]
 
 
 # --- grouped matmul -----------------------------------------------------------------------
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, kernel: str = "ragged",
-                   mode: str = "xla") -> jax.Array:
-    """x [M, K] (rows sorted by group, sizes [G] int32 summing to M) times w [G, K, F]: each
-    group's rows by its own matrix -> [M, F]. kernel: `Config.grouped_matmul` ("auto" is
-    "ragged" here); mode: `Config.matmul`."""
+                   mode: str = "xla", expected_rows: int | None = None) -> jax.Array:
+    """x [M, K] (rows sorted by group, sizes [G] int32 summing to M or less: the rows past
+    their sum are padding and give zeros) times w [G, K, F]: each group's rows by its own
+    matrix -> [M, F]. kernel: `Config.grouped_matmul` ("auto" is "ragged" here); mode:
+    `Config.matmul`; expected_rows: how many rows are in use, for the tile kernel's height
+    (default M)."""
     accumulate = x.dtype == jnp.bfloat16 and mode == "f32_accumulate"
     out_type = jnp.float32 if accumulate else None
     if kernel == "tiles":
-        y = _tiled(x, w, sizes, out_type)
+        y = _tiled(x, w, sizes, out_type, expected_rows or x.shape[0])
     else:
         y = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=out_type)
     return y.astype(x.dtype)
@@ -236,22 +358,24 @@ def tile_rows(rows: int, groups: int) -> int:
     return int(min(256, max(8, 2 ** int(math.log2(target)))))
 
 
-def _tiled(x: jax.Array, w: jax.Array, sizes: jax.Array, out_type) -> jax.Array:
+def _tiled(x: jax.Array, w: jax.Array, sizes: jax.Array, out_type, expected_rows: int) -> jax.Array:
     """grouped_matmul as a scan over tiles of m rows that each belong to one group: every
     group's rows are padded to whole tiles, the scan multiplies each used tile by its
     group's matrix and skips the unused ones (`lax.cond`). Costs the rows plus under one
-    tile of padding per group, whatever the number of groups."""
+    tile of padding per group, whatever the number of groups. Rows past the groups go
+    nowhere (an index past the tiles, dropped) and read back as zeros."""
     (n, kdim), (g, _, f) = x.shape, w.shape
-    m = tile_rows(n, g)
+    m = tile_rows(expected_rows, g)
     tiles = -(-n // m) + min(g, n)  # static bound: ceil(n/m) full tiles + one partial per group
     padded = (sizes + m - 1) // m * m
     pad_end = jnp.cumsum(padded)
     group = jnp.repeat(jnp.arange(g), sizes, total_repeat_length=n)  # group of each row
     dest = pad_end[group] - padded[group] + jnp.arange(n) - (jnp.cumsum(sizes) - sizes)[group]
-    xt = jnp.zeros((tiles * m, kdim), x.dtype).at[dest].set(x).reshape(tiles, m, kdim)
+    dest = jnp.where(jnp.arange(n) < jnp.sum(sizes), dest, tiles * m)
+    xt = jnp.zeros((tiles * m, kdim), x.dtype).at[dest].set(x, mode="drop").reshape(tiles, m, kdim)
     tile_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(tiles) * m, side="right"), g - 1)
     y = _tile_products(xt, w, tile_group, pad_end[-1] // m, out_type)
-    return y.reshape(tiles * m, f)[dest]
+    return y.reshape(tiles * m, f).at[dest].get(mode="fill", fill_value=0)
 
 
 def _dot(a: jax.Array, b: jax.Array, out_type, dims=((1,), (0,))) -> jax.Array:
