@@ -126,3 +126,11 @@ def test_seq2seq_on_a_decoder_is_refused_before_writing(tmp_path, capsys):
     assert "--task seq2seq trains encoder-decoders (source -> target); this is an decoder model" in \
         capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_label_smoothing_is_for_the_vocabulary_not_for_task_heads():
+    base = ["--tokenizer", "x", "--data", "d", "--label-smoothing", "0.1"]
+    assert finetune.resolve(["--model", "tiny-encdec", "--task", "seq2seq", *base]).hparams.label_smoothing == 0.1
+    with pytest.raises(ValueError, match="--label-smoothing: smooths the vocabulary cross entropy .* --task "
+                                         "classify trains a head"):
+        finetune.resolve(["--model", "tiny-encoder", "--task", "classify", *base])

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import train
 import zoo
+from train import loss as train_loss
 from conftest import compiles, tiny
 from train.step import forward as train_forward, loss_sums
 from train_util import ordinary, small_tokenizer, shakespeare_texts, vocab
@@ -262,9 +263,10 @@ def test_prefix_lm_and_denoise_train_on_tiny_shapes(name, objective):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-@pytest.mark.parametrize("name,objective", [("tiny-decoder", "clm"), ("tiny-encoder", "mlm"),
-                                            ("tiny-encdec", "span_corruption")])
-def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(name, objective):
+@pytest.mark.parametrize("name,objective,smoothing", [("tiny-decoder", "clm", 0.0), ("tiny-encoder", "mlm", 0.0),
+                                                      ("tiny-encdec", "span_corruption", 0.1)])
+def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(name, objective, smoothing):
+    # smoothing: the chunked loss's own gradient of label smoothing against autodiff's
     cfg = tiny(name)
     batch = _batch(cfg, objective, b=4)
     t = batch["targets"].shape[1]
@@ -272,7 +274,7 @@ def test_chunked_loss_equals_the_whole_sequence_loss_and_gradients(name, objecti
 
     def run(chunk):
         def objective_(p):
-            s = loss_sums(p, cfg, batch, None, z_loss=1e-2, chunk=chunk)
+            s = loss_sums(p, cfg, batch, None, z_loss=1e-2, chunk=chunk, label_smoothing=smoothing)
             return s["objective"], s
         return jax.jit(jax.value_and_grad(objective_, has_aux=True))(params)
 
@@ -293,6 +295,26 @@ def test_a_step_with_a_chunked_loss_equals_the_whole_sequence_step():
     chex.assert_trees_all_close(part.params, whole.params, atol=1e-6, rtol=0)
     for k in ("loss", "accuracy", "z_loss", "grad_norm"):
         np.testing.assert_allclose(m_part[k], m_whole[k], rtol=1e-5)
+
+
+def test_label_smoothing_is_optax_smoothed_cross_entropy_and_the_logged_loss_stays_plain():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 5)))
+    w = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32)
+    sums = train_loss.from_logits(logits, targets, w, label_smoothing=0.1)
+    want = optax.softmax_cross_entropy(logits, optax.smooth_labels(jax.nn.one_hot(targets, 11), 0.1))
+    np.testing.assert_allclose(sums["objective"], jnp.sum(want * w), rtol=1e-5)
+    np.testing.assert_allclose(sums["ce"], train_loss.from_logits(logits, targets, w)["ce"], rtol=1e-6)
+    # the step takes the smoothed objective's gradient and logs the plain cross entropy
+    cfg = tiny("tiny-decoder")
+    batch = _batch(cfg, b=4)
+    _, m_plain = train.step(_state(cfg), batch)
+    _, m_smoothed = train.step(_state(cfg, label_smoothing=0.1), batch)
+    np.testing.assert_allclose(m_smoothed["loss"], m_plain["loss"], rtol=1e-6)
+    assert abs(float(m_smoothed["grad_norm"]) - float(m_plain["grad_norm"])) > 1e-3 * float(m_plain["grad_norm"])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        train.Hparams(label_smoothing=1.0)
 
 
 def test_loss_chunk_must_divide_the_target_length():

@@ -42,6 +42,9 @@ class Hparams:
     clip_norm: float = setting(1.0, "clip the gradient to this global norm (0: no clipping)",
                                NON_NEGATIVE)
     z_loss: float = setting(0.0, "weight of the z-loss, mean(logsumexp(logits)^2)", NON_NEGATIVE)
+    label_smoothing: float = setting(0.0, "train the vocabulary cross entropy against (1 - s) * onehot + s / "
+                                     "vocab_size (the logged loss stays the plain cross entropy; task heads "
+                                     "are not smoothed)", DECAY_RATE)
     aux_weight: float = setting(0.01, "weight of the MoE load-balancing loss", NON_NEGATIVE)
     score_bias_rate: float = setting(0.0, "DeepSeek-V3's aux-loss-free balancing: after each step "
                                      "every MoE layer's selection bias (Config.router_score_bias) "

@@ -147,11 +147,14 @@ def model_inputs(cfg: zoo.Config, batch: Batch) -> zoo.Inputs:
 
 def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
               remat: bool | str = False, z_loss: float = 0.0, chunk: int = 0,
-              task: Any = None, distill: tuple[float, float] = (0.5, 2.0)) -> dict[str, jax.Array]:
+              task: Any = None, distill: tuple[float, float] = (0.5, 2.0),
+              label_smoothing: float = 0.0) -> dict[str, jax.Array]:
     """Sums over the batch: weighted cross entropy `ce`, `z` (weighted lse^2), `correct`,
     `weight`, `objective` = ce + z_loss * z; `aux` is the model's MoE balance loss. Logits go
-    to fp32 before logsumexp. chunk > 0 computes the vocabulary projection and the loss that
-    many positions at a time (`train.loss.chunked`): the [B, T, V] logits never exist.
+    to fp32 before logsumexp. label_smoothing: the objective's vocabulary cross entropy is
+    taken against smoothed targets (`train.loss`; task heads take none). chunk > 0 computes
+    the vocabulary projection and the loss that many positions at a time
+    (`train.loss.chunked`): the [B, T, V] logits never exist.
     task: the cross entropy is the task head's (`task_logits`), one target per row
     (targets/weights [B]), per token ([B, T]) or, for qa heads, the answer's start and end
     positions ([B, 2], each a softmax over the T positions). A batch with `teacher_logits`
@@ -174,9 +177,9 @@ def loss_sums(params: Any, cfg: zoo.Config, batch: Batch, key: jax.Array | None,
     if chunk and chunk < targets.shape[1]:
         head = {k: params[k] for k in ("embed", "head", "mlm") if k in params}
         sums = loss.chunked(functools.partial(_logits, cfg), head, out.hidden, targets, w,
-                            z_loss, chunk)
+                            z_loss, chunk, label_smoothing)
     else:
-        sums = loss.from_logits(out.logits, targets, w, z_loss)
+        sums = loss.from_logits(out.logits, targets, w, z_loss, label_smoothing)
     return {**sums, "weight": jnp.sum(w.astype(jnp.float32)),
             "aux": jnp.asarray(out.aux_loss, jnp.float32)}
 
@@ -241,7 +244,7 @@ def _grads(state: TrainState, batch: Batch, key: jax.Array | None,
 
     def micro_loss(params: Any, mb: Batch, mkey: jax.Array | None) -> tuple[jax.Array, dict]:
         sums = loss_sums(lora.merged(params, hp.lora_alpha), cfg, mb, mkey, hp.remat, hp.z_loss, hp.loss_chunk,
-                         state.task, (hp.distill_alpha, hp.distill_temperature))
+                         state.task, (hp.distill_alpha, hp.distill_temperature), hp.label_smoothing)
         loss = sums["objective"] / norm + hp.aux_weight * sums["aux"] / k
         return loss, sums
 
