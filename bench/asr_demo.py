@@ -59,19 +59,20 @@ def finetune_argv(out: Path, run_dir: Path, a: argparse.Namespace, encoder_max_l
     return model + run
 
 
-def table(rows: list[dict]) -> list[dict]:
-    """The evaluations of metrics.jsonl rows: step, wall_s, eval_s (evaluation and checkpoint
-    time so far), train loss, eval loss and WER. An evaluation shares its step's row, so its
-    time is that row's interval less its steps at the median seconds per step of the others."""
-    logged = [(a, b) for a, b in zip(rows, rows[1:]) if "eval_wer" not in b]
+def table(rows: list[dict], metrics: tuple[str, ...] = ("eval_wer",)) -> list[dict]:
+    """The evaluations of metrics.jsonl rows (those with metrics[0]): step, wall_s, eval_s
+    (evaluation and checkpoint time so far), train loss, eval loss and the `metrics`. An
+    evaluation shares its step's row, so its time is that row's interval less its steps at
+    the median seconds per step of the others."""
+    logged = [(a, b) for a, b in zip(rows, rows[1:]) if metrics[0] not in b]
     per_step = sorted((b["time_s"] - a["time_s"]) / (b["step"] - a["step"]) for a, b in logged) or [0.0]
     median = per_step[len(per_step) // 2]
     out, eval_s, last = [], 0.0, {"step": 0, "time_s": 0.0}
     for r in rows:
-        if "eval_wer" in r:
+        if metrics[0] in r:
             eval_s += max(0.0, r["time_s"] - last["time_s"] - (r["step"] - last["step"]) * median)
             out.append({"step": r["step"], "wall_s": round(r["time_s"], 1), "eval_s": round(eval_s, 1),
-                        "loss": r.get("loss"), "eval_loss": r["eval_loss"], "eval_wer": r["eval_wer"]})
+                        "loss": r.get("loss"), "eval_loss": r["eval_loss"], **{m: r[m] for m in metrics}})
         last = r
     return out
 

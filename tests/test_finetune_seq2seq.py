@@ -134,3 +134,15 @@ def test_label_smoothing_is_for_the_vocabulary_not_for_task_heads():
     with pytest.raises(ValueError, match="--label-smoothing: smooths the vocabulary cross entropy .* --task "
                                          "classify trains a head"):
         finetune.resolve(["--model", "tiny-encoder", "--task", "classify", *base])
+
+
+def test_the_multi30k_bench_runs_a_command_finetune_accepts(tmp_path):
+    """bench.multi30k's `python -m train finetune` arguments resolve as meant: its KEY=VALUE
+    pairs reach the model and optimizer, the whole test set is the eval data."""
+    from bench import multi30k
+
+    a = multi30k.parser().parse_args(["--evals", "4"])
+    fc = finetune.resolve(multi30k.finetune_argv(a, tmp_path / "spm.model", tmp_path / "run", 720))
+    assert (fc.task, fc.model, fc.hparams.total_steps, fc.eval_interval) == ("seq2seq", "t5-small", 720, 180)
+    assert fc.hparams.label_smoothing == a.smoothing and fc.hparams.b2 == a.b2 and fc.overrides["d_model"] == 256
+    assert [Path(f).name for f in fc.eval_data] == ["test_2016_flickr.en", "test_2016_flickr.de"]
