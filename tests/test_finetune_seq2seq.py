@@ -146,3 +146,7 @@ def test_the_multi30k_bench_runs_a_command_finetune_accepts(tmp_path):
     assert (fc.task, fc.model, fc.hparams.total_steps, fc.eval_interval) == ("seq2seq", "t5-small", 720, 180)
     assert fc.hparams.label_smoothing == a.smoothing and fc.hparams.b2 == a.b2 and fc.overrides["d_model"] == 256
     assert [Path(f).name for f in fc.eval_data] == ["test_2016_flickr.en", "test_2016_flickr.de"]
+    # a run resumed with more steps restarts its clock: its rows follow the ones before
+    rows = [{"step": 25, "time_s": 50.0}, {"step": 50, "time_s": 100.0}, {"step": 75, "time_s": 30.0},
+            {"step": 100, "time_s": 80.0}]
+    assert [r["time_s"] for r in multi30k.one_clock(rows)] == [50.0, 100.0, 180.0, 230.0]
