@@ -41,6 +41,7 @@ from bench.streaming import stretches, summary
 from train.hostmem import restart_with_huge_pages
 
 METHODS = ("none", "linear", "yarn")
+COLORS = {"trained": "C0", "none": "C4", "linear": "C1", "yarn": "C2"}  # one per method in both panels
 DATA_DIR = Path(os.environ.get("ZOO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -96,15 +97,17 @@ def extend_argv(source: Path, data: Path, run_dir: Path, method: str, a: argpars
 
 # --- loss by position ------------------------------------------------------------------------
 
-def position_losses(params: dict, cfg: Any, tokens: np.ndarray) -> np.ndarray:
+def position_losses(params: dict, cfg: Any, tokens: np.ndarray, window: int | None = None) -> np.ndarray:
     """Mean next-token loss (nats) at each position over rows tokens [R, T] -> [T - 1]: entry t
     is the loss of token t + 1, predicted at position t (the last position it attends from).
     Rows run one at a time through `zoo.streaming.token_losses` (teacher-forced, full
-    attention over a cache, whose attention is the XLA path whatever `cfg.attention` says)."""
+    attention over a cache, whose attention is the XLA path whatever `cfg.attention` says).
+    `window`: each token sees only the `window` most recent ones, at positions below `window`
+    (zoo.streaming's window-only cache): a model within the length it was trained at."""
     from zoo.streaming import token_losses
 
     cfg = cfg.replace(attention="xla")
-    rows = [np.asarray(token_losses(params, cfg, tokens[i:i + 1])) for i in range(len(tokens))]
+    rows = [np.asarray(token_losses(params, cfg, tokens[i:i + 1], cache_window=window)) for i in range(len(tokens))]
     return np.concatenate(rows).mean(axis=0)
 
 
@@ -121,14 +124,16 @@ def ranges(short: int, length: int) -> list[int]:
     return bounds
 
 
-def score(run: Path, fields: dict[str, Any], text: str, rows: int, length: int, bucket: int) -> dict[str, Any]:
+def score(run: Path, fields: dict[str, Any], text: str, rows: int, length: int, bucket: int,
+          window: int | None = None) -> dict[str, Any]:
     """One model: `run`'s latest params with its Config's `fields` replaced, scored on the
-    first rows x length tokens of `text`: {"step", "fields", "by_bucket", "by_position"}."""
+    first rows x length tokens of `text` (`window`: see `position_losses`): {"step",
+    "fields", "by_bucket", "by_position"}."""
     from train.sample import load_run
 
     cfg, params, tok, step = load_run(run)
     cfg = cfg.replace(**fields)
-    curve = position_losses(params, cfg, stretches(tok, text, rows, length))
+    curve = position_losses(params, cfg, stretches(tok, text, rows, length), window)
     return {"step": step, "fields": fields, "by_bucket": [round(x, 4) for x in buckets(curve, bucket)],
             "by_position": curve}
 
@@ -145,22 +150,26 @@ def table(variants: list[dict[str, Any]]) -> str:
 
 
 def draw(fig: Any, variants: list[dict[str, Any]], bucket: int, short: int) -> None:
-    """Loss by bucket, without fine-tuning (left) and after it (right), on a matplotlib
-    Figure (a bare `matplotlib.figure.Figure` or `plt.figure()`)."""
-    left, right = fig.subplots(1, 2)
-    for ax, tuned in ((left, False), (right, True)):
+    """Loss by bucket less the reference's (the variant of method "window": the trained model
+    reading only the last `short` tokens, so the text's own ups and downs cancel), without
+    fine-tuning (left) and after it (right), on a matplotlib Figure (a bare
+    `matplotlib.figure.Figure` or `plt.figure()`)."""
+    ref = np.asarray(next(v for v in variants if v["method"] == "window")["by_bucket"])
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, tuned in zip(axes, (False, True)):
+        ax.axhline(0, color="black", linewidth=1, label=f"reference: trained at {short}, {short}-token window")
         for v in variants:
-            if v["fine_tuned"] == tuned or (tuned and v["method"] == "trained"):
-                x = bucket * (np.arange(len(v["by_bucket"])) + 0.5)
-                style = dict(color="grey", linestyle="--") if tuned and v["method"] == "trained" else {}
-                ax.plot(x, v["by_bucket"], marker="o", markersize=3, label=v["name"], **style)
+            if v["method"] != "window" and (v["fine_tuned"] == tuned or (tuned and v["method"] == "trained")):
+                x = bucket * (np.arange(len(ref)) + 0.5)
+                style = dict(color="grey", linestyle="--") if tuned and v["method"] == "trained" \
+                    else dict(color=COLORS[v["method"]])
+                ax.plot(x, np.asarray(v["by_bucket"]) - ref, marker="o", markersize=3, label=v["name"], **style)
         ax.axvline(short, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel("position")
         ax.set_title("after fine-tuning on long rows" if tuned else "max_len raised, not fine-tuned", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    left.set_ylabel(f"held-out loss (nats, mean over {bucket} positions)")
-    right.set_ylim(top=min(right.get_ylim()[1], max(max(v["by_bucket"]) for v in variants if v["fine_tuned"]) + 0.5))
+    axes[0].set_ylabel(f"held-out loss - reference (nats, per {bucket} positions)")
     fig.tight_layout()
 
 
@@ -186,15 +195,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--long-lr", type=float, default=5e-4)
     p.add_argument("--rows", type=int, default=4, help="held-out stretches scored")
     p.add_argument("--bucket", type=int, default=256, help="positions per bucket")
+    p.add_argument("--reuse", action="store_true", help="keep the runs already in --out (score them again)")
     p.add_argument("--json", default="bench/results/cpu_context_extension.json")
     p.add_argument("--plot", default="bench/results/cpu_context_extension.png")
     return p
 
 
-def run_train(argv: list[str]) -> float:
-    """`python -m train ARGV` in this process; its wall seconds. RuntimeError when it fails."""
+def run_train(argv: list[str], reuse: bool = False) -> float | None:
+    """`python -m train ARGV` in this process; its wall seconds. RuntimeError when it fails.
+    `reuse`: a run dir (after --run-dir) that holds checkpoints already is kept (None)."""
     from train.loop import main as train_main
 
+    run_dir = Path(argv[argv.index("--run-dir") + 1])
+    if reuse and (run_dir / "checkpoints").is_dir():
+        print(f"reusing {run_dir}", flush=True)
+        return None
     print("python -m train", " ".join(argv), flush=True)
     start = time.time()
     if train_main(argv) != 0:
@@ -211,12 +226,14 @@ def recipe(a: argparse.Namespace) -> dict[str, Any]:
     train_txt, held_txt = split_text(Path(a.data), out, a.held_out)
     short_run, commands, wall = out / f"short{a.short}", {}, {}
     commands["short"] = short_argv(train_txt, short_run, a)
-    wall["short"] = run_train(commands["short"])
+    wall["short"] = run_train(commands["short"], a.reuse)
     for m in methods:
         commands[m] = extend_argv(short_run, train_txt, out / f"{m}{a.factor}x", m, a)
-        wall[m] = run_train(commands[m])
+        wall[m] = run_train(commands[m], a.reuse)
     t0, length, text = time.time(), a.factor * a.short, held_txt.read_text()
-    variants = [{"name": f"trained at {a.short}, no scaling", "method": "trained", "fine_tuned": False,
+    variants = [{"name": f"trained at {a.short}, {a.short}-token window", "method": "window", "fine_tuned": False,
+                 **score(short_run, {}, text, a.rows, length, a.bucket, window=a.short)},
+                {"name": f"trained at {a.short}, no scaling", "method": "trained", "fine_tuned": False,
                  **score(short_run, {}, text, a.rows, length, a.bucket)}]
     for m in methods:
         if m != "none":
@@ -228,7 +245,7 @@ def recipe(a: argparse.Namespace) -> dict[str, Any]:
     wall["score"] = time.time() - t0
     wall["total"] = time.time() - start
     return {"settings": vars(a), "commands": {k: ["python", "-m", "train", *v] for k, v in commands.items()},
-            "length": length, "variants": variants, "wall_s": {k: round(v, 1) for k, v in wall.items()},
+            "length": length, "variants": variants, "wall_s": {k: None if v is None else round(v, 1) for k, v in wall.items()},
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "load": os.getloadavg()}
 
