@@ -251,16 +251,14 @@ def _build(layers: list[tuple[dict[str, Any], str]]) -> RunConfig:
 def _source_layer(layers: list[tuple[dict[str, Any], str]]) -> list[tuple[dict[str, Any], str]]:
     """With --init-from DIR (in any layer, the last one given wins): DIR's model, model fields
     and tokenizer as the lowest layer, so the new run builds the model DIR trained unless a
-    setting changes it. Without it: no layer."""
+    setting changes it. Without it, or without DIR/run.json (as --resume, settings read no
+    file that is not there; the run refuses to start: train.loop.setup): no layer."""
     init = None
     for layer, _ in layers:
         init = next((v for k, v in layer.items() if RUN_KEYS.get(k) == "init_from"), init)
-    if init is None:
+    run_json = Path(init) / "run.json" if init is not None else None
+    if run_json is None or not run_json.is_file():
         return []
-    run_json = Path(init) / "run.json"
-    if not run_json.is_file():
-        raise FileNotFoundError(f"--init-from {init}: no run.json there; expected the run dir of a "
-                                f"`python -m train` run")
     saved = read_json(run_json)
     if "task" in saved or "model" not in saved:
         raise ValueError(f"--init-from {init}: a fine-tuning run dir; pretraining starts from a "

@@ -92,6 +92,9 @@ def setup(rc: RunConfig, run_dir: Path) -> Setup:
     """Everything before the first compile; every user error surfaces here (those about the
     settings alone already when `rc` was made). With several processes, process 0 prepares
     the tokenizer and token cache and the others read them."""
+    if rc.init_from is not None and not (Path(rc.init_from) / "run.json").is_file():
+        raise FileNotFoundError(f"--init-from {rc.init_from}: no run.json there; expected the run dir of a "
+                                f"`python -m train` run")
     base, hp = rc.base_config(), rc.hparams
     mesh, rules = build_mesh(rc.mesh), rules_from(rc.rules)
     check_fit(rc.batch_size, mesh, rules, rc.parallel, hp.accum_steps)
