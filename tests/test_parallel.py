@@ -113,7 +113,7 @@ def test_moe_on_an_expert_axis_gives_the_one_device_losses(name):
     for shape in meshes:
         got, shardings = _losses(cfg, hp, host, batches, shape)
         np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=str(shape))
-    assert shardings.params["decoder"]["layers"]["moe"]["wi"].spec == P(None, "expert", None, None)
+        assert shardings.params["decoder"]["layers"]["moe"]["wi"].spec[1] == "expert"
 
 
 def _expert_gathers(cfg, shape):
