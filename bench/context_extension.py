@@ -107,7 +107,7 @@ def position_losses(params: dict, cfg: Any, tokens: np.ndarray, window: int | No
     from zoo.streaming import token_losses
 
     cfg = cfg.replace(attention="xla")
-    rows = [np.asarray(token_losses(params, cfg, tokens[i:i + 1], cache_window=window)) for i in range(len(tokens))]
+    rows = [np.asarray(token_losses(params, cfg, row[None], cache_window=window)) for row in tokens]
     return np.concatenate(rows).mean(axis=0)
 
 
@@ -245,7 +245,8 @@ def recipe(a: argparse.Namespace) -> dict[str, Any]:
     wall["score"] = time.time() - t0
     wall["total"] = time.time() - start
     return {"settings": vars(a), "commands": {k: ["python", "-m", "train", *v] for k, v in commands.items()},
-            "length": length, "variants": variants, "wall_s": {k: None if v is None else round(v, 1) for k, v in wall.items()},
+            "length": length, "variants": variants,
+            "wall_s": {k: None if v is None else round(v, 1) for k, v in wall.items()},
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "load": os.getloadavg()}
 

@@ -60,7 +60,8 @@ def test_init_from_starts_from_the_runs_params(source_run, text, tmp_path, capsy
     run_dir = tmp_path / "long"
     argv = ["--init-from", str(source_run), "--data", str(text), "--run-dir", str(run_dir),
             "--batch-size", "2", "--seq-len", "128", "--steps", "2", "--warmup", "1", "--checkpoint-every", "1",
-            "--eval-batches", "1", "--mesh", "data=1", "max_len=128", "rope_scaling=yarn", f"rope_scaling_factor={FACTOR}"]
+            "--eval-batches", "1", "--mesh", "data=1",
+            "max_len=128", "rope_scaling=yarn", f"rope_scaling_factor={FACTOR}"]
     rc = resolve(argv)  # the source's model, model fields and tokenizer, under the ones given
     assert rc.model == "tiny-decoder" and rc.tokenizer == str(source_run / "tokenizer.model")
     assert rc.overrides == {"max_len": 128, "num_layers": 1, "d_model": 48, "rope_scaling": "yarn",
