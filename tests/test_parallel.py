@@ -92,8 +92,8 @@ def test_every_mesh_and_pmap_give_the_one_device_losses(name, objective, overrid
 # (one per device on expert=4; also with each expert's width split over tensor and its embed
 # dim over fsdp), and DeepSeek-V3-style sigmoid scores with a selection bias moved by the
 # global load, a shared expert and 8 experts (two per device). Without group-limited routing
-# (tested in test_moe): on these random weights one token's group choice is a near-tie that
-# the ~1e-7 rounding of a mesh flips by step 4, on the partitioner's path as on all_to_all.
+# (tested in test_moe): on these random weights a token's routing with groups is a near-tie
+# that the ~1e-7 rounding of a mesh flips by step 4, on the partitioner's path as on all_to_all.
 MOE = {"mixtral": ({}, {}, [{"expert": 4, "data": 2}, {"expert": 2, "fsdp": 2, "tensor": 2}]),
        "deepseek": (dict(num_experts=8, router="sigmoid", router_score_bias=True, routed_scaling=2.5,
                          shared_experts=1, moe_d_ff=16),
