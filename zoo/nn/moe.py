@@ -302,19 +302,19 @@ def _exchange(p: dict, x: jax.Array, weights: jax.Array, chosen: jax.Array, *, c
     row's local expert (E/devices on padding). The same slots bring the results back."""
     b, t, d = x.shape
     k, n = cfg.experts_per_token, b * t
-    local = cfg.num_experts // devices
-    cap = n * min(k, local)
+    owned = cfg.num_experts // devices  # experts per device
+    cap = n * min(k, owned)
     expert = chosen.reshape(-1)  # [n*k], assignment j belongs to token j // k
     order = jnp.argsort(expert, stable=True)
-    sent = jnp.zeros((devices,), jnp.int32).at[expert // local].add(1)  # per receiving device
+    sent = jnp.zeros((devices,), jnp.int32).at[expert // owned].add(1)  # per receiving device
     slot = (jnp.cumsum(sent) - sent)[:, None] + jnp.arange(cap)  # [devices, C]: sorted index
     valid = jnp.arange(cap) < sent[:, None]
     pick = order[jnp.where(valid, slot, 0)]  # the assignment in each slot
     token = pick // k
     rows = jnp.where(valid[..., None], x.reshape(n, d)[token], 0)
-    ids = jnp.where(valid, expert[pick] % local, local)
+    ids = jnp.where(valid, expert[pick] % owned, owned)
     swap = functools.partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0)
-    out = _local_experts(p, swap(rows).reshape(devices * cap, d), swap(ids).reshape(-1), cfg, local,
+    out = _local_experts(p, swap(rows).reshape(devices * cap, d), swap(ids).reshape(-1), cfg, owned,
                          n * k, reduce)
     out = swap(out.reshape(devices, cap, d))
     gate = jnp.where(valid, weights.reshape(-1)[pick], 0).astype(x.dtype)
