@@ -37,6 +37,7 @@ from zoo.nn.masks import MaskParts
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param
 from zoo.nn.positions import apply_rope, yarn_mscale
+from zoo.nn.quant import dequantize
 from zoo.sharding import constrain
 
 _MASKED = -1e30  # as zoo.nn.attention: finite, so fully masked rows stay NaN-free
@@ -109,7 +110,7 @@ def attend_expanded(q_nope: jax.Array, q_rope: jax.Array, c: jax.Array, k_rope: 
     [B, T, N, R], c [B, S, C], k_rope [B, S, R], kv_b [C, N, Hn + Hv], mask [B, T, S]
     -> [B, T, N, Hv]."""
     hn = q_nope.shape[-1]
-    k_nope, v = jnp.split(matmul(c, kv_b.astype(c.dtype), mode=mode), [hn], axis=-1)  # [B, S, N, *]
+    k_nope, v = jnp.split(matmul(c, kv_b, mode=mode), [hn], axis=-1)  # [B, S, N, *]
     scores = (jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("btnr,bsr->bnts", q_rope, k_rope, preferred_element_type=jnp.float32))
     return jnp.einsum("bnts,bsnv->btnv", _probs(scores, mask, scale, v.dtype), v)
@@ -121,7 +122,7 @@ def attend_absorbed(q_nope: jax.Array, q_rope: jax.Array, c: jax.Array, k_rope: 
     move into the latent space (q_nope W_k: [B, T, N, C]), the softmax weights sum latents
     ([B, T, N, C]), and W_v lifts the sum to each head's values."""
     hn = q_nope.shape[-1]
-    w = kv_b.astype(c.dtype)
+    w = dequantize(kv_b, c.dtype)  # a QuantizedWeight (zoo.quantize) too
     w_k, w_v = w[..., :hn], w[..., hn:]
     q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_k)
     scores = (jnp.einsum("btnc,bsc->bnts", q_lat, c, preferred_element_type=jnp.float32)
@@ -153,7 +154,7 @@ def attend_blockwise(q_nope: jax.Array, q_rope: jax.Array, c: jax.Array, k_rope:
     each head's key [Hn + R] (k_rope shared) and value [Hv] from the latents, attended by
     `zoo.nn.blockwise` (shapes as `attend_expanded`) -> [B, T, N, Hv]."""
     hn = q_nope.shape[-1]
-    k_nope, v = jnp.split(matmul(c, kv_b.astype(c.dtype), mode=cfg.matmul), [hn], axis=-1)  # [B, S, N, *]
+    k_nope, v = jnp.split(matmul(c, kv_b, mode=cfg.matmul), [hn], axis=-1)  # [B, S, N, *]
     k_rope = jnp.broadcast_to(k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)

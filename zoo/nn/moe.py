@@ -14,7 +14,10 @@ Dispatch (`Config.moe_dispatch`):
   experts. Two kernels compute it (`Config.grouped_matmul`, chosen per device by
   `zoo.nn.backend.resolve`): `jax.lax.ragged_dot` ("ragged"; GPUs and TPUs) or, on a CPU,
   where XLA expands ragged_dot into every group over every row, a scan over row tiles of
-  one expert each ("tiles").
+  one expert each ("tiles"). Quantized experts (`zoo.quantize`: a `QuantizedWeight` with
+  the experts axis leading): the tile scan dequantizes each tile's expert matrix inside the
+  scan, so only int8 weights are kept; ragged_dot takes float weights, so the whole [E, K, F]
+  tensor is dequantized first and then multiplied.
 - "dense": every expert runs on every token and the gates zero the unselected ones: E/k
   times the FLOPs, kept as the reference the sparse path is tested against.
 
@@ -31,6 +34,7 @@ XLA's partitioner, which gathers the expert weights to the tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -42,6 +46,7 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.nn.mlp import activation, apply_mlp, mlp_spec
 from zoo.nn.param import Spec, init_std, param
+from zoo.nn.quant import dequantize, is_quantized, local
 from zoo.sharding import active_mesh, active_rules, constrain, spec_for
 
 SWIGLU_ALPHA = 1.702  # gpt-oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
@@ -189,13 +194,13 @@ def _dense(p: dict, x: jax.Array, r: Routing, cfg: Config) -> jax.Array:
     """Every expert on every token; the gates [B, T, E] keep the chosen k."""
     dt = x.dtype
     gates = jnp.sum(jax.nn.one_hot(r.chosen, cfg.num_experts, dtype=jnp.float32) * r.weights[..., None], axis=-2)
-    h = jnp.einsum("btd,edf->btef", x, p["wi"].astype(dt)) + _bias(p, "bi", dt)
+    h = jnp.einsum("btd,edf->btef", x, dequantize(p["wi"], dt)) + _bias(p, "bi", dt)
     if cfg.gated:
-        h = _gate(jnp.einsum("btd,edf->btef", x, p["wg"].astype(dt)) + _bias(p, "bg", dt), h, cfg)
+        h = _gate(jnp.einsum("btd,edf->btef", x, dequantize(p["wg"], dt)) + _bias(p, "bg", dt), h, cfg)
     else:
         h = activation(cfg.activation)(h)
     h = constrain(h, ("batch", "length", "experts", "mlp"))
-    y = jnp.einsum("btef,efd,bte->btd", h, p["wo"].astype(dt), gates.astype(dt))
+    y = jnp.einsum("btef,efd,bte->btd", h, dequantize(p["wo"], dt), gates.astype(dt))
     if "bo" in p:
         y = y + jnp.einsum("bte,ed->btd", gates.astype(dt), p["bo"].astype(dt))
     return y
@@ -227,7 +232,8 @@ def _experts(p: dict, rows: jax.Array, sizes: jax.Array, expert: jax.Array, cfg:
     dt = rows.dtype
 
     def project(h: jax.Array, w: str, bias: str | None) -> jax.Array:
-        y = grouped_matmul(h, p[w].astype(dt), sizes, cfg.grouped_matmul, cfg.matmul, expected_rows)
+        weight = p[w] if is_quantized(p[w]) else p[w].astype(dt)
+        y = grouped_matmul(h, weight, sizes, cfg.grouped_matmul, cfg.matmul, expected_rows)
         return y + p[bias].astype(dt)[expert] if bias in p else y
 
     h = project(rows, "wi", "bi")
@@ -265,12 +271,19 @@ def _expert_split(p: dict, x: jax.Array, cfg: Config) -> _Split | None:
     rules, spec = active_rules(), moe_spec(cfg)
     with warnings.catch_warnings():  # a dim the mesh cannot split stays whole, as in `constrain`
         warnings.simplefilter("ignore")
-        weights = {name: spec_for(tuple(None if a == "embed" else a for a in spec[name].axes),
-                                  p[name].shape, mesh, rules) for name in ROUTED if name in p}
+        axes = {name: tuple(None if a == "embed" else a for a in spec[name].axes)
+                for name in ROUTED if name in p}
+        weights = {name: spec_for(a, p[name].shape, mesh, rules) for name, a in axes.items()}
         tokens = spec_for(("batch", "length"), x.shape[:2], mesh, rules)
-    if weights["wi"][0] != "expert":
-        return None
-    width = weights["wi"][2]
+        if weights["wi"][0] != "expert":
+            return None
+        width = weights["wi"][2]
+        for name in weights:  # a QuantizedWeight: its q and scale split as their own axes say
+            if is_quantized(p[name]):
+                q_axes, scale_axes = p[name].axes(axes[name])
+                weights[name] = dataclasses.replace(
+                    p[name], q=spec_for(q_axes, p[name].q.shape, mesh, rules),
+                    scale=spec_for(scale_axes, p[name].scale.shape, mesh, rules))
     width_axes = () if width is None else (width,) if isinstance(width, str) else tuple(width)
     return _Split(mesh, tokens, weights, mesh.shape["expert"], width_axes)
 
@@ -300,6 +313,7 @@ def _exchange(p: dict, x: jax.Array, weights: jax.Array, chosen: jax.Array, *, c
     order and zeros after them; C = tokens * min(k, E/devices), what one device can be sent
     by one other when each token picks k distinct experts. A second buffer carries each
     row's local expert (E/devices on padding). The same slots bring the results back."""
+    p = {name: local(w) for name, w in p.items()}  # quantized: shapes of this device's block
     b, t, d = x.shape
     k, n = cfg.experts_per_token, b * t
     owned = cfg.num_experts // devices  # experts per device
@@ -340,13 +354,14 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, kernel: str = "
     their sum are padding and give zeros) times w [G, K, F]: each group's rows by its own
     matrix -> [M, F]. kernel: `Config.grouped_matmul` ("auto" is "ragged" here); mode:
     `Config.matmul`; expected_rows: how many rows are in use, for the tile kernel's height
-    (default M)."""
+    (default M). w may be a `zoo.nn.quant.QuantizedWeight` (lead dim G): "tiles"
+    dequantizes each tile's matrix inside its scan, "ragged" the whole w before ragged_dot."""
     accumulate = x.dtype == jnp.bfloat16 and mode == "f32_accumulate"
     out_type = jnp.float32 if accumulate else None
     if kernel == "tiles":
         y = _tiled(x, w, sizes, out_type, expected_rows or x.shape[0])
     else:
-        y = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=out_type)
+        y = jax.lax.ragged_dot(x, dequantize(w, x.dtype), sizes, preferred_element_type=out_type)
     return y.astype(x.dtype)
 
 
@@ -374,7 +389,10 @@ def _tiled(x: jax.Array, w: jax.Array, sizes: jax.Array, out_type, expected_rows
     dest = jnp.where(jnp.arange(n) < jnp.sum(sizes), dest, tiles * m)
     xt = jnp.zeros((tiles * m, kdim), x.dtype).at[dest].set(x, mode="drop").reshape(tiles, m, kdim)
     tile_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(tiles) * m, side="right"), g - 1)
-    y = _tile_products(xt, w, tile_group, pad_end[-1] // m, out_type)
+    if is_quantized(w):  # inference: no hand-written VJP (jax.grad refuses int8 q anyway)
+        y = _tile_forward(xt, w, tile_group, pad_end[-1] // m, out_type)
+    else:
+        y = _tile_products(xt, w, tile_group, pad_end[-1] // m, out_type)
     return y.reshape(tiles * m, f).at[dest].get(mode="fill", fill_value=0)
 
 
@@ -383,12 +401,18 @@ def _dot(a: jax.Array, b: jax.Array, out_type, dims=((1,), (0,))) -> jax.Array:
 
 
 def _tile_forward(xt: jax.Array, w: jax.Array, tile_group: jax.Array, used: jax.Array, out_type) -> jax.Array:
-    """xt [T, m, K] -> [T, m, F]: tile t by w[tile_group[t]], zeros from tile `used` on."""
+    """xt [T, m, K] -> [T, m, F]: tile t by w[tile_group[t]], zeros from tile `used` on (a
+    quantized w: that expert's matrix dequantized in the tile's step)."""
     zero = jnp.zeros((xt.shape[1], w.shape[2]), out_type or xt.dtype)
+
+    def matrix(gid: jax.Array) -> jax.Array:
+        if not is_quantized(w):
+            return w[gid]
+        return dequantize(jax.tree.map(lambda a: a[gid], w), xt.dtype)
 
     def body(_, xs):
         i, rows, gid = xs
-        return None, jax.lax.cond(i < used, lambda: _dot(rows, w[gid], out_type), lambda: zero)
+        return None, jax.lax.cond(i < used, lambda: _dot(rows, matrix(gid), out_type), lambda: zero)
 
     return jax.lax.scan(body, None, (jnp.arange(xt.shape[0]), xt, tile_group))[1]
 

@@ -1,15 +1,19 @@
 """Weight-only quantization for inference: int8 per output channel, int4 group-wise.
 
 `quantize(params, cfg, bits, group_size)` replaces each dense projection (attention q/k/v/o,
-MLA q/q_a/q_b/kv_a/o, MLP and shared-expert wi/wg/wo, every dense `kernel`, the untied
-output head) and the token embedding table by a `QuantizedWeight` at the same place in the
-tree. `zoo.nn.linear.matmul` / `matmul_transposed` and `take_rows` (the embedding lookup)
-dequantize inside the product, so every family's `forward`, `zoo.generate` and `zoo.encode`
-take the quantized tree unchanged. Left in their dtype: MoE expert tensors (they go through
-`zoo.nn.moe`'s grouped matmul, not the shared one), routers, MLA's `kv_b` (its absorbed
-decoding path reads it in an einsum), position/type tables, norms and biases.
+MLA q/q_a/q_b/kv_a/kv_b/o, MLP and shared-expert wi/wg/wo, every dense `kernel`, the untied
+output head), the routed experts' wi/wg/wo ([E, D, F] / [E, F, D]: quantized per expert,
+the experts axis a lead dim like `layers`) and the token embedding table by a
+`QuantizedWeight` at the same place in the tree. `zoo.nn.linear.matmul` /
+`matmul_transposed` and `take_rows` (the embedding lookup) dequantize inside the product;
+`zoo.nn.moe`'s grouped matmul dequantizes the expert matrices it reads and MLA's absorbed
+decoding path dequantizes `kv_b` where it reads it (`dequantize`), so every family's
+`forward`, `zoo.generate` and `zoo.encode` take the quantized tree unchanged. For inference
+only: `q` is int8, which `jax.grad` refuses as an input. Left in their dtype: routers,
+expert and other biases, position/type tables and norms.
 
-Layout: `q` holds a weight [*lead, *in, *out] (lead: the stack's `layers` axis, if any) as
+Layout: `q` holds a weight [*lead, *in, *out] (lead: the stack's `layers` axis and the
+routed `experts` axis, where present) as
 [*lead, *out, *in], the contracted dims innermost, so a batch-1 product reads each output
 row contiguously: XLA's CPU backend then fuses the int8 -> float conversion into the
 matrix-vector product instead of writing the float weight out (see `matvec`). An embedding
@@ -30,7 +34,8 @@ import jax.numpy as jnp
 
 # Leaf name -> number of leading (contracted) dims, for the weights `matmul` reads.
 MATMUL_WEIGHTS = {"q": 1, "k": 1, "v": 1, "o": 2, "wi": 1, "wg": 1, "wo": 1, "kernel": 1,
-                  "q_a": 1, "q_b": 1, "kv_a": 1}
+                  "q_a": 1, "q_b": 1, "kv_a": 1, "kv_b": 1}
+LEAD_AXES = ("layers", "experts")  # leading logical axes a weight is quantized per entry of
 DEFAULT_GROUP = {8: None, 4: 64}  # None: one scale per output channel
 
 
@@ -114,8 +119,8 @@ def _packed(out: Sequence[int], bits: int) -> tuple[int, ...]:
 
 # --- quantize -----------------------------------------------------------------------------
 def quantize(params: dict, cfg: Any, bits: int = 8, group_size: int | None = None) -> dict:
-    """params (the layout `zoo.init` gives) with each dense projection and the token
-    embedding table as a `QuantizedWeight`: bits 8 (one scale per output channel, or per
+    """params (the layout `zoo.init` gives) with each dense projection, each routed
+    expert's matrices and the token embedding table as a `QuantizedWeight`: bits 8 (one scale per output channel, or per
     group_size inputs when given) or 4 (group_size inputs per scale, default 64).
     Symmetric absmax rounding. ValueError for other bits, or a group_size that does not
     divide a quantized weight's input dim."""
@@ -131,14 +136,17 @@ def quantize(params: dict, cfg: Any, bits: int = 8, group_size: int | None = Non
     def one(path: tuple, logical: tuple, w: jax.Array) -> Any:
         keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
         name = keys[-1]
-        core = tuple(a for a in logical if a != "layers")
-        if "experts" in core or len(core) < 2:
+        n_lead = 0
+        while n_lead < len(logical) and logical[n_lead] in LEAD_AXES:
+            n_lead += 1
+        core = tuple(logical[n_lead:])
+        if len(core) < 2:
             return w
         if name == "tokens" and keys[-2:-1] == ["embed"]:
-            return quantize_weight(w, bits, group_size, 1, True, len(logical) - len(core), _name(path))
+            return quantize_weight(w, bits, group_size, 1, True, n_lead, _name(path))
         if name in MATMUL_WEIGHTS:
             return quantize_weight(w, bits, group_size, MATMUL_WEIGHTS[name], False,
-                                   len(logical) - len(core), _name(path))
+                                   n_lead, _name(path))
         return w
 
     return jax.tree_util.tree_map_with_path(one, model_axes(cfg), params, is_leaf=is_axes)
@@ -208,19 +216,35 @@ def dequantized(w: QuantizedWeight, dtype: Any, per_channel: bool = True) -> jax
     return (q.astype(dtype).reshape(n, groups, k // groups) * scale[:, :, None]).reshape(n, k)
 
 
-def dequantize(w: Any) -> Any:
-    """The float array a QuantizedWeight stands for, in its original shape and dtype
-    (arrays pass through); for checks and exports."""
+def dequantize(w: Any, dtype: Any = None) -> Any:
+    """The float array a QuantizedWeight stands for, in its original shape, in dtype (default
+    its original dtype); arrays pass through (cast to dtype when given). For checks and
+    exports, and where a weight is read outside `zoo.nn.linear.matmul` (MLA's absorbed
+    kv_b, MoE experts)."""
     if not is_quantized(w):
-        return w
+        return w if dtype is None else w.astype(dtype)
     if w.lead:
-        return jax.vmap(dequantize)(w)
+        return jax.vmap(lambda v: dequantize(v, dtype))(w)
     full = dequantized(w, jnp.float32)
     out = full.reshape(*w.out_shape, *w.in_shape)
     if not w.out_first:
         n_out = len(w.out_shape)
         out = jnp.transpose(out, [*range(n_out, out.ndim), *range(n_out)])
-    return out.astype(w.dtype)
+    return out.astype(w.dtype if dtype is None else dtype)  # (a np.dtype is falsy: no `or`)
+
+
+def local(w: Any) -> Any:
+    """w with its shape (`core`) read back from q's: inside a shard_map a QuantizedWeight's
+    leaves are the device's blocks while `core` still names the whole weight. Arrays pass
+    through."""
+    if not is_quantized(w):
+        return w
+    n = len(w.core)
+    dims = w.q.shape[w.q.ndim - n:]
+    outs, ins = dims[:n - w.n_in], dims[n - w.n_in:]
+    if w.bits == 4:
+        outs = (*outs[:-1], 2 * outs[-1])
+    return dataclasses.replace(w, core=(*outs, *ins) if w.out_first else (*ins, *outs))
 
 
 def matvec(x: jax.Array, w: QuantizedWeight) -> jax.Array:
