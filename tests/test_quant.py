@@ -136,18 +136,30 @@ def test_quantized_experts_and_kv_b_stay_close_to_float(name):
 
 
 def test_generate_through_the_latent_cache_with_quantized_kv_b(deepseek):
-    """Greedy decoding over the MLA latent cache reads the quantized kv_b in the absorbed
-    form: each token is the argmax of the quantized model's full (expanded) forward, and
-    teacher-forced on the fp32 model's continuation the int8 model picks the same token at
-    most positions (random weights give near-ties, so not all)."""
-    from test_generate import _assert_greedy, _teacher_forced
+    """Decoding over the MLA latent cache reads the quantized kv_b in the absorbed form: a
+    prompt then single tokens through the cache give the quantized model's full (expanded)
+    forward logits; int8 greedy generation agrees with the fp32 model's at most positions,
+    teacher-forced on the fp32 continuation (random weights leave near-ties, so not all)."""
+    from test_generate import _teacher_forced
+
+    from zoo.nn import cache as kv_cache
 
     cfg, params = deepseek
+    params = {**params, "head": {"kernel": params["head"]["kernel"] * 20}}  # sharper choices
     qp = zoo.quantize(params, cfg, bits=8)
-    prompt = tokens(jax.random.key(1), 2, 4)
-    out = zoo.generate(qp, cfg, prompt, max_new_tokens=8, stop_tokens=())
-    _assert_greedy(qp, cfg, prompt, out)
+    seq = tokens(jax.random.key(1), 2, 9)
+    full = run(qp, cfg, seq).logits
+    out = run(qp, cfg, seq[:, :5], cache=kv_cache.init(cfg, 2, 12))
+    steps, cache = [out.logits], out.cache
+    for i in range(5, 9):
+        out = run(qp, cfg, seq[:, i:i + 1], cache=cache)
+        steps.append(out.logits)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
+    prompt = seq[:, :4]
+    got = zoo.generate(qp, cfg, prompt, max_new_tokens=8, stop_tokens=())
     want = zoo.generate(params, cfg, prompt, max_new_tokens=8, stop_tokens=())
+    assert got.shape == want.shape == (2, 8)
     picks = jnp.argmax(_teacher_forced(qp, cfg, prompt, want), axis=-1)
     assert float(jnp.mean(picks == want)) >= 0.75
 

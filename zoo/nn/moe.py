@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.nn.mlp import activation, apply_mlp, mlp_spec
 from zoo.nn.param import Spec, init_std, param
-from zoo.nn.quant import dequantize, is_quantized, local
+from zoo.nn.quant import dequantize, is_quantized, shard_view
 from zoo.sharding import active_mesh, active_rules, constrain, spec_for
 
 SWIGLU_ALPHA = 1.702  # gpt-oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
@@ -313,7 +313,7 @@ def _exchange(p: dict, x: jax.Array, weights: jax.Array, chosen: jax.Array, *, c
     order and zeros after them; C = tokens * min(k, E/devices), what one device can be sent
     by one other when each token picks k distinct experts. A second buffer carries each
     row's local expert (E/devices on padding). The same slots bring the results back."""
-    p = {name: local(w) for name, w in p.items()}  # quantized: shapes of this device's block
+    p = {name: shard_view(w) for name, w in p.items()}  # quantized: shapes of this device's block
     b, t, d = x.shape
     k, n = cfg.experts_per_token, b * t
     owned = cfg.num_experts // devices  # experts per device

@@ -233,7 +233,7 @@ def dequantize(w: Any, dtype: Any = None) -> Any:
     return out.astype(w.dtype if dtype is None else dtype)  # (a np.dtype is falsy: no `or`)
 
 
-def local(w: Any) -> Any:
+def shard_view(w: Any) -> Any:
     """w with its shape (`core`) read back from q's: inside a shard_map a QuantizedWeight's
     leaves are the device's blocks while `core` still names the whole weight. Arrays pass
     through."""
