@@ -150,3 +150,17 @@ def test_the_multi30k_bench_runs_a_command_finetune_accepts(tmp_path):
     rows = [{"step": 25, "time_s": 50.0}, {"step": 50, "time_s": 100.0}, {"step": 75, "time_s": 30.0},
             {"step": 100, "time_s": 80.0}]
     assert [r["time_s"] for r in multi30k.one_clock(rows)] == [50.0, 100.0, 180.0, 230.0]
+
+
+def test_a_sentencepiece_file_of_any_name_is_kept_so_the_run_dir_loads_it(tmp_path):
+    """--model PRESET --tokenizer my.model: the run's tokenizer/ (and so --from RUN_DIR and
+    export) finds the model under a name load_encoder reads, whatever the file was called."""
+    import os
+    import shutil
+
+    src = tmp_path / "my_spm.model"
+    shutil.copyfile(Path(os.environ["ZOO_DATA_DIR"]) / "spm" / "botchan_en_unigram_1000.model", src)
+    enc = load_encoder(src)
+    enc.save(tmp_path / "tokenizer")
+    again = load_encoder(tmp_path / "tokenizer")
+    assert again.vocab_size == enc.vocab_size and again.encode_text("I am a cat.")[0] == enc.encode_text("I am a cat.")[0]

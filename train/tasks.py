@@ -376,8 +376,8 @@ class TextEncoder:
         directory.mkdir(parents=True, exist_ok=True)
         files = ([self.source / n for n in TOKENIZER_FILES if (self.source / n).is_file()]
                  if self.source.is_dir() else [self.source])
-        for f in files:
-            shutil.copyfile(f, directory / f.name)
+        for f in files:  # a lone SentencePiece file goes under a name load_encoder looks for
+            shutil.copyfile(f, directory / (f.name if self.source.is_dir() else "tokenizer.model"))
 
 
 def load_encoder(path: str | Path, pad_id: int | None = None) -> TextEncoder:
