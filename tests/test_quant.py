@@ -138,7 +138,8 @@ def test_quantized_experts_and_kv_b_stay_close_to_float(name, request):
     assert _rel(run(q4, cfg, toks).logits, ref) < 0.25
     if name == "mixtral":  # the dense dispatch reads the same dequantized experts
         dense = cfg.replace(moe_dispatch="dense")
-        np.testing.assert_allclose(run(q8, dense, toks).logits, run(q8, cfg, toks).logits, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(run(q8, dense, toks).logits, run(q8, cfg, toks).logits,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_generate_through_the_latent_cache_with_quantized_kv_b(deepseek):
@@ -162,7 +163,7 @@ def test_generate_through_the_latent_cache_with_quantized_kv_b(deepseek):
 def test_quantized_experts_keep_the_experts_axis_on_a_mesh(deepseek):
     """q and scale of an expert tensor are split on `expert` like the float tensor; the
     all_to_all dispatch (shard_map over each device's experts, with the experts' width split
-    over `tensor`) gives the one-device logits."""
+    over `tensor`) gives the one-device logits; a mesh that would cut scale groups is refused."""
     cfg, params, _, qp = deepseek
     mesh = sharding.make_mesh({"expert": 4, "tensor": 2})
     plain = sharding.tree_shardings(zoo.axes(cfg), mesh, params)["decoder"]["layers"]["moe"]
@@ -176,3 +177,7 @@ def test_quantized_experts_keep_the_experts_axis_on_a_mesh(deepseek):
     with sharding.use(mesh):
         got = run(placed, cfg, toks).logits
     np.testing.assert_allclose(got, run(qp, cfg, toks).logits, rtol=1e-4, atol=1e-4)
+    # wo's 2 scale groups per row cannot follow its 16 inputs split 4 ways
+    with sharding.use(sharding.make_mesh({"expert": 2, "tensor": 4})), \
+            pytest.raises(ValueError, match="wo's 2 scale groups do not split over the mesh axes tensor"):
+        jax.eval_shape(lambda p, t: zoo.forward(p, cfg, t).logits, qp, toks)  # traced afresh

@@ -280,10 +280,14 @@ def _expert_split(p: dict, x: jax.Array, cfg: Config) -> _Split | None:
         width = weights["wi"][2]
         for name in weights:  # a QuantizedWeight: its q and scale split as their own axes say
             if is_quantized(p[name]):
-                q_axes, scale_axes = p[name].axes(axes[name])
-                weights[name] = dataclasses.replace(
-                    p[name], q=spec_for(q_axes, p[name].q.shape, mesh, rules),
-                    scale=spec_for(scale_axes, p[name].scale.shape, mesh, rules))
+                w, (q_axes, scale_axes) = p[name], p[name].axes(axes[name])
+                q = spec_for(q_axes, w.q.shape, mesh, rules)
+                scale = spec_for(scale_axes, w.scale.shape, mesh, rules)
+                if w.scale.shape[-1] > 1 and q[-1] != scale[-1]:  # each block must hold whole groups
+                    raise ValueError(f"quantize: {name}'s {w.scale.shape[-1]} scale groups do not split "
+                                     f"over the mesh axes {q[-1]} of its inputs; pick a group_size "
+                                     "that makes them divide (or bits=8 without group_size)")
+                weights[name] = dataclasses.replace(w, q=q, scale=scale)
     width_axes = () if width is None else (width,) if isinstance(width, str) else tuple(width)
     return _Split(mesh, tokens, weights, mesh.shape["expert"], width_axes)
 
