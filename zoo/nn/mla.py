@@ -37,7 +37,7 @@ from zoo.nn.masks import MaskParts
 from zoo.nn.norms import apply_norm, norm_spec
 from zoo.nn.param import Spec, init_std, param
 from zoo.nn.positions import apply_rope, yarn_mscale
-from zoo.nn.quant import dequantize
+from zoo.nn.quant import dequantize, tie
 from zoo.sharding import constrain
 
 _MASKED = -1e30  # as zoo.nn.attention: finite, so fully masked rows stay NaN-free
@@ -122,7 +122,8 @@ def attend_absorbed(q_nope: jax.Array, q_rope: jax.Array, c: jax.Array, k_rope: 
     move into the latent space (q_nope W_k: [B, T, N, C]), the softmax weights sum latents
     ([B, T, N, C]), and W_v lifts the sum to each head's values."""
     hn = q_nope.shape[-1]
-    w = dequantize(kv_b, c.dtype)  # a QuantizedWeight (zoo.quantize) too
+    c, kv_b = tie(c, kv_b)  # a QuantizedWeight (zoo.quantize): dequantized in each step
+    w = dequantize(kv_b, c.dtype)
     w_k, w_v = w[..., :hn], w[..., hn:]
     q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_k)
     scores = (jnp.einsum("btnc,bsc->bnts", q_lat, c, preferred_element_type=jnp.float32)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from zoo.config import Config
 from zoo.nn.mlp import activation, apply_mlp, mlp_spec
 from zoo.nn.param import Spec, init_std, param
-from zoo.nn.quant import dequantize, is_quantized, shard_view
+from zoo.nn.quant import dequantize, is_quantized, shard_view, tie
 from zoo.sharding import active_mesh, active_rules, constrain, spec_for
 
 SWIGLU_ALPHA = 1.702  # gpt-oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
@@ -365,6 +365,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, kernel: str = "
     if kernel == "tiles":
         y = _tiled(x, w, sizes, out_type, expected_rows or x.shape[0])
     else:
+        x, w = tie(x, w)  # dequantized per call, not hoisted out of a decoding loop
         y = jax.lax.ragged_dot(x, dequantize(w, x.dtype), sizes, preferred_element_type=out_type)
     return y.astype(x.dtype)
 

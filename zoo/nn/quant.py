@@ -247,14 +247,24 @@ def shard_view(w: Any) -> Any:
     return dataclasses.replace(w, core=(*outs, *ins) if w.out_first else (*ins, *outs))
 
 
+def tie(x: jax.Array, w: Any) -> tuple[jax.Array, Any]:
+    """(x, w) with a quantized w's q tied to x by an optimization barrier, so the
+    dequantization that follows depends on x: inside a decoding loop XLA would otherwise
+    hoist the loop-invariant conversion out of the loop and keep a float copy of the weight
+    (the memory quantizing saved). Arrays pass through."""
+    if not is_quantized(w):
+        return x, w
+    x, q = jax.lax.optimization_barrier((x, w.q))
+    return x, dataclasses.replace(w, q=q)
+
+
 def matvec(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x [1, K] times the [N, K] weight -> [1, N] in float32. Written as a product with the
     converted weight whose contracted dim is innermost, the form XLA's CPU backend fuses
     into one loop that reads int8 (a per-channel scale multiplies the output). The barrier
     ties q to x: inside a decoding loop XLA would otherwise hoist the loop-invariant
     conversion out of the loop and read a float copy of the weight every step."""
-    x, q = jax.lax.optimization_barrier((x, w.q))
-    w = dataclasses.replace(w, q=q)
+    x, w = tie(x, w)
     per_channel = w.scale.shape[-1] == 1
     wf = dequantized(w, jnp.float32, per_channel=not per_channel)
     # `@ wf.T` (not a dot_general over wf's dim 1) is the form that gets the fused loop;
