@@ -217,6 +217,7 @@ def test_profile_runs_each_bench(tmp_path, capsys):
     assert "encode tiny-encoder" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # CI time: bench-only code, run by its RESULTS commands
 def test_sweep_measures_each_variant_with_its_own_program_memory(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     argv = ["--preset", "tiny-decoder", "--iters", "1", "--batch-size", "2", "--seq-len", "16",
@@ -323,6 +324,7 @@ def test_packed_encode_inputs_give_the_padded_hidden_states():
         np.testing.assert_allclose(packed[doc], h, atol=1e-5)
 
 
+@pytest.mark.slow  # CI time: bench-only code, run by its RESULTS commands
 def test_moe_rows_compare_expert_counts_and_dispatches(tmp_path, capsys):
     """`python -m bench moe` at tiny sizes: a layer row per (dispatch, expert count) with its
     time against the fewest experts, and the Mixtral-style decoder trained sparse and dense."""
@@ -339,6 +341,7 @@ def test_moe_rows_compare_expert_counts_and_dispatches(tmp_path, capsys):
     assert "| moe_layer" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # CI time: bench-only code, run by its RESULTS commands
 def test_long_rows_report_peak_rss_and_skip_what_would_not_fit(tmp_path, monkeypatch):
     """`python -m bench long`: a worker trains (or, over --max-gib, only compiles) and reports
     its peak RSS; the driver runs one worker per (length, attention) and writes the rows (the
