@@ -113,6 +113,20 @@ def test_a_record_from_before_new_config_fields_still_resumes():
         check_record({"format": 1, **RECORD, "config": old}, changed, "x")
 
 
+def test_a_record_from_before_new_hparams_fields_still_resumes():
+    """A checkpoint saved before an Hparams field existed ran at its default: it resumes
+    under the default and is refused under another value."""
+    import dataclasses
+    import json
+
+    now = {**RECORD, "hparams": json.loads(json.dumps(dataclasses.asdict(HP)))}
+    old = {k: v for k, v in now["hparams"].items() if k not in ("label_smoothing", "distill_alpha")}
+    check_record({"format": 1, **RECORD, "hparams": old}, now, "x")
+    smoothed = {**now, "hparams": {**now["hparams"], "label_smoothing": 0.1}}
+    with pytest.raises(CheckpointError, match="hparams.label_smoothing: checkpoint 0.0, now 0.1"):
+        check_record({"format": 1, **RECORD, "hparams": old}, smoothed, "x")
+
+
 def _largest_file(step_dir):
     return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 

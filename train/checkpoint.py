@@ -16,6 +16,7 @@ newer one is complete, so the one a run resumed from stays until the run has sav
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import inspect
 import json
@@ -34,6 +35,7 @@ import orbax.checkpoint as ocp
 import zoo
 from train import hosts
 from train.rundir import Damaged, NotFinite, WriteFailed, first_line, is_disk_full
+from train.optim import Hparams
 from train.step import TrainState, state_shardings
 
 FORMAT = 1
@@ -419,6 +421,11 @@ def _as_config(d: dict[str, Any]) -> dict[str, Any]:
         return d
 
 
+def _hparam_defaults() -> dict[str, Any]:
+    """Every Hparams field at its default, in the form a checkpoint record holds (JSON)."""
+    return json.loads(json.dumps(dataclasses.asdict(Hparams())))
+
+
 def check_record(saved: dict[str, Any], expected: dict[str, Any], where: str) -> None:
     """Raises CheckpointError listing every field where a checkpoint's record differs from
     the run being resumed (the model, objective, batch, seed, tokenizer, data, hparams)."""
@@ -426,6 +433,9 @@ def check_record(saved: dict[str, Any], expected: dict[str, Any], where: str) ->
     for name in _MUST_MATCH:
         a, b = saved.get(name), {"format": FORMAT, **expected}.get(name)
         if name == "hparams" and isinstance(a, dict) and isinstance(b, dict):
+            # A field added to Hparams after the checkpoint was saved ran at its default then.
+            b = json.loads(json.dumps(b))
+            a = {**{k: v for k, v in _hparam_defaults().items() if k in b}, **a}
             a = {k: v for k, v in a.items() if k not in _HPARAMS_FREE}
             b = {k: v for k, v in b.items() if k not in _HPARAMS_FREE}
         if name == "config" and isinstance(a, dict) and isinstance(b, dict):
