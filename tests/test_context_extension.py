@@ -80,7 +80,7 @@ def test_init_from_starts_from_the_runs_params(source_run, text, tmp_path, capsy
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["d_model=64"], "is shape (48,) there and shape (64,) in this run's model"),
+    (["d_model=64"], "has shape (48,), cfg expects (64,)"),
     (["--init-from", "nowhere"], "--init-from nowhere: no run.json there"),
 ])
 def test_init_from_refuses_what_cannot_start_from_the_run(source_run, text, tmp_path, capsys, extra, message):

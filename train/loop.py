@@ -212,22 +212,19 @@ def source_params(rc: RunConfig, cfg: zoo.Config) -> dict[str, Any] | None:
         raise FileNotFoundError(f"--init-from {src}: no config.json and checkpoints/ there; expected "
                                 f"the run dir of a `python -m train` run that saved a checkpoint")
     from train.sample import restore_params
+    from zoo.nnx import check_params
 
     src_cfg = zoo.Config.from_json((src / "config.json").read_text())
     params, step = restore_params(src / "checkpoints", src_cfg)
-    want = jax.eval_shape(lambda key: zoo.init(cfg, key), jax.random.key(0))
-    got_leaves, want_leaves = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (params, want))
-    for path in sorted(got_leaves.keys() | want_leaves.keys(), key=jax.tree_util.keystr):
-        got, new = got_leaves.get(path), want_leaves.get(path)
-        if got is None or new is None or got.shape != new.shape:
-            there = "absent" if got is None else f"shape {got.shape}"
-            here = "absent" if new is None else f"shape {new.shape}"
-            raise ValueError(f"--init-from {src}: params{jax.tree_util.keystr(path)} is {there} there and "
-                             f"{here} in this run's model; change only model fields that keep the params' "
-                             f"shapes (for a RoPE model: max_len, rope_scaling and the rope_* fields)")
+    try:
+        check_params(cfg, params, f"--init-from {src}")
+    except ValueError as e:
+        raise ValueError(f"{e}; change only model fields that keep the params' shapes (for a RoPE "
+                         f"model: max_len, rope_scaling and the rope_* fields)") from None
     if hosts.is_primary():
         print(f"initialised from {src} (checkpoint {step}); the optimizer starts afresh", flush=True)
         _check_original_length(src, src_cfg, cfg)
+    want = jax.eval_shape(lambda key: zoo.init(cfg, key), jax.random.key(0))
     return jax.tree.map(lambda x, like: x.astype(like.dtype), params, want)
 
 
