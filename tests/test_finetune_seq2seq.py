@@ -145,6 +145,7 @@ def test_the_multi30k_bench_runs_a_command_finetune_accepts(tmp_path):
     fc = finetune.resolve(multi30k.finetune_argv(a, tmp_path / "spm.model", tmp_path / "run", 720))
     assert (fc.task, fc.model, fc.hparams.total_steps, fc.eval_interval) == ("seq2seq", "t5-small", 720, 180)
     assert fc.hparams.label_smoothing == a.smoothing and fc.hparams.b2 == a.b2 and fc.overrides["d_model"] == 256
+    assert fc.overrides["attn_scale"] == (256 // 4) ** -0.5  # scaled logits: T5's 1.0 trains poorly under AdamW
     assert [Path(f).name for f in fc.eval_data] == ["test_2016_flickr.en", "test_2016_flickr.de"]
     # a run resumed with more steps restarts its clock: its rows follow the ones before
     rows = [{"step": 25, "time_s": 50.0}, {"step": 50, "time_s": 100.0}, {"step": 75, "time_s": 30.0},
