@@ -2,7 +2,7 @@
 encoder forwards, summed per kernel (GPU) or XLA op (CPU).
 
     python -m bench.profile train|decode|encode [--preset NAME] [--dtype bfloat16] [--batch-size 8]
-        [--seq-len 2048] [--remat minimal] [--loss-chunk 512] [--calls 3] [--top 25]
+        [--seq-len 2048] [--remat minimal] [--loss-chunk 512] [--calls 3] [--top 25] [--quant 8|4]
 
 Prints the wall time per call, the device's busy time (kernel durations summed), the
 number of kernels per call, and the kernels taking the most time (names with their
@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.bench == "encode":
         fn, _, _, _ = model_bench.encode_runner(cfg, args.batch_size, args.seq_len)
     else:
-        params = unstacked(zoo.init(cfg, jax.random.key(0)))
+        params = zoo.init(cfg, jax.random.key(0))
+        if args.quant:  # --quant 8 or 4: the weights zoo.quantize gives (the first --quant given)
+            params = zoo.quantize(params, cfg, bits=args.quant[0])
+        params = unstacked(params)
         prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, args.prompt_len)),
                              jnp.int32)
         fn = lambda: zoo.generate(params, cfg, prompt, max_new_tokens=args.new_tokens, stop_tokens=())
