@@ -224,8 +224,9 @@ def test_a_short_run_fills_the_run_dir(tmp_path, tokenizer_path, capsys):
     assert "seq_len: checkpoint 32, now 16" in err and "hparams.learning_rate" in err
 
 
-def _launch(run_dir, tokenizer_path, *extra):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _launch(run_dir, tokenizer_path, *extra, cache_env=None):
+    # cache_env (conftest's compile_cache_env): the runs after the first compile nothing.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(cache_env or {})}
     return subprocess.Popen([sys.executable, "-m", "train", *_args(run_dir, tokenizer_path, *extra)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -245,12 +246,16 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
 
 
-def test_killed_and_resumed_run_gives_exactly_the_same_losses(tmp_path, tokenizer_path):
+def test_killed_and_resumed_run_gives_exactly_the_same_losses(tmp_path, tokenizer_path, compile_cache_env):
     """SIGKILL mid-run (maybe mid-save), then --resume: every loss equals the run that was
     never interrupted, bit for bit. SIGTERM first stops cleanly with a checkpoint."""
     steps = ["--steps", "40", "--checkpoint-every", "5", "d_model=64", "--seq-len", "64"]
-    whole = _launch(tmp_path / "whole", tokenizer_path, *steps)
-    cut = _launch(tmp_path / "cut", tokenizer_path, *steps)
+
+    def launch(run_dir, *extra):  # the four runs share one compilation cache
+        return _launch(run_dir, tokenizer_path, *extra, cache_env=compile_cache_env)
+
+    whole = launch(tmp_path / "whole", *steps)
+    cut = launch(tmp_path / "cut", *steps)
     _wait_for_step(cut, tmp_path / "cut", 7)
     cut.send_signal(signal.SIGTERM)
     out = cut.communicate(timeout=120)[0]
@@ -259,13 +264,13 @@ def test_killed_and_resumed_run_gives_exactly_the_same_losses(tmp_path, tokenize
     stopped = max(_losses(tmp_path / "cut"))
     assert (tmp_path / "cut" / "checkpoints" / str(stopped)).is_dir()
 
-    resumed = _launch(tmp_path / "cut", tokenizer_path, *steps, "--resume")
+    resumed = launch(tmp_path / "cut", *steps, "--resume")
     _wait_for_step(resumed, tmp_path / "cut", stopped + 12)
     resumed.kill()  # SIGKILL: no handler runs
     resumed.wait()
     assert resumed.returncode == -signal.SIGKILL
     last = resumed.communicate()[0] if resumed.stdout and not resumed.stdout.closed else ""
-    final = _launch(tmp_path / "cut", tokenizer_path, *steps, "--resume")
+    final = launch(tmp_path / "cut", *steps, "--resume")
     out = final.communicate(timeout=240)[0]
     assert final.returncode == 0, out + last
     resumed_at = int(re.search(r"resumed .* at step (\d+)", out).group(1))
