@@ -15,6 +15,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_CPU_COMPILE
 
 import train
 import zoo
@@ -98,7 +99,9 @@ def _free_port():
 
 def _launch(args, process_id, port, log):
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    # Only --local-devices' 4 devices (no inherited device count); XLA's fast CPU compile, as
+    # the rest of the suite runs.
+    env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=FAST_CPU_COMPILE, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "train", *args, "--local-devices", "4", "--coordinator",
            f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
