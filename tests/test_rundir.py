@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_checkpoint import _flip_bytes, _truncate
+from test_checkpoint import _stale_arrays, _truncate
 from train import check
 from train.loop import main
 from train.report import MetricsLog, read_metrics
@@ -72,7 +72,7 @@ def test_a_corrupted_checkpoint_resumes_exactly_from_the_previous_one(finished, 
     --resume warns once, trains on from checkpoint 4 with the uninterrupted run's losses, and
     deletes no good checkpoint."""
     run_dir = _copy(finished, tmp_path)
-    _flip_bytes(run_dir / "checkpoints" / "6")
+    _stale_arrays(run_dir / "checkpoints" / "6")
     capfd.readouterr()
     assert check.main(["--run", str(run_dir)]) == EXIT_DAMAGED
     out = capfd.readouterr().out
