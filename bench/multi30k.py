@@ -11,8 +11,9 @@ demonstration trains its own). The model is T5's layout (pre-norm RMSNorm, relat
 position buckets, ReLU MLP, embeddings tied to the output through logit_scale = d^-0.5)
 scaled down, with attention logits scaled by head_dim^-0.5 (T5 folds that factor into its
 initialisation, which suits Adafactor's relative steps; under AdamW's fixed steps the
-unscaled logits grow faster than the rest of the model learns), trained with a fairseq IWSLT-style recipe at that scale: AdamW (b2 0.98),
-linear warmup then cosine decay, label smoothing, dropout. Evaluations decode greedily
+unscaled logits grow faster than the rest of the model learns), trained with a fairseq
+IWSLT-style recipe at that scale: AdamW (b2 0.98), linear warmup then cosine decay, label
+smoothing, dropout. Evaluations decode greedily
 (--beams 1) up to --seq-len tokens; --final-beams N scores the last checkpoint once more with
 an N-beam search after training.
 
