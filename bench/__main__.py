@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         from bench import quant
 
         rows += [{**common, **r} for r in quant.decode_rows(cfg, args.prompt_len, args.new_tokens, bandwidth,
-                                                            args.iters, args.quant, row)]
+                                                            args.iters, args.quant)]
     if args.bench == "decode":  # the --batches sweep, after the batch-1 row
         rows += [{**common, **model_bench.decode_row(cfg, args.prompt_len, args.new_tokens, bandwidth,
                                                      args.iters, batch=b)} for b in args.batches if b != 1]
@@ -157,7 +157,7 @@ def environment(cfg: zoo.Config, peak: float) -> dict[str, Any]:
 
 COLUMNS = ("bench", "family", "dtype", "layout", "rows", "batch", "tokens_per_s", "row_tokens_per_s",
            "mfu", "bound_tokens_per_s",
-           "mfu_spec", "vs_fp32", "compile_s", "peak_bytes", "peer", "peer_variant", "peer_tokens_per_s", "ratio")
+           "mfu_spec", "vs_fp32", "vs_int8", "compile_s", "peak_bytes", "peer", "peer_variant", "peer_tokens_per_s", "ratio")
 
 
 def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> str:

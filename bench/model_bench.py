@@ -3,6 +3,7 @@ each returning one result row (a dict)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -68,18 +69,28 @@ def train_row(cfg: zoo.Config, batch: int, seq_len: int, peak: float, iters: int
             "program_bytes": timing.program_bytes(compiled), "remat": remat, "loss_chunk": loss_chunk}
 
 
-def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: float,
-               iters: int = 5, batch: int = 1,
-               transform: Callable[[dict], dict] | None = None) -> dict[str, Any]:
-    """Greedy decoding of `batch` prompts through `zoo.generate`; tokens_per_s counts every
-    row's tokens, row_tokens_per_s one row's. Bound: each step reads the weights it uses once
-    for the whole batch and each row's KV cache (`step_read_bytes`), so batch * bandwidth /
-    those bytes; param_bytes is the whole tree.
-    The parameters are unstacked once, as a server would (`zoo.decoding.unstacked`); the
-    batch-1 row also reports the rate when each call unstacks a stacked tree itself. No stop
-    tokens: every call makes all new_tokens (the peers set min_new_tokens), whatever the weights."""
+@dataclasses.dataclass
+class DecodeRunner:
+    """A compiled `zoo.generate` call and what its row reports (`decode_runner`)."""
+    cfg: zoo.Config
+    run: Callable[[], Any]
+    stacked: dict
+    params: dict
+    prompt: jax.Array
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    compile_s: float
+
+
+def decode_runner(cfg: zoo.Config, prompt_len: int, new_tokens: int, batch: int = 1,
+                  transform: Callable[[dict], dict] | None = None) -> DecodeRunner:
+    """Greedy decoding of `batch` random prompts through `zoo.generate`, compiled (the first
+    call). The parameters are unstacked once, as a server would (`zoo.decoding.unstacked`).
+    No stop tokens: every call makes all new_tokens (the peers set min_new_tokens),
+    whatever the weights. transform: e.g. zoo.quantize, on the tree init gives."""
     stacked = zoo.init(cfg, jax.random.key(0))
-    if transform is not None:  # e.g. zoo.quantize, on the tree init gives
+    if transform is not None:
         stacked = transform(stacked)
     params = timing.block(unstacked(stacked))
     prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
@@ -87,21 +98,38 @@ def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: flo
     compile_start = timing.time.perf_counter()
     timing.block(run())
     compile_s = timing.time.perf_counter() - compile_start
-    seconds = timing.median_time(run, iters=iters, warmup=1)
-    stacked_rate = None
-    if batch == 1:
-        run_stacked = lambda: zoo.generate(stacked, cfg, prompt, max_new_tokens=new_tokens, stop_tokens=())
-        stacked_rate = new_tokens / timing.median_time(run_stacked, iters=iters, warmup=1)
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    weight_bytes, kv_bytes = step_read_bytes(cfg, stacked, prompt_len, new_tokens)
+    return DecodeRunner(cfg, run, stacked, params, prompt, batch, prompt_len, new_tokens, compile_s)
+
+
+def decode_result(runner: DecodeRunner, seconds: float, bandwidth: float) -> dict[str, Any]:
+    """The row of a runner whose call took `seconds`. tokens_per_s counts every row's
+    tokens, row_tokens_per_s one row's. Bound: each step reads the weights it uses once for
+    the whole batch and each row's KV cache (`step_read_bytes`), so batch * bandwidth /
+    those bytes; param_bytes is the whole tree."""
+    cfg, batch, new_tokens = runner.cfg, runner.batch, runner.new_tokens
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.params))
+    weight_bytes, kv_bytes = step_read_bytes(cfg, runner.stacked, runner.prompt_len, new_tokens)
     bound = batch * bandwidth / (weight_bytes + batch * kv_bytes)
     total = batch * new_tokens / seconds
     return {"bench": "decode", "family": cfg.family, "dtype": cfg.param_dtype, "batch": batch,
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "step_s": seconds / new_tokens,
+            "prompt_len": runner.prompt_len, "new_tokens": new_tokens, "step_s": seconds / new_tokens,
             "tokens_per_s": total, "row_tokens_per_s": new_tokens / seconds, "bound_tokens_per_s": bound,
-            "of_bound": total / bound, "mfu": None, "compile_s": compile_s,
-            "stacked_tokens_per_s": stacked_rate,
+            "of_bound": total / bound, "mfu": None, "compile_s": runner.compile_s,
             "param_bytes": param_bytes, "weight_read_bytes": weight_bytes, "kv_read_bytes": kv_bytes}
+
+
+def decode_row(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: float,
+               iters: int = 5, batch: int = 1,
+               transform: Callable[[dict], dict] | None = None) -> dict[str, Any]:
+    """`decode_runner`'s call timed (median of `iters`) -> `decode_result`'s row; the
+    batch-1 row also reports the rate when each call unstacks a stacked tree itself."""
+    runner = decode_runner(cfg, prompt_len, new_tokens, batch, transform)
+    seconds = timing.median_time(runner.run, iters=iters, warmup=1)
+    stacked_rate = None
+    if batch == 1:
+        run_stacked = lambda: zoo.generate(runner.stacked, cfg, runner.prompt, max_new_tokens=new_tokens, stop_tokens=())
+        stacked_rate = new_tokens / timing.median_time(run_stacked, iters=iters, warmup=1)
+    return {**decode_result(runner, seconds, bandwidth), "stacked_tokens_per_s": stacked_rate}
 
 
 ONE_ROW = ("vocab", "types", "length")  # tables a token gathers one row of (a tied token table excepted)

@@ -1,8 +1,9 @@
 """Quantized inference (`zoo.quantize`): speed and quality.
 
 `python -m bench decode --quant 8 --quant 4` adds, to the fp32 decode row, rows for bf16,
-int8 and int4 weights at batch 1 (`decode_rows`), each with its bandwidth bound: the bytes
-of the weights one token reads, divided into the streaming bandwidth of the same run.
+int8 and int4 weights at batch 1 (`decode_rows`, timed in alternation with fp32), each with
+its bandwidth bound: the bytes of the weights one token reads, divided into the streaming
+bandwidth of the same run.
 
 `python -m bench quant [--steps 300] [--json out.json]` measures quality (`quality`): a
 small byte-level decoder trained here on tinyshakespeare, then the held-out loss of its
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +25,45 @@ import numpy as np
 import optax
 
 import zoo
-from bench import model_bench
+from bench import model_bench, timing
+from zoo.nn.quant import DEFAULT_GROUP
 from train.optim import Hparams
 from train.step import batch_shardings, create_state, jit_step
 
 
 def decode_rows(cfg: zoo.Config, prompt_len: int, new_tokens: int, bandwidth: float, iters: int,
-                bits: list[int], fp32_row: dict[str, Any]) -> list[dict[str, Any]]:
-    """bf16 weights, then each of `bits` (int8 per channel, int4 in groups of 64), quantized
-    from the fp32 tree; vs_fp32 = tokens/s over fp32_row's."""
+                bits: list[int]) -> list[dict[str, Any]]:
+    """Rows for bf16 weights and each of `bits` (int8 per channel, int4 in groups of
+    `zoo.nn.quant.DEFAULT_GROUP[4]`, 128), quantized from the fp32 tree, timed in alternation with
+    the fp32 weights: `iters` rounds, each one call of every variant in a rotated order, so
+    a machine whose speed drifts (a shared VM) slows all of them alike. tokens_per_s: over
+    the median call; vs_fp32: the median over rounds of the fp32 call's time over this one's
+    (fp32_row keeps its own separate measurement); int4's vs_int8 likewise against int8."""
     half = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
-    rows = [model_bench.decode_row(half, prompt_len, new_tokens, bandwidth, iters)]
-    for b in bits:
-        row = model_bench.decode_row(cfg, prompt_len, new_tokens, bandwidth, iters,
-                                     transform=lambda p, b=b: zoo.quantize(p, cfg, bits=b))
-        rows.append({**row, "dtype": f"int{b}"})
-    return [{**r, "vs_fp32": r["tokens_per_s"] / fp32_row["tokens_per_s"]} for r in rows]
+    variants = [("float32", cfg, None), ("bfloat16", half, None)]
+    variants += [(f"int{b}", cfg, lambda p, b=b: zoo.quantize(p, cfg, bits=b)) for b in bits]
+    runners = [model_bench.decode_runner(c, prompt_len, new_tokens, transform=t) for _, c, t in variants]
+    seconds: list[list[float]] = [[] for _ in variants]
+    for r in range(max(iters, 1)):
+        order = list(range(len(variants)))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for i in order:
+            start = timing.time.perf_counter()
+            timing.block(runners[i].run())
+            seconds[i].append(timing.time.perf_counter() - start)
+    paired = lambda a, b: statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))
+    names = [name for name, _, _ in variants]
+    rows = []
+    for i, (name, runner) in enumerate(zip(names, runners)):
+        if i == 0:
+            continue
+        row = model_bench.decode_result(runner, statistics.median(seconds[i]), bandwidth)
+        row = {**row, "dtype": name, "vs_fp32": paired(0, i),
+               "fp32_paired_tokens_per_s": new_tokens / statistics.median(seconds[0])}
+        if name == "int4" and "int8" in names:
+            row["vs_int8"] = paired(names.index("int8"), i)
+        rows.append(row)
+    return rows
 
 
 # --- quality ------------------------------------------------------------------------------
@@ -103,8 +128,9 @@ def greedy_agreement(params: dict, ref: jax.Array, cfg: zoo.Config, prompts: jax
 
 def quality(steps: int = 300, prompts: int = 8, prompt_len: int = 32, new_tokens: int = 32,
             data_dir: str | None = None) -> list[dict[str, Any]]:
-    """Rows for fp32, int8 and int4 (groups of 64): held-out loss, its drift from fp32 and
-    greedy agreement with the fp32 model on held-out prompts."""
+    """Rows for fp32, int8 per channel and int4 in groups of the default size, 64 and 32:
+    held-out loss, its drift from fp32 and greedy agreement with the fp32 model on held-out
+    prompts."""
     root = Path(data_dir or os.environ.get("ZOO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     ids = byte_tokens((root / "tinyshakespeare.txt").read_text())
     cut = int(len(ids) * 0.9)
@@ -118,11 +144,13 @@ def quality(steps: int = 300, prompts: int = 8, prompt_len: int = 32, new_tokens
     base = held_out_loss(params, cfg, test)
     rows = [{"weights": "fp32", "held_out_loss": base, "drift": 0.0, "greedy_agreement": 1.0,
              "identical_prefix": 1.0}]
-    for bits in (8, 4):
-        qp = zoo.quantize(params, cfg, bits=bits)
+    for bits, group in ((8, None), (4, None), (4, 64), (4, 32)):
+        qp = zoo.quantize(params, cfg, bits=bits, group_size=group)
         loss = held_out_loss(qp, cfg, test)
         agree, prefix = greedy_agreement(qp, ref, cfg, prompt_rows, new_tokens)
-        rows.append({"weights": f"int{bits}", "held_out_loss": loss, "drift": loss / base - 1.0,
+        group = group or DEFAULT_GROUP[bits]
+        rows.append({"weights": f"int{bits}" + (f", groups of {group}" if group else ", per channel"),
+                     "bits": bits, "group_size": group, "held_out_loss": loss, "drift": loss / base - 1.0,
                      "greedy_agreement": agree, "identical_prefix": prefix})
     return rows
 

@@ -16,7 +16,8 @@ from zoo.nn.quant import QuantizedWeight, dequantize, quantize_weight, take_rows
 def test_dequantize_error_is_half_a_step(bits, group):
     """Each weight comes back within half a quantization step of its group's scale, in
     its shape and dtype, for an [in, out] projection, a two-dim input (attention o) and an
-    [out, in] embedding table; both matmul paths (one row, several) equal x @ dequantized."""
+    [out, in] embedding table; both matmul paths (one row, several) equal x @ dequantized
+    (to 2e-4 of the largest output: the CPU kernel rounds x to 16 bits, zoo.kernels.cpu)."""
     key = jax.random.key(0)
     for shape, n_in, out_first in [((32, 4, 8), 1, False), ((4, 8, 32), 2, False), ((64, 32), 1, True)]:
         w = jax.random.normal(key, shape, jnp.float32)
@@ -29,13 +30,18 @@ def test_dequantize_error_is_half_a_step(bits, group):
             ids = jnp.array([[0, 5, 63]])
             np.testing.assert_allclose(take_rows(qw, ids), back[ids], rtol=1e-6, atol=1e-6)
             x = jax.random.normal(key, (3, 1, 32))
-            np.testing.assert_allclose(matmul_transposed(x, qw), x @ back.T, rtol=1e-4, atol=1e-4)
+            want = x @ back.T
+            np.testing.assert_allclose(matmul_transposed(x, qw), want, rtol=1e-4, atol=_tol(want))
             continue
         k = int(np.prod(shape[:n_in]))
         for rows in (1, 3):
             x = jax.random.normal(key, (rows, 1, *shape[:n_in]))
             want = (x.reshape(rows, k) @ back.reshape(k, -1)).reshape(rows, 1, *shape[n_in:])
-            np.testing.assert_allclose(matmul(x, qw, n_in), want, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(matmul(x, qw, n_in), want, rtol=1e-4, atol=_tol(want))
+
+
+def _tol(want: jax.Array) -> float:
+    return 2e-4 * float(jnp.max(jnp.abs(want)))
 
 
 def _rel(a, b) -> float:
@@ -152,7 +158,8 @@ def test_generate_through_the_latent_cache_with_quantized_kv_b(deepseek):
     cfg, params, q8, _ = deepseek
     seq = tokens(jax.random.key(1), 2, 8)
     cached = run(q8, cfg, seq, cache=kv_cache.init(cfg, 2, 12)).logits
-    np.testing.assert_allclose(cached, run(q8, cfg, seq).logits, atol=1e-4, rtol=1e-4)
+    full = run(q8, cfg, seq).logits  # the two forms round different activations to 16 bits
+    np.testing.assert_allclose(cached, full, atol=_tol(full), rtol=1e-4)
     prompt = seq[:, :4]
     got = zoo.generate(q8, cfg, prompt, max_new_tokens=8, stop_tokens=())
     want = zoo.generate(params, cfg, prompt, max_new_tokens=8, stop_tokens=())

@@ -7,7 +7,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from zoo.nn.quant import QuantizedWeight, dequantized, matvec
+from zoo.kernels import cpu as cpu_kernel
+from zoo.nn.quant import QuantizedWeight, dequantized, kernel_matmul, matvec
 
 
 def matmul(x: jax.Array, w: jax.Array, n_in: int = 1, mode: str = "xla") -> jax.Array:
@@ -50,9 +51,16 @@ def _dot(x: jax.Array, w: jax.Array, contract: tuple[tuple[int, ...], tuple[int,
 
 
 def _quantized(x: jax.Array, w: QuantizedWeight, mode: str) -> jax.Array:
-    """x [M, K] times a quantized weight ([N, K] rows) -> [M, N] in x's dtype. One row
-    (batch-1 decoding): `zoo.nn.quant.matvec`, which reads the int8 weight in place; more
-    rows dequantize the weight once into x's dtype and run the ordinary product."""
-    if x.shape[0] == 1:
-        return matvec(x, w).astype(x.dtype)
-    return _dot(x, dequantized(w, x.dtype), ((1,), (1,)), mode)
+    """x [M, K] times a quantized weight ([N, K] rows) -> [M, N] in x's dtype. On a CPU with
+    `zoo.kernels.cpu`'s kernel built: that kernel, for any M (it reads each int8 byte once
+    and multiplies it into up to 4 rows). Otherwise one row (batch-1 decoding):
+    `zoo.nn.quant.matvec`, which reads the int8 weight in place; more rows dequantize the
+    weight once into x's dtype and run the ordinary product."""
+    def xla(x: jax.Array) -> jax.Array:
+        if x.shape[0] == 1:
+            return matvec(x, w).astype(x.dtype)
+        return _dot(x, dequantized(w, x.dtype), ((1,), (1,)), mode)
+
+    if cpu_kernel.available():
+        return kernel_matmul(x, w, xla).astype(x.dtype)
+    return xla(x)

@@ -27,16 +27,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from zoo.kernels import cpu as cpu_kernel
 
 # Leaf name -> number of leading (contracted) dims, for the weights `matmul` reads.
 MATMUL_WEIGHTS = {"q": 1, "k": 1, "v": 1, "o": 2, "wi": 1, "wg": 1, "wo": 1, "kernel": 1,
                   "q_a": 1, "q_b": 1, "kv_a": 1, "kv_b": 1}
 LEAD_AXES = ("layers", "experts")  # leading logical axes a weight is quantized per entry of
-DEFAULT_GROUP = {8: None, 4: 64}  # None: one scale per output channel
+# Default inputs per scale: None is one scale per output channel. int4's 128 (GPTQ's and
+# AWQ's usual choice) where it divides the input dim, else the largest power of two that
+# does (`default_group`); at 64 the CPU kernel's per-group work costs int4 ~1/4 of its speed.
+DEFAULT_GROUP = {8: None, 4: 128}
+
+
+def default_group(bits: int, n_in: int) -> int | None:
+    """The inputs per scale `quantize` uses without a group_size, for an input dim n_in."""
+    if DEFAULT_GROUP[bits] is None:
+        return None
+    return math.gcd(DEFAULT_GROUP[bits], n_in)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +132,13 @@ def _packed(out: Sequence[int], bits: int) -> tuple[int, ...]:
 # --- quantize -----------------------------------------------------------------------------
 def quantize(params: dict, cfg: Any, bits: int = 8, group_size: int | None = None) -> dict:
     """params (the layout `zoo.init` gives) with each dense projection, each routed
-    expert's matrices and the token embedding table as a `QuantizedWeight`: bits 8 (one scale per output channel, or per
-    group_size inputs when given) or 4 (group_size inputs per scale, default 64).
+    expert's matrices and the token embedding table as a `QuantizedWeight`: bits 8 (one
+    scale per output channel, or per group_size inputs when given) or 4 (group_size inputs
+    per scale; default 128, or the largest power of two dividing a smaller input dim).
     Symmetric absmax rounding. ValueError for other bits, or a group_size that does not
     divide a quantized weight's input dim."""
     if bits not in (4, 8):
         raise ValueError(f"quantize: bits must be 4 or 8, got {bits!r}")
-    group_size = DEFAULT_GROUP[bits] if group_size is None else group_size
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"quantize: group_size must be a positive int, got {group_size!r}")
     from zoo.model import axes as model_axes
@@ -158,12 +170,13 @@ def _name(path: tuple) -> str:
 
 def quantize_weight(w: jax.Array, bits: int, group_size: int | None, n_in: int, out_first: bool,
                     n_lead: int = 0, name: str = "weight") -> QuantizedWeight:
-    """One weight [*lead, *in, *out] ([*lead, out, in] when out_first) -> QuantizedWeight."""
+    """One weight [*lead, *in, *out] ([*lead, out, in] when out_first) -> QuantizedWeight;
+    group_size None: `default_group`."""
     core = tuple(w.shape[n_lead:])
     ins = core[len(core) - n_in:] if out_first else core[:n_in]
     outs = core[:len(core) - n_in] if out_first else core[n_in:]
     k = math.prod(ins)
-    group = k if group_size is None else group_size
+    group = group_size or default_group(bits, k) or k
     if k % group:
         raise ValueError(f"quantize: group_size {group} does not divide the input dim {k} of {name}")
     if bits == 4 and outs[-1] % 2:
@@ -258,12 +271,26 @@ def tie(x: jax.Array, w: Any) -> tuple[jax.Array, Any]:
     return x, dataclasses.replace(w, q=q)
 
 
+def kernel_matmul(x: jax.Array, w: QuantizedWeight, xla: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """x [M, K] times the [N, K] weight -> [M, N] in float32 by `zoo.kernels.cpu`'s kernel
+    when this program runs on a CPU (each weight byte read once, widened in registers,
+    rows split over the intra-op threads), else by `xla(x)`. Call where
+    `zoo.kernels.cpu.available()`."""
+    if w.lead:
+        raise ValueError(f"QuantizedWeight: a stacked weight {w.shape} reached a matmul")
+    k = math.prod(w.in_shape)
+    q, scale = w.q.reshape(-1, k), w.scale.reshape(-1, w.scale.shape[-1])
+    return jax.lax.platform_dependent(
+        x, cpu=lambda x: cpu_kernel.qmatvec(x, q, scale, w.bits),
+        default=lambda x: xla(x).astype(jnp.float32))
+
+
 def matvec(x: jax.Array, w: QuantizedWeight) -> jax.Array:
-    """x [1, K] times the [N, K] weight -> [1, N] in float32. Written as a product with the
-    converted weight whose contracted dim is innermost, the form XLA's CPU backend fuses
-    into one loop that reads int8 (a per-channel scale multiplies the output). The barrier
-    ties q to x: inside a decoding loop XLA would otherwise hoist the loop-invariant
-    conversion out of the loop and read a float copy of the weight every step."""
+    """x [1, K] times the [N, K] weight -> [1, N] in float32, in XLA alone: a product with the converted weight whose contracted dim is
+    innermost, the form XLA's CPU backend fuses into one loop that reads int8 (a
+    per-channel scale multiplies the output); a GPU fuses it likewise. The barrier ties q
+    to x: inside a decoding loop XLA would otherwise hoist the loop-invariant conversion
+    out of the loop and read a float copy of the weight every step."""
     x, w = tie(x, w)
     per_channel = w.scale.shape[-1] == 1
     wf = dequantized(w, jnp.float32, per_channel=not per_channel)

@@ -1,0 +1,1 @@
+"""Compiled kernels that zoo builds on first use (see `zoo.kernels.cpu`)."""
