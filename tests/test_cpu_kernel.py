@@ -83,6 +83,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "which", lambda name: "/bin/false" if name == "false" else None)
     with pytest.raises(RuntimeError, match="false .*qmatvec.cc"):
         cpu.build()
+    monkeypatch.setattr(cpu, "_loaded", None)  # as in a process that has not registered it
     cpu._registered.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="int8/int4 CPU kernel is not available"):
@@ -95,3 +96,27 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
         np.testing.assert_allclose(matmul(jnp.ones((1, 64)), qw), jnp.full((1, 32), 64.0), rtol=1e-6)
     finally:
         cpu._registered.cache_clear()
+
+
+@needs_compiler
+def test_the_portable_path_equals_the_vector_path(tmp_path, monkeypatch):
+    """Built for a CPU without AVX-512 (x86-64-v2), the kernel's plain C++ loop gives the
+    vector path's results (same int16 activations, integer sums): int8 and int4, two rows."""
+    import ctypes
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build's -march name is x86's")
+    monkeypatch.setenv("ZOO_KERNEL_CACHE", str(tmp_path))
+    flags = tuple(f if f != "-march=native" else "-march=x86-64-v2" for f in cpu.FLAGS)
+    lib = ctypes.cdll.LoadLibrary(str(cpu.build(flags)))
+    jax.ffi.register_ffi_target("zoo_qmatvec_portable", jax.ffi.pycapsule(lib.ZooQMatvec), platform="cpu")
+    rng = np.random.default_rng(1)
+    for bits, group in [(8, None), (4, 32)]:
+        w = jnp.asarray(rng.normal(size=(96, 20)).astype(np.float32))
+        qw = quantize_weight(w, bits, group, 1, False)
+        x = jnp.asarray(rng.normal(size=(2, 96)).astype(np.float32))
+        q, scale = qw.q.reshape(-1, 96), qw.scale.reshape(20, -1)
+        call = jax.ffi.ffi_call("zoo_qmatvec_portable", jax.ShapeDtypeStruct((2, 20), jnp.float32))
+        got = call(x, q, scale, bits=np.int32(bits))
+        np.testing.assert_allclose(got, cpu.qmatvec(x, q, scale, bits), rtol=1e-5, atol=1e-5)

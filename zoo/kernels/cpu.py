@@ -53,12 +53,19 @@ def qmatvec(x: jax.Array, q: jax.Array, scale: jax.Array, bits: int) -> jax.Arra
     return call(x.astype(jnp.float32), q, scale.astype(jnp.float32), bits=np.int32(bits))
 
 
+_loaded: Path | None = None  # the library registered in this process: XLA keeps the first
+
+
 @functools.cache
 def _registered() -> Path | None:
+    global _loaded
+    if _loaded is not None:
+        return _loaded
     try:
         library = build()
         lib = ctypes.cdll.LoadLibrary(str(library))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ZooQMatvec), platform="cpu")
+        _loaded = library
         return library
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"zoo: the int8/int4 CPU kernel is not available ({e}); quantized "
@@ -74,12 +81,13 @@ def compiler() -> str:
     raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
 
 
-def build() -> Path:
-    """The compiled library for this machine, compiling it when the cache lacks it.
+def build(flags: tuple[str, ...] = FLAGS) -> Path:
+    """The compiled library for this machine, compiling it when the cache lacks it (flags:
+    the compiler's; tests build the portable path with a target below AVX-512).
     RuntimeError (with the compiler's message) when compilation fails."""
     cxx = compiler()
     key = hashlib.sha256(b"\0".join([
-        SOURCE.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(),
+        SOURCE.read_bytes(), " ".join(flags).encode(), cxx.encode(),
         _jaxlib_version().encode(), _cpu().encode(),
     ])).hexdigest()[:16]
     folder = Path(os.environ.get("ZOO_KERNEL_CACHE", Path.home() / ".cache" / "zoo" / "kernels"))
@@ -91,7 +99,7 @@ def build() -> Path:
     # sharing a home folder) each write their own file and the rename is atomic.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if result.returncode:
         os.unlink(tmp)
