@@ -10,6 +10,8 @@ from bench import __main__ as bench_cli
 from bench import profile, sweep
 from conftest import tiny
 
+import zoo
+
 TINY = ["--preset", "tiny-decoder", "--iters", "1"]
 
 
@@ -79,6 +81,39 @@ def test_decode_rows_report_the_bandwidth_bound(tmp_path, eager_peers):
         assert row["bound_tokens_per_s"] == pytest.approx(row["batch"] * row["bandwidth_gbs"] * 1e9 / read)
     for peer in (compiled, eager):
         assert peer["peer"] == "hf" and peer["ratio"] > 0 and peer["peer_detail"]["generated_tokens"] == 4
+
+
+def test_quantized_decode_rows_alternate_the_variants_and_pair_the_ratios(monkeypatch):
+    """bench decode --quant (bench.quant.decode_rows): every round calls each variant once,
+    the order rotated; vs_fp32 and int4's vs_int8 are medians of per-round ratios, so one
+    slow round (the machine drifting) leaves them alone. Fake runners on a fake clock."""
+    import types
+
+    from bench import model_bench, quant, timing
+
+    now, calls = [0.0], []
+    cost = {"float32": 8.0, "bfloat16": 10.0, "int8": 2.0, "int4": 1.0}
+
+    def runner(cfg, prompt_len, new_tokens, transform=None):
+        name = cfg.param_dtype if transform is None else f"int{transform.__defaults__[0]}"
+
+        def run():
+            slow = 3.0 if len(calls) >= 4 and len(calls) < 8 else 1.0  # round 2 runs 3x slower
+            now[0] += cost[name] * slow
+            calls.append(name)
+        return types.SimpleNamespace(run=run, name=name, new_tokens=new_tokens)
+
+    monkeypatch.setattr(model_bench, "decode_runner", runner)
+    monkeypatch.setattr(model_bench, "decode_result", lambda r, seconds, bw: {"tokens_per_s": r.new_tokens / seconds})
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(timing, "block", lambda x: x)
+    rows = quant.decode_rows(zoo.preset("tiny-decoder"), 4, 3, 1e9, 3, [8, 4])
+    assert calls == ["float32", "bfloat16", "int8", "int4", "bfloat16", "int8", "int4", "float32",
+                     "int8", "int4", "float32", "bfloat16"]
+    assert [r["dtype"] for r in rows] == ["bfloat16", "int8", "int4"]
+    half, int8, int4 = rows
+    assert (half["vs_fp32"], int8["vs_fp32"], int4["vs_fp32"], int4["vs_int8"]) == (0.8, 4.0, 8.0, 2.0)
+    assert "vs_int8" not in int8 and int8["fp32_paired_tokens_per_s"] == pytest.approx(3 / 8.0)
 
 
 def test_decode_step_reads_the_weights_it_uses_and_the_cache():
