@@ -134,7 +134,7 @@ def quantize(params: dict, cfg: Any, bits: int = 8, group_size: int | None = Non
     """params (the layout `zoo.init` gives) with each dense projection, each routed
     expert's matrices and the token embedding table as a `QuantizedWeight`: bits 8 (one
     scale per output channel, or per group_size inputs when given) or 4 (group_size inputs
-    per scale; default 128, or the largest power of two dividing a smaller input dim).
+    per scale; default 128, or the largest power of two dividing the input dim when 128 does not).
     Symmetric absmax rounding. ValueError for other bits, or a group_size that does not
     divide a quantized weight's input dim."""
     if bits not in (4, 8):
