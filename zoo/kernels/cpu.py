@@ -1,12 +1,12 @@
-"""CPU kernels built on first use: the int8/int4 matrix-vector product of batch-1 decoding.
+"""CPU kernels built on first use: the product of activations with int8/int4 weights.
 
 `qmatvec(x, q, scale, bits)` runs `qmatvec.cc` (an XLA FFI handler) where it can: the first
 call compiles it with the system C++ compiler (`$CXX`, else `g++`/`c++`) for this machine
 (`-O3 -march=native`) into a cache folder (`$ZOO_KERNEL_CACHE`, default
 `~/.cache/zoo/kernels`; keyed by the source, the flags, jaxlib's version and the CPU), loads
 it and registers it with XLA. `available()` says whether that worked; where it did not (no
-compiler, another platform) callers keep XLA's own fused loop (`zoo.nn.quant.matvec`), and
-the reason is warned about once. `ZOO_CPU_KERNELS=0` turns the kernel off.
+compiler) callers keep XLA's own products (`zoo.nn.linear._quantized`), and the reason is
+warned about once. `ZOO_CPU_KERNELS=0` turns the kernel off.
 """
 
 from __future__ import annotations

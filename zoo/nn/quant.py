@@ -5,7 +5,8 @@ MLA q/q_a/q_b/kv_a/kv_b/o, MLP and shared-expert wi/wg/wo, every dense `kernel`,
 output head), the routed experts' wi/wg/wo ([E, D, F] / [E, F, D]: quantized per expert,
 the experts axis a lead dim like `layers`) and the token embedding table by a
 `QuantizedWeight` at the same place in the tree. `zoo.nn.linear.matmul` /
-`matmul_transposed` and `take_rows` (the embedding lookup) dequantize inside the product;
+`matmul_transposed` and `take_rows` (the embedding lookup) dequantize inside the product
+(on a CPU, `zoo.kernels.cpu`'s kernel: `kernel_matmul`);
 `zoo.nn.moe`'s grouped matmul dequantizes the expert matrices it reads and MLA's absorbed
 decoding path dequantizes `kv_b` where it reads it (`dequantize`), so every family's
 `forward`, `zoo.generate` and `zoo.encode` take the quantized tree unchanged. For inference
@@ -15,8 +16,8 @@ expert and other biases, position/type tables and norms.
 Layout: `q` holds a weight [*lead, *in, *out] (lead: the stack's `layers` axis and the
 routed `experts` axis, where present) as
 [*lead, *out, *in], the contracted dims innermost, so a batch-1 product reads each output
-row contiguously: XLA's CPU backend then fuses the int8 -> float conversion into the
-matrix-vector product instead of writing the float weight out (see `matvec`). An embedding
+row contiguously (the CPU kernel's rows, and the form in which XLA fuses the int8 -> float
+conversion into a matrix-vector product instead of writing the float weight out: `matvec`). An embedding
 table [V, E] is already [out, in] and keeps its order. int4 packs two output rows per byte
 (row 2m in the low nibble, 2m + 1 in the high one), so a row pair is read once.
 `scale` [*lead, *out, groups]: per output channel (groups = 1) or per `group_size` run of
@@ -134,7 +135,8 @@ def quantize(params: dict, cfg: Any, bits: int = 8, group_size: int | None = Non
     """params (the layout `zoo.init` gives) with each dense projection, each routed
     expert's matrices and the token embedding table as a `QuantizedWeight`: bits 8 (one
     scale per output channel, or per group_size inputs when given) or 4 (group_size inputs
-    per scale; default 128, or the largest power of two dividing the input dim when 128 does not).
+    per scale; default 128, or the largest power of two dividing the input dim when 128
+    does not).
     Symmetric absmax rounding. ValueError for other bits, or a group_size that does not
     divide a quantized weight's input dim."""
     if bits not in (4, 8):
@@ -274,8 +276,7 @@ def tie(x: jax.Array, w: Any) -> tuple[jax.Array, Any]:
 def kernel_matmul(x: jax.Array, w: QuantizedWeight, xla: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """x [M, K] times the [N, K] weight -> [M, N] in float32 by `zoo.kernels.cpu`'s kernel
     when this program runs on a CPU (each weight byte read once, widened in registers,
-    rows split over the intra-op threads), else by `xla(x)`. Call where
-    `zoo.kernels.cpu.available()`."""
+    rows split over the cores), else by `xla(x)`. Call where `zoo.kernels.cpu.available()`."""
     if w.lead:
         raise ValueError(f"QuantizedWeight: a stacked weight {w.shape} reached a matmul")
     k = math.prod(w.in_shape)
@@ -286,11 +287,12 @@ def kernel_matmul(x: jax.Array, w: QuantizedWeight, xla: Callable[[jax.Array], j
 
 
 def matvec(x: jax.Array, w: QuantizedWeight) -> jax.Array:
-    """x [1, K] times the [N, K] weight -> [1, N] in float32, in XLA alone: a product with the converted weight whose contracted dim is
-    innermost, the form XLA's CPU backend fuses into one loop that reads int8 (a
-    per-channel scale multiplies the output); a GPU fuses it likewise. The barrier ties q
-    to x: inside a decoding loop XLA would otherwise hoist the loop-invariant conversion
-    out of the loop and read a float copy of the weight every step."""
+    """x [1, K] times the [N, K] weight -> [1, N] in float32, in XLA alone: a product with
+    the converted weight whose contracted dim is innermost, the form XLA's CPU backend
+    fuses into one loop that reads int8 (a per-channel scale multiplies the output); a GPU
+    fuses it likewise. The barrier ties q to x: inside a decoding loop XLA would otherwise
+    hoist the loop-invariant conversion out of the loop and read a float copy of the
+    weight every step."""
     x, w = tie(x, w)
     per_channel = w.scale.shape[-1] == 1
     wf = dequantized(w, jnp.float32, per_channel=not per_channel)
