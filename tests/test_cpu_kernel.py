@@ -1,5 +1,6 @@
 """zoo.kernels.cpu: the int8/int4 product kernel that quantized weights run on a CPU."""
 
+import ctypes
 import platform
 import shutil
 import warnings
@@ -92,23 +93,61 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
         cpu._registered.cache_clear()
 
 
-def test_the_portable_path_equals_the_vector_path(tmp_path, monkeypatch):
-    """Built for a CPU without AVX-512 (x86-64-v2; elsewhere the native build is already
-    the plain loop), the kernel's plain C++ loop gives the vector path's results (same int16
-    activations, integer sums): int8 and int4, two rows."""
-    import ctypes
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
 
+
+# Each path of the kernel, by the -march that selects it (x86 only: elsewhere the native
+# build is the portable loop), where this CPU can run it.
+_PATHS = [("x86-64-v2", "portable", set()), ("x86-64-v3", "avx2", {"avx2", "fma"})]
+
+
+@pytest.mark.parametrize("march,path,needs", _PATHS, ids=[p for _, p, _ in _PATHS])
+def test_every_path_equals_the_dequantized_product(tmp_path, monkeypatch, march, path, needs):
+    """The kernel built for a lower target than this CPU's (AVX2; the plain C++ loop used
+    on CPUs with no vector path) gives x @ dequantized(w) too, to the same 1e-4 of the largest
+    output: int8 and int4, per channel and grouped, inputs that leave a partial vector, 1 and 5
+    x rows, and a partial row block. The native build (the other tests) is AVX-512 VNNI or
+    AVX2 by machine."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("-march targets named here are x86's; the native build is the portable loop")
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - _cpu_flags())}")
     monkeypatch.setenv("ZOO_KERNEL_CACHE", str(tmp_path))
-    target = "-march=x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "-march=native"
-    flags = tuple(target if f == "-march=native" else f for f in cpu.FLAGS)
-    lib = ctypes.cdll.LoadLibrary(str(cpu.build(flags)))
-    jax.ffi.register_ffi_target("zoo_qmatvec_portable", jax.ffi.pycapsule(lib.ZooQMatvec), platform="cpu")
+    flags = tuple(f"-march={march}" if f == "-march=native" else f for f in cpu.FLAGS)
+    library = cpu.build(flags)
+    assert cpu.isa(library) == path
+    target = f"zoo_qmatvec_{path}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(str(library)).ZooQMatvec),
+                                platform="cpu")
     rng = np.random.default_rng(1)
-    for bits, group in [(8, None), (4, 32)]:
-        w = jnp.asarray(rng.normal(size=(96, 20)).astype(np.float32))
+    for bits, group, k in [(8, None, 100), (8, 32, 96), (4, 32, 96), (4, None, 100), (4, 20, 100)]:
+        w = jnp.asarray(rng.normal(size=(k, 20)).astype(np.float32))
         qw = quantize_weight(w, bits, group, 1, False)
-        x = jnp.asarray(rng.normal(size=(2, 96)).astype(np.float32))
-        q, scale = qw.q.reshape(-1, 96), qw.scale.reshape(20, -1)
-        call = jax.ffi.ffi_call("zoo_qmatvec_portable", jax.ShapeDtypeStruct((2, 20), jnp.float32))
-        got = call(x, q, scale, bits=np.int32(bits))
-        np.testing.assert_allclose(got, cpu.qmatvec(x, q, scale, bits), rtol=1e-5, atol=1e-5)
+        q, scale = qw.q.reshape(-1, k), qw.scale.reshape(20, -1)
+        for m in (1, 5):
+            x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32))
+            want = x @ dequantized(qw, jnp.float32).T
+            got = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, 20), jnp.float32))(
+                x, q, scale, bits=np.int32(bits))
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_a_build_with_no_vector_path_is_not_used(monkeypatch, tmp_path):
+    """Where the kernel would run its plain loop (no AVX2 / AVX-512 VNNI), zoo keeps XLA's
+    product, without a warning (nothing failed)."""
+    monkeypatch.setattr(cpu, "isa", lambda library=None: "portable")
+    monkeypatch.setattr(cpu, "_loaded", None)
+    cpu._registered.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not cpu.available()
+        qw = quantize_weight(jnp.ones((64, 32)), 8, None, 1, False)
+        assert cpu.TARGET not in _lowered(qw)
+    finally:
+        cpu._registered.cache_clear()

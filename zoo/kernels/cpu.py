@@ -4,9 +4,12 @@
 call compiles it with the system C++ compiler (`$CXX`, else `g++`/`c++`) for this machine
 (`-O3 -march=native`) into a cache folder (`$ZOO_KERNEL_CACHE`, default
 `~/.cache/zoo/kernels`; keyed by the source, the flags, jaxlib's version and the CPU), loads
-it and registers it with XLA. `available()` says whether that worked; where it did not (no
-compiler) callers keep XLA's own products (`zoo.nn.linear._quantized`), and the reason is
-warned about once. `ZOO_CPU_KERNELS=0` turns the kernel off.
+it and registers it with XLA. The build takes the widest vector path the CPU has: AVX-512
+VNNI, else AVX2 with FMA (`isa()` says which). `available()` says whether the kernel is in
+use; where it is not, callers keep XLA's own products (`zoo.nn.linear._quantized`): with no
+compiler (the reason is warned about once), and on CPUs with neither vector path (ARM, older
+x86), where the kernel's plain C++ loop would be slower than XLA's. `ZOO_CPU_KERNELS=0`
+turns the kernel off.
 """
 
 from __future__ import annotations
@@ -37,8 +40,17 @@ def enabled() -> bool:
 
 
 def available() -> bool:
-    """Whether the kernel is enabled, built and registered (building it on the first call)."""
+    """Whether the kernel is enabled, built, has a vector path and is registered (building
+    it on the first call)."""
     return enabled() and _registered() is not None
+
+
+def isa(library: Path | None = None) -> str:
+    """The path a built library runs (default: this machine's build): "avx512-vnni", "avx2"
+    or "portable"."""
+    lib = ctypes.cdll.LoadLibrary(str(library or build()))
+    lib.ZooQMatvecIsa.restype = ctypes.c_char_p
+    return lib.ZooQMatvecIsa().decode()
 
 
 def qmatvec(x: jax.Array, q: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
@@ -63,6 +75,8 @@ def _registered() -> Path | None:
         return _loaded
     try:
         library = build()
+        if isa(library) == "portable":
+            return None  # no vector unit the kernel knows: XLA's product is the faster one
         lib = ctypes.cdll.LoadLibrary(str(library))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ZooQMatvec), platform="cpu")
         _loaded = library
@@ -83,7 +97,7 @@ def compiler() -> str:
 
 def build(flags: tuple[str, ...] = FLAGS) -> Path:
     """The compiled library for this machine, compiling it when the cache lacks it (flags:
-    the compiler's; tests build the portable path with a target below AVX-512).
+    the compiler's; tests build the AVX2 and portable paths with lower -march targets).
     RuntimeError (with the compiler's message) when compilation fails."""
     cxx = compiler()
     key = hashlib.sha256(b"\0".join([
