@@ -40,11 +40,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def stretches(tok, text: str, rows: int, length: int) -> np.ndarray:
-    """[rows, length] consecutive tokens from the start of the text."""
+    """[rows, length] consecutive tokens from the start of the text. Where the tokenizer has
+    a BOS token each stretch starts with it, as the run's documents did in training (and as
+    `python -m train sample` prompts do), followed by the next length - 1 tokens."""
     ids = tok.encode([text])[0]
-    if len(ids) < rows * length:
-        raise ValueError(f"--text: {len(ids)} tokens, need --rows x --length = {rows * length}")
-    return np.asarray(ids[:rows * length], np.int32).reshape(rows, length)
+    bos = tok.vocab.bos_id
+    body = length - (bos is not None)
+    if len(ids) < rows * body:
+        raise ValueError(f"--text: {len(ids)} tokens, need {rows * body} (--rows x --length)")
+    toks = np.asarray(ids[:rows * body], np.int32).reshape(rows, body)
+    return toks if bos is None else np.concatenate([np.full((rows, 1), bos, np.int32), toks], axis=1)
 
 
 def curves(params: dict, cfg, toks: np.ndarray, sinks: int, window: int) -> dict[str, np.ndarray]:

@@ -395,3 +395,23 @@ def test_long_rows_report_peak_rss_and_skip_what_would_not_fit(tmp_path, monkeyp
     rows = json.loads(out.read_text())
     assert [(r["seq_len"], r["attention"]) for r in rows] == [(64, "xla"), (64, "blockwise"),
                                                               (128, "xla"), (128, "blockwise")]
+
+
+def test_streaming_stretches_start_with_bos_where_the_tokenizer_has_one():
+    """bench.streaming feeds stretches as the run trained on documents: BOS first where
+    the vocabulary has one, then consecutive text; no BOS otherwise; too short a text is a
+    ValueError naming the flags."""
+    import types
+
+    import numpy as np
+
+    from bench.streaming import stretches
+
+    def tokenizer(bos):
+        return types.SimpleNamespace(vocab=types.SimpleNamespace(bos_id=bos),
+                                     encode=lambda texts: [list(range(10, 30))])
+
+    np.testing.assert_array_equal(stretches(tokenizer(3), "text", 2, 4), [[3, 10, 11, 12], [3, 13, 14, 15]])
+    np.testing.assert_array_equal(stretches(tokenizer(None), "text", 2, 4), [[10, 11, 12, 13], [14, 15, 16, 17]])
+    with pytest.raises(ValueError, match="--rows x --length"):
+        stretches(tokenizer(None), "text", 3, 8)
