@@ -183,7 +183,11 @@ def test_quantized_experts_keep_the_experts_axis_on_a_mesh(deepseek):
     toks = tokens(jax.random.key(1), 8, 8)
     with sharding.use(mesh):
         got = run(placed, cfg, toks).logits
-    np.testing.assert_allclose(got, run(qp, cfg, toks).logits, rtol=1e-4, atol=1e-4)
+    # The experts' width split over `tensor` splits wo's contraction: each device's kernel
+    # rounds its own slice of x to 16 bits, so the two sides round differently (each within
+    # the kernel's 1e-4 of the largest output).
+    want = run(qp, cfg, toks).logits
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=_tol(want))
     # wo's 2 scale groups per row cannot follow its 16 inputs split 4 ways
     with sharding.use(sharding.make_mesh({"expert": 2, "tensor": 4})), \
             pytest.raises(ValueError, match="wo's 2 scale groups do not split over the mesh axes tensor"):
