@@ -414,6 +414,15 @@ void Int4Single(const Problem& p, const Activations& a, int64_t m, int64_t pr) {
 }
 #endif
 
+// int4, one packed row (two outputs) for one x row: the byte-plane path where there is one.
+inline void Int4One(const Problem& p, const Activations& a, int64_t m, int64_t pr) {
+#if ZOO_AVX2
+  Int4Single(p, a, m, pr);
+#else
+  Int4Rows<1, 1>(p, a, m, pr);
+#endif
+}
+
 // Rows n .. n + 7 (8 int8 rows, 4 int4 row pairs), every x row: kRows8 / kPairs4 rows at a
 // time for one x row; in pairs of rows, kTM x rows per weight load, for several.
 template <int Bits>
@@ -436,7 +445,7 @@ void Block(const Problem& p, const Activations& a, int64_t n) {
       if constexpr (Bits == 8) Int8Rows<2, V::kTM>(p, a, m, n + sub); else Int4Rows<1, V::kTM>(p, a, m, (n + sub) / 2);
     }
     for (; m < p.m; ++m) {
-      if constexpr (Bits == 8) Int8Rows<2, 1>(p, a, m, n + sub); else Int4Rows<1, 1>(p, a, m, (n + sub) / 2);
+      if constexpr (Bits == 8) Int8Rows<2, 1>(p, a, m, n + sub); else Int4One(p, a, m, (n + sub) / 2);
     }
   }
 }
@@ -472,7 +481,7 @@ void Rows(const Problem& p, const Activations& a, int64_t n0, int64_t n1) {
   for (; n < n1 && p.bits == 8; ++n)
     for (int64_t m = 0; m < p.m; ++m) Int8Rows<1, 1>(p, a, m, n);
   for (; n + 2 <= n1; n += 2)
-    for (int64_t m = 0; m < p.m; ++m) Int4Rows<1, 1>(p, a, m, n / 2);
+    for (int64_t m = 0; m < p.m; ++m) Int4One(p, a, m, n / 2);
 #endif
   for (; n < n1; ++n)
     for (int64_t m = 0; m < p.m; ++m) PortableRow(p, a, m, n);
